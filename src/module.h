@@ -1,0 +1,54 @@
+/* Shared declarations of the cpool._core bindings: module state, part init hooks, error helpers. */
+#ifndef CPOOL_MODULE_H
+#define CPOOL_MODULE_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+/* Module state: exceptions and the heap types of every part. Slots are named so each part
+   finds its own; m_traverse/m_clear walk the whole array. */
+enum {
+    CP_EXC_PROCESS_ERROR,
+    CP_EXC_BUFFER_TOO_SHORT,
+    CP_EXC_TIMEOUT_ERROR,
+    CP_EXC_AUTHENTICATION_ERROR,
+    CP_EXC_WORKER_LOST_ERROR,
+    CP_TYPE_CONNECTION,
+    CP_TYPE_SEMLOCK,
+    CP_TYPE_SHAREDMEM,
+    CP_TYPE_QUEUE,
+    CP_TYPE_POOL,
+    CP_OBJ_PICKLE_DUMPS,   /* pickle.dumps / loads cached for the hot paths */
+    CP_OBJ_PICKLE_LOADS,
+    CP_NSLOTS = 32
+};
+
+typedef struct {
+    PyObject *slot[CP_NSLOTS];
+} cp_state;
+
+extern PyModuleDef cp_moduledef;
+
+static inline cp_state *cp_get_state(PyObject *module)
+{
+    return (cp_state *)PyModule_GetState(module);
+}
+
+/* State from an instance of one of our heap types (works for subclasses too). */
+static inline cp_state *cp_state_from_type(PyTypeObject *tp)
+{
+    PyObject *m = PyType_GetModuleByDef(tp, &cp_moduledef);
+    return m ? cp_get_state(m) : NULL;
+}
+
+/* Raise OSError from a negative errno, naming the syscall ("read: Bad file descriptor").
+   Returns NULL so callers can `return cp_err_errno(...)`. */
+PyObject *cp_err_errno(int neg_errno, const char *syscall);
+
+/* Add a heap type made from spec to the module and remember it in slot. 0 or -1. */
+int cp_add_type(PyObject *module, int slot, PyType_Spec *spec, PyObject *base);
+
+/* Part initialisers, called from the module's exec slot; each returns 0 or -1. */
+int cp_exec_process(PyObject *module);
+
+#endif
