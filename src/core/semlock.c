@@ -1,0 +1,262 @@
+/* Futex mutex, semaphore and event on words in shared memory; owner-death detection by pid. */
+#define _GNU_SOURCE
+#include "semlock.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "deadline.h"
+#include "futex.h"
+
+/* Spin before sleeping: a holder on the other core usually lets go within a few microseconds,
+   and a futex sleep + wake costs several. Kept short: this machine has 2 cores and a spinning
+   waiter steals time from whoever it waits for. */
+#define SPIN_NS 4000
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* ---- own pid, cached (getpid is a syscall on current glibc) ---- */
+
+static uint32_t self_pid;
+
+static void self_after_fork(void)
+{
+    self_pid = (uint32_t)getpid();
+}
+
+static void self_init(void)
+{
+    self_pid = (uint32_t)getpid();
+    pthread_atfork(NULL, NULL, self_after_fork);
+}
+
+uint32_t cp_sem_self(void)
+{
+    if (!self_pid) {
+        static pthread_once_t once = PTHREAD_ONCE_INIT;
+        pthread_once(&once, self_init);
+    }
+    return self_pid;
+}
+
+int cp_pid_dead(pid_t pid)
+{
+    if (pid <= 0)
+        return 0;
+    if (kill(pid, 0) < 0)
+        return errno == ESRCH;
+    /* kill() succeeds on a zombie: a killed holder stays one until its parent reaps it. */
+    char path[64], buf[256];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return errno == ENOENT;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0)
+        return 0;
+    buf[n] = '\0';
+    char *p = strrchr(buf, ')');
+    return p && p[1] == ' ' && (p[2] == 'Z' || p[2] == 'X');
+}
+
+void cp_sem_init(cp_sem_t *s, int kind, uint32_t value, uint32_t maxvalue)
+{
+    s->kind = (uint32_t)kind;
+    s->maxvalue = maxvalue;
+    atomic_store(&s->nwaiters, 0);
+    if (kind == CP_SEM_MUTEX || kind == CP_SEM_RECURSIVE)
+        atomic_store(&s->word, value ? 0 : cp_sem_self()); /* value 0: born held by us */
+    else
+        atomic_store(&s->word, value);
+    atomic_store(&s->magic, CP_SEM_MAGIC);
+}
+
+static inline int is_mutex(const cp_sem_t *s)
+{
+    return s->kind == CP_SEM_MUTEX || s->kind == CP_SEM_RECURSIVE;
+}
+
+int cp_sem_trywait(cp_sem_t *s)
+{
+    uint32_t v = atomic_load_explicit(&s->word, memory_order_relaxed);
+    if (is_mutex(s)) {
+        if (v == 0 && atomic_compare_exchange_strong_explicit(&s->word, &v, cp_sem_self(),
+                                                              memory_order_acquire,
+                                                              memory_order_relaxed))
+            return 0;
+        return -EAGAIN;
+    }
+    while (v > 0) {
+        if (atomic_compare_exchange_weak_explicit(&s->word, &v, v - 1, memory_order_acquire,
+                                                  memory_order_relaxed))
+            return 0;
+    }
+    return -EAGAIN;
+}
+
+/* Spin for up to SPIN_NS while the word says "not available"; 0 once taken, -EAGAIN if not. */
+static int spin_trywait(cp_sem_t *s)
+{
+    int64_t end = 0;
+    for (unsigned i = 1;; i++) {
+        if (cp_sem_trywait(s) == 0)
+            return 0;
+        cpu_relax();
+        if ((i & 63) == 0) {
+            int64_t now = cp_now_ns();
+            if (!end)
+                end = now + SPIN_NS;
+            else if (now >= end)
+                return -EAGAIN;
+        }
+    }
+}
+
+static int mutex_wait(cp_sem_t *s, int64_t deadline)
+{
+    uint32_t me = cp_sem_self();
+    for (;;) {
+        uint32_t v = atomic_load(&s->word);
+        if (v == 0) {
+            /* Taken with the waiters bit: others may still sleep, and release must wake them. */
+            if (atomic_compare_exchange_strong(&s->word, &v, me | CP_MUTEX_WAITERS))
+                return 0;
+            continue;
+        }
+        if (!(v & CP_MUTEX_WAITERS)) {
+            if (!atomic_compare_exchange_strong(&s->word, &v, v | CP_MUTEX_WAITERS))
+                continue;
+            v |= CP_MUTEX_WAITERS;
+        }
+        int r = cp_futex_wait(&s->word, v, deadline);
+        if (r == -EINTR || r == -ETIMEDOUT)
+            return r;
+    }
+}
+
+static int semaphore_wait(cp_sem_t *s, int64_t deadline)
+{
+    for (;;) {
+        if (cp_sem_trywait(s) == 0)
+            return 0;
+        atomic_fetch_add(&s->nwaiters, 1);
+        int r = cp_futex_wait(&s->word, 0, deadline);
+        atomic_fetch_sub(&s->nwaiters, 1);
+        if (r == -EINTR || r == -ETIMEDOUT)
+            return cp_sem_trywait(s) == 0 ? 0 : r;
+    }
+}
+
+int cp_sem_wait(cp_sem_t *s, int64_t deadline)
+{
+    if (spin_trywait(s) == 0)
+        return 0;
+    return is_mutex(s) ? mutex_wait(s, deadline) : semaphore_wait(s, deadline);
+}
+
+int cp_sem_post(cp_sem_t *s)
+{
+    uint32_t v = atomic_load(&s->word);
+    if (is_mutex(s)) {
+        do {
+            if (v == 0)
+                return -EOVERFLOW;
+        } while (!atomic_compare_exchange_weak_explicit(&s->word, &v, 0, memory_order_release,
+                                                        memory_order_relaxed));
+        if (v & CP_MUTEX_WAITERS)
+            cp_futex_wake(&s->word, 1);
+        return 0;
+    }
+    do {
+        if (v >= s->maxvalue)
+            return -EOVERFLOW;
+    } while (!atomic_compare_exchange_weak(&s->word, &v, v + 1));
+    if (atomic_load(&s->nwaiters) > 0)
+        cp_futex_wake(&s->word, 1);
+    return 0;
+}
+
+uint32_t cp_sem_value(cp_sem_t *s)
+{
+    uint32_t v = atomic_load(&s->word);
+    if (is_mutex(s))
+        return v == 0;
+    return v;
+}
+
+int cp_mutex_take_from_dead(cp_sem_t *s)
+{
+    uint32_t v = atomic_load(&s->word);
+    uint32_t pid = v & ~CP_MUTEX_WAITERS;
+    if (pid == 0 || pid == cp_sem_self() || !cp_pid_dead((pid_t)pid))
+        return 0;
+    /* Keep the waiters bit: other sleepers must still be woken by our release. */
+    return atomic_compare_exchange_strong(&s->word, &v, cp_sem_self() | CP_MUTEX_WAITERS);
+}
+
+/* ---- events ---- */
+
+void cp_event_set(cp_sem_t *s)
+{
+    uint32_t v = atomic_load(&s->word);
+    do {
+        if (v & 1)
+            return;
+    } while (!atomic_compare_exchange_weak(&s->word, &v, (v + 2) | 1));
+    if (atomic_load(&s->nwaiters) > 0)
+        cp_futex_wake(&s->word, INT_MAX);
+}
+
+void cp_event_clear(cp_sem_t *s)
+{
+    atomic_fetch_and(&s->word, ~1u);
+}
+
+int cp_event_is_set(cp_sem_t *s)
+{
+    return atomic_load(&s->word) & 1;
+}
+
+int cp_event_wait(cp_sem_t *s, uint32_t start, int64_t deadline)
+{
+    uint32_t v = atomic_load(&s->word);
+    if ((v & 1) || v != start)
+        return 1;
+    int64_t end = 0;
+    for (unsigned i = 1;; i++) {
+        v = atomic_load_explicit(&s->word, memory_order_acquire);
+        if (v != start)
+            return 1;
+        cpu_relax();
+        if ((i & 63) == 0) {
+            int64_t now = cp_now_ns();
+            if (!end)
+                end = now + SPIN_NS;
+            else if (now >= end)
+                break;
+        }
+    }
+    for (;;) {
+        atomic_fetch_add(&s->nwaiters, 1);
+        int r = cp_futex_wait(&s->word, start, deadline);
+        atomic_fetch_sub(&s->nwaiters, 1);
+        if (atomic_load(&s->word) != start)
+            return 1;
+        if (r == -EINTR || r == -ETIMEDOUT)
+            return r;
+    }
+}

@@ -1,0 +1,66 @@
+/* Futex locks, semaphores and events in shared memory (one 64-byte arena slot each).
+
+   Mutex (Lock, RLock): the word holds the owner's pid, plus CP_MUTEX_WAITERS when someone
+   sleeps on it, 0 when free. The pid is what lets a waiter notice that the owner died
+   (cp_mutex_take_from_dead): a killed process never locks the others out for ever.
+   Semaphore: the word is the value; sleepers are counted beside it so a post makes a
+   futex_wake only when someone sleeps.
+   Event: the word is (generation << 1) | flag; set bumps the generation, so a waiter that
+   slept through a set followed at once by a clear still learns it was set.
+
+   Every wait takes an absolute CLOCK_MONOTONIC deadline and returns -ETIMEDOUT when it passes,
+   -EINTR on a signal; callers loop with a short deadline to check for signals and dead owners. */
+#ifndef CPOOL_SEMLOCK_H
+#define CPOOL_SEMLOCK_H
+
+#include <stdatomic.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+/* Kinds: the first two are the standard library's numbers (RECURSIVE_MUTEX, SEMAPHORE). */
+enum { CP_SEM_RECURSIVE = 0, CP_SEM_SEMAPHORE = 1, CP_SEM_MUTEX = 2, CP_SEM_EVENT = 3 };
+
+#define CP_SEM_MAGIC 0x53454d31u /* "SEM1" */
+#define CP_SEM_VALUE_MAX 0x7fffffffu
+#define CP_MUTEX_WAITERS 0x80000000u
+
+typedef struct {
+    _Atomic uint32_t word;
+    _Atomic uint32_t nwaiters;  /* semaphore and event sleepers */
+    uint32_t magic;
+    uint32_t kind;
+    uint32_t maxvalue;
+} cp_sem_t;
+
+/* The caller's pid as stored in mutex words (cached; refreshed in forked children). */
+uint32_t cp_sem_self(void);
+
+void cp_sem_init(cp_sem_t *s, int kind, uint32_t value, uint32_t maxvalue);
+
+/* Take without blocking: 0, or -EAGAIN. */
+int cp_sem_trywait(cp_sem_t *s);
+
+/* Spin briefly, then sleep until taken (0), the deadline (-ETIMEDOUT) or a signal (-EINTR). */
+int cp_sem_wait(cp_sem_t *s, int64_t deadline);
+
+/* Release: 0, or -EOVERFLOW when the value is already at its maximum (or the lock is free). */
+int cp_sem_post(cp_sem_t *s);
+
+/* The value as the standard library reports it (a mutex: 1 free, 0 held). */
+uint32_t cp_sem_value(cp_sem_t *s);
+
+/* If the mutex's owner is dead, take the lock over: 1 taken, 0 owner alive (or lock free). */
+int cp_mutex_take_from_dead(cp_sem_t *s);
+
+/* Whether pid is gone (no such process, or a zombie nobody reaped yet). */
+int cp_pid_dead(pid_t pid);
+
+/* Events. */
+void cp_event_set(cp_sem_t *s);
+void cp_event_clear(cp_sem_t *s);
+int cp_event_is_set(cp_sem_t *s);
+/* Wait for the flag, or for a set since start (the word read when the wait began):
+   1 set, -ETIMEDOUT, -EINTR. */
+int cp_event_wait(cp_sem_t *s, uint32_t start, int64_t deadline);
+
+#endif
