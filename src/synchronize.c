@@ -90,18 +90,18 @@ static int handle_attach(HandleObject *self, PyObject *const *args, Py_ssize_t n
 }
 
 /* Wait loop shared by locks and events: calls wait(obj, until) with the GIL released in steps
-   of at most TICK_NS, checking signals between steps. wait returns 1 done, -ETIMEDOUT, -EINTR.
+   of at most TICK_NS, checking signals between steps (only the first step spins). wait returns 1 done, -ETIMEDOUT, -EINTR.
    Returns 1 done, 0 deadline passed, -1 exception. */
-typedef int (*wait_step_fn)(void *obj, int64_t until);
+typedef int (*wait_step_fn)(void *obj, int64_t until, int first);
 
 static int wait_loop(wait_step_fn step, void *obj, int64_t deadline)
 {
-    for (;;) {
+    for (int first = 1;; first = 0) {
         int64_t tick = cp_now_ns() + TICK_NS;
         int64_t until = deadline < tick ? deadline : tick;
         int r;
         Py_BEGIN_ALLOW_THREADS
-        r = step(obj, until);
+        r = step(obj, until, first);
         Py_END_ALLOW_THREADS
         if (r == 1)
             return 1;
@@ -174,6 +174,7 @@ typedef struct {
     int kind;
     unsigned long last_tid;  /* per process and thread: reset after fork */
     long count;
+    cp_spin_t spin;
 } SemLockObject;
 
 #define SEM(op) ((SemLockObject *)(op))
@@ -188,6 +189,7 @@ static int semlock_check(SemLockObject *self)
     }
     self->sem = s;
     self->kind = (int)s->kind;
+    self->spin.ns = CP_SPIN_INIT;
     return 0;
 }
 
@@ -220,6 +222,7 @@ static PyObject *semlock_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     }
     self->sem = self->h.ref.addr;
     self->kind = kind;
+    self->spin.ns = CP_SPIN_INIT;
     cp_sem_init(self->sem, kind, (uint32_t)value, (uint32_t)maxvalue);
     return (PyObject *)self;
 }
@@ -237,10 +240,10 @@ static PyObject *semlock_attach(PyObject *cls, PyObject *const *args, Py_ssize_t
     return (PyObject *)self;
 }
 
-static int sem_wait_step(void *obj, int64_t until)
+static int sem_wait_step(SemLockObject *self, int64_t until, int first)
 {
-    cp_sem_t *s = obj;
-    int r = cp_sem_wait(s, until);
+    cp_sem_t *s = self->sem;
+    int r = cp_sem_wait(s, until, first ? &self->spin : NULL);
     if (r == 0)
         return 1;
     if (r == -ETIMEDOUT && s->kind != CP_SEM_SEMAPHORE && cp_mutex_take_from_dead(s))
@@ -276,12 +279,12 @@ static PyObject *semlock_acquire(PyObject *op, PyObject *const *args, Py_ssize_t
     if (deadline == 0)
         Py_RETURN_FALSE;
     uint32_t holder = atomic_load(&self->sem->word) & ~CP_MUTEX_WAITERS;
-    for (;;) {
+    for (int first = 1;; first = 0) {
         int64_t tick = cp_now_ns() + TICK_NS;
         int64_t until = deadline < tick ? deadline : tick;
         int r;
         Py_BEGIN_ALLOW_THREADS
-        r = sem_wait_step(self->sem, until);
+        r = sem_wait_step(self, until, first);
         Py_END_ALLOW_THREADS
         if (r == 1)
             break;
@@ -427,6 +430,7 @@ static PyType_Spec semlock_spec = {
 typedef struct {
     HandleObject h;
     cp_sem_t *sem;
+    cp_spin_t spin;
 } EventObject;
 
 #define EV(op) ((EventObject *)(op))
@@ -445,6 +449,7 @@ static PyObject *event_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         return NULL;
     }
     self->sem = self->h.ref.addr;
+    self->spin.ns = CP_SPIN_INIT;
     cp_sem_init(self->sem, CP_SEM_EVENT, 0, 1);
     return (PyObject *)self;
 }
@@ -460,6 +465,7 @@ static PyObject *event_attach(PyObject *cls, PyObject *const *args, Py_ssize_t n
         return NULL;
     }
     self->sem = self->h.ref.addr;
+    self->spin.ns = CP_SPIN_INIT;
     if (self->sem->magic != CP_SEM_MAGIC || self->sem->kind != CP_SEM_EVENT) {
         PyErr_SetString(PyExc_ValueError, "not an Event in shared memory");
         Py_DECREF(self);
@@ -486,21 +492,21 @@ static PyObject *event_is_set(PyObject *op, PyObject *unused)
 }
 
 typedef struct {
-    cp_sem_t *sem;
+    EventObject *ev;
     uint32_t start;
 } event_wait_arg;
 
-static int event_wait_step(void *obj, int64_t until)
+static int event_wait_step(void *obj, int64_t until, int first)
 {
     event_wait_arg *a = obj;
-    return cp_event_wait(a->sem, a->start, until);
+    return cp_event_wait(a->ev->sem, a->start, until, first ? &a->ev->spin : NULL);
 }
 
 static PyObject *event_wait(PyObject *op, PyObject *const *args, Py_ssize_t nargs,
                            PyObject *kwnames)
 {
     EventObject *self = EV(op);
-    event_wait_arg a = {self->sem, atomic_load(&self->sem->word)};
+    event_wait_arg a = {self, atomic_load(&self->sem->word)};
     if (a.start & 1)
         Py_RETURN_TRUE;
     /* wait(timeout=None): one optional argument, by position or keyword */

@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
@@ -14,10 +15,13 @@
 #include "deadline.h"
 #include "futex.h"
 
-/* Spin before sleeping: a holder on the other core usually lets go within a few microseconds,
-   and a futex sleep + wake costs several. Kept short: this machine has 2 cores and a spinning
-   waiter steals time from whoever it waits for. */
-#define SPIN_NS 4000
+/* Spin before sleeping: when the peer runs on another core it answers within a microsecond or
+   two, and a futex sleep + wake costs several on each side. When the peer is not running
+   (more runnable processes than cores) spinning only steals its time: so each handle adapts
+   its budget, doubling it after a spin that succeeded and halving it after one that failed,
+   between SPIN_MIN_NS (enough to notice when spinning pays again) and SPIN_MAX_NS. */
+#define SPIN_MIN_NS 3000
+#define SPIN_MAX_NS 50000
 
 static inline void cpu_relax(void)
 {
@@ -108,22 +112,35 @@ int cp_sem_trywait(cp_sem_t *s)
     return -EAGAIN;
 }
 
-/* Spin for up to SPIN_NS while the word says "not available"; 0 once taken, -EAGAIN if not. */
-static int spin_trywait(cp_sem_t *s)
+/* Spin until test(arg) holds, for up to spin's budget; 1 if it did, 0 if not. */
+static int spin_until(int (*test)(void *), void *arg, cp_spin_t *spin)
 {
+    if (!spin)
+        return test(arg);
     int64_t end = 0;
     for (unsigned i = 1;; i++) {
-        if (cp_sem_trywait(s) == 0)
-            return 0;
+        if (test(arg)) {
+            spin->ns = spin->ns >= SPIN_MAX_NS / 2 ? SPIN_MAX_NS : spin->ns * 2;
+            return 1;
+        }
         cpu_relax();
-        if ((i & 63) == 0) {
+        if ((i & 31) == 0) {
             int64_t now = cp_now_ns();
-            if (!end)
-                end = now + SPIN_NS;
-            else if (now >= end)
-                return -EAGAIN;
+            if (!end) {
+                end = now + (spin->ns < SPIN_MIN_NS ? SPIN_MIN_NS : spin->ns);
+            } else if (now >= end) {
+                spin->ns = spin->ns <= 2 * SPIN_MIN_NS ? SPIN_MIN_NS : spin->ns / 2;
+                /* The peer may be waiting for our core: let it run once before sleeping. */
+                sched_yield();
+                return test(arg);
+            }
         }
     }
+}
+
+static int sem_taken(void *s)
+{
+    return cp_sem_trywait(s) == 0;
 }
 
 static int mutex_wait(cp_sem_t *s, int64_t deadline)
@@ -161,9 +178,9 @@ static int semaphore_wait(cp_sem_t *s, int64_t deadline)
     }
 }
 
-int cp_sem_wait(cp_sem_t *s, int64_t deadline)
+int cp_sem_wait(cp_sem_t *s, int64_t deadline, cp_spin_t *spin)
 {
-    if (spin_trywait(s) == 0)
+    if (spin_until(sem_taken, s, spin))
         return 0;
     return is_mutex(s) ? mutex_wait(s, deadline) : semaphore_wait(s, deadline);
 }
@@ -231,25 +248,22 @@ int cp_event_is_set(cp_sem_t *s)
     return atomic_load(&s->word) & 1;
 }
 
-int cp_event_wait(cp_sem_t *s, uint32_t start, int64_t deadline)
+typedef struct {
+    cp_sem_t *s;
+    uint32_t start;
+} event_arg;
+
+static int event_changed(void *arg)
 {
-    uint32_t v = atomic_load(&s->word);
-    if ((v & 1) || v != start)
+    event_arg *a = arg;
+    return atomic_load_explicit(&a->s->word, memory_order_acquire) != a->start;
+}
+
+int cp_event_wait(cp_sem_t *s, uint32_t start, int64_t deadline, cp_spin_t *spin)
+{
+    event_arg a = {s, start};
+    if (spin_until(event_changed, &a, spin))
         return 1;
-    int64_t end = 0;
-    for (unsigned i = 1;; i++) {
-        v = atomic_load_explicit(&s->word, memory_order_acquire);
-        if (v != start)
-            return 1;
-        cpu_relax();
-        if ((i & 63) == 0) {
-            int64_t now = cp_now_ns();
-            if (!end)
-                end = now + SPIN_NS;
-            else if (now >= end)
-                break;
-        }
-    }
     for (;;) {
         atomic_fetch_add(&s->nwaiters, 1);
         int r = cp_futex_wait(&s->word, start, deadline);

@@ -32,6 +32,12 @@ typedef struct {
     uint32_t maxvalue;
 } cp_sem_t;
 
+/* A handle's spin budget before it sleeps (process-private, adapts to how often spinning pays). */
+typedef struct {
+    int32_t ns;
+} cp_spin_t;
+#define CP_SPIN_INIT 20000
+
 /* The caller's pid as stored in mutex words (cached; refreshed in forked children). */
 uint32_t cp_sem_self(void);
 
@@ -40,8 +46,9 @@ void cp_sem_init(cp_sem_t *s, int kind, uint32_t value, uint32_t maxvalue);
 /* Take without blocking: 0, or -EAGAIN. */
 int cp_sem_trywait(cp_sem_t *s);
 
-/* Spin briefly, then sleep until taken (0), the deadline (-ETIMEDOUT) or a signal (-EINTR). */
-int cp_sem_wait(cp_sem_t *s, int64_t deadline);
+/* Spin (when spin is not NULL), then sleep until taken (0), the deadline (-ETIMEDOUT) or a
+   signal (-EINTR). */
+int cp_sem_wait(cp_sem_t *s, int64_t deadline, cp_spin_t *spin);
 
 /* Release: 0, or -EOVERFLOW when the value is already at its maximum (or the lock is free). */
 int cp_sem_post(cp_sem_t *s);
@@ -61,6 +68,6 @@ void cp_event_clear(cp_sem_t *s);
 int cp_event_is_set(cp_sem_t *s);
 /* Wait for the flag, or for a set since start (the word read when the wait began):
    1 set, -ETIMEDOUT, -EINTR. */
-int cp_event_wait(cp_sem_t *s, uint32_t start, int64_t deadline);
+int cp_event_wait(cp_sem_t *s, uint32_t start, int64_t deadline, cp_spin_t *spin);
 
 #endif
