@@ -294,25 +294,34 @@ class _ParentProcess(BaseProcess):
         return self._sentinel_fd
 
     def is_alive(self):
-        from .connection import wait
-        return not wait([self.sentinel], timeout=0)
+        return not _fd_readable(self.sentinel, 0)
 
     @property
     def ident(self):
         return self._pid
 
     def join(self, timeout=None):
-        from .connection import wait
-        wait([self.sentinel], timeout=timeout)
+        _fd_readable(self.sentinel, timeout)
 
     pid = ident
 
 
+def _fd_readable(fd, timeout):
+    import select
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(None if timeout is None else max(0.0, timeout) * 1000))
+
+
+# False in a child of the forkserver, whose OS parent is the server, not its Process parent.
+_parent_is_ppid = True
+
+
 def _parent_sentinel(pid):
-    # A pidfd of the parent, made on first use; if the parent is already gone (we were
-    # re-parented) an fd that is readable at once stands in for it.
+    # A pidfd of the parent, made on first use; if the parent is already gone (a fork or spawn
+    # child was re-parented) an fd that is readable at once stands in for it.
     from . import _core
-    if os.getppid() == pid:
+    if os.getppid() == pid or not _parent_is_ppid:
         try:
             return _core.pidfd_open(pid)
         except OSError:
