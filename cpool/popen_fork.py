@@ -3,6 +3,7 @@ import os
 import signal
 
 from . import _core
+from . import util  # noqa: F401  (registers the exit-time join of children)
 
 __all__ = ['Popen']
 

@@ -235,8 +235,12 @@ class BaseProcess(object):
                 # The parent's finalizers belong to the parent.
                 del old_process
             util.info('child process calling self.run()')
-            self.run()
-            exitcode = 0
+            try:
+                self.run()
+                exitcode = 0
+            finally:
+                # The child's own children are joined and its finalizers run, as at any exit.
+                util._exit_function()
         except SystemExit as e:
             if e.code is None:
                 exitcode = 0
