@@ -215,12 +215,11 @@ class BaseProcess(object):
 
     def _bootstrap(self, parent_sentinel=None):
         """Run in the child: become the current process, run(), turn the outcome into an exit code."""
-        from . import util
         global _current_process, _parent_process, _process_counter, _children
+        util = sys.modules['cpool.util']  # imported by every Popen; no import machinery here
         try:
             if self._start_method is not None:
-                from . import context
-                context._force_start_method(self._start_method)
+                sys.modules['cpool.context']._force_start_method(self._start_method)
             _process_counter = itertools.count(1)
             _children = set()
             util._close_stdin()
@@ -256,14 +255,15 @@ class BaseProcess(object):
             traceback.print_exc()
         finally:
             threading._shutdown()
-            util.info('process exiting with exitcode %d' % exitcode)
+            util.info('process exiting with exitcode %d', exitcode)
             util._flush_std_streams()
         return exitcode
 
     @staticmethod
     def _after_fork():
         from . import util
-        util._finalizer_registry.clear()
+        if util._finalizer_registry:
+            util._finalizer_registry.clear()
         util._run_after_forkers()
 
 
