@@ -654,12 +654,13 @@ static PyType_Spec block_spec = {
 
 static PyObject *arena_stats(PyObject *module, PyObject *unused)
 {
-    uint64_t nchunks, nhandles, nused;
+    uint64_t nchunks, nhandles, nused, nrefs;
     cp_arena_lock();
-    cp_arena_stats(&nchunks, &nhandles, &nused);
+    cp_arena_stats(&nchunks, &nhandles, &nused, &nrefs);
     cp_arena_unlock();
-    return Py_BuildValue("{sKsKsK}", "chunks", (unsigned long long)nchunks, "handles",
-                         (unsigned long long)nhandles, "slots_used", (unsigned long long)nused);
+    return Py_BuildValue("{sKsKsKsK}", "chunks", (unsigned long long)nchunks, "handles",
+                         (unsigned long long)nhandles, "slots_used", (unsigned long long)nused,
+                         "refs", (unsigned long long)nrefs);
 }
 
 static PyObject *arena_release_all(PyObject *module, PyObject *unused)
@@ -670,7 +671,8 @@ static PyObject *arena_release_all(PyObject *module, PyObject *unused)
 
 static PyMethodDef sync_functions[] = {
     {"arena_stats", arena_stats, METH_NOARGS,
-     "Chunks mapped, handles held by this process, slots in use in those chunks."},
+     "Chunks mapped, handles held by this process, slots in use in those chunks and their "
+     "shared reference counts."},
     {"arena_release_all", arena_release_all, METH_NOARGS,
      "At exit: drop this process's references to shared slots (later releases do nothing)."},
     {NULL},

@@ -32,6 +32,7 @@ static pthread_mutex_t arena_mutex = PTHREAD_MUTEX_INITIALIZER;
 static cp_chunk *chunks;        /* every chunk this process maps */
 static cp_chunk *current;       /* where general allocations go first; kept mapped */
 static int released_all;
+__thread int cp_arena_fork_execs;
 
 void cp_arena_lock(void) { pthread_mutex_lock(&arena_mutex); }
 void cp_arena_unlock(void) { pthread_mutex_unlock(&arena_mutex); }
@@ -350,15 +351,20 @@ void cp_arena_release_all(void)
     cp_arena_unlock();
 }
 
-void cp_arena_stats(uint64_t *nchunks, uint64_t *nhandles, uint64_t *nslots_used)
+void cp_arena_stats(uint64_t *nchunks, uint64_t *nhandles, uint64_t *nslots_used,
+                    uint64_t *nrefs)
 {
-    *nchunks = *nhandles = *nslots_used = 0;
+    *nchunks = *nhandles = *nslots_used = *nrefs = 0;
     for (cp_chunk *c = chunks; c; c = c->next) {
         (*nchunks)++;
         *nhandles += c->nlocal;
-        for (uint32_t i = 0; i < c->nslots; i++)
-            if (atomic_load_explicit(&c->refs[i], memory_order_relaxed))
+        for (uint32_t i = 0; i < c->nslots; i++) {
+            uint32_t v = atomic_load_explicit(&c->refs[i], memory_order_relaxed);
+            if (v)
                 (*nslots_used)++;
+            if (v && !(v & RUN_TAIL))
+                *nrefs += v;
+        }
     }
 }
 
@@ -368,7 +374,7 @@ void cp_arena_stats(uint64_t *nchunks, uint64_t *nhandles, uint64_t *nslots_used
 static void at_fork_prepare(void)
 {
     pthread_mutex_lock(&arena_mutex);
-    if (released_all)
+    if (released_all || cp_arena_fork_execs)
         return;
     for (cp_chunk *c = chunks; c; c = c->next) {
         for (uint32_t i = 0; c->nlocal && i < c->nslots; i++)

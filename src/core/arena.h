@@ -78,11 +78,17 @@ void cp_arena_unexport(const cp_ref_t *ref);
    the parent added for slot. 0 or -errno (-EINVAL for a slot that is not an object's head). */
 int cp_arena_attach(int fd, uint32_t slot, cp_ref_t *out);
 
+/* Set by a thread around a fork whose child execs at once (cp_spawn): the fork handler then
+   takes no references for a child that will never release them. */
+extern __thread int cp_arena_fork_execs;
+
 /* Drop every reference this process holds (at exit); later releases do nothing. Mappings
    stay, so a straggling handle still points at valid memory. */
 void cp_arena_release_all(void);
 
-/* Counters for tests: chunks mapped and handles held by this process. */
-void cp_arena_stats(uint64_t *nchunks, uint64_t *nhandles, uint64_t *nslots_used);
+/* Counters for tests: chunks mapped and handles held by this process; slots in use in those
+   chunks and the sum of their shared reference counts (all processes). */
+void cp_arena_stats(uint64_t *nchunks, uint64_t *nhandles, uint64_t *nslots_used,
+                    uint64_t *nrefs);
 
 #endif
