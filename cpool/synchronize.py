@@ -74,8 +74,6 @@ class SemLock(object):
 class Semaphore(SemLock):
 
     def __init__(self, value=1, *, ctx=None):
-        if value < 0:
-            raise ValueError("semaphore initial value must be >= 0")
         SemLock.__init__(self, SEMAPHORE, value, SEM_VALUE_MAX, ctx=ctx)
 
     def get_value(self):
@@ -92,8 +90,6 @@ class Semaphore(SemLock):
 class BoundedSemaphore(Semaphore):
 
     def __init__(self, value=1, *, ctx=None):
-        if value < 0:
-            raise ValueError("semaphore initial value must be >= 0")
         SemLock.__init__(self, SEMAPHORE, value, value, ctx=ctx)
 
     def __repr__(self):

@@ -204,11 +204,16 @@ static PyObject *semlock_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "unrecognized kind");
         return NULL;
     }
-    if (value < 0 || value > CP_SEM_VALUE_MAX) {
-        PyErr_SetString(PyExc_ValueError, "invalid value");
+    /* The standard library's errors: sem_open's EINVAL, C int overflow. */
+    if (value < 0) {
+        errno = EINVAL;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (value > CP_SEM_VALUE_MAX || maxvalue > CP_SEM_VALUE_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "Python int too large to convert to C int");
         return NULL;
     }
-    if (maxvalue < 1 || maxvalue > CP_SEM_VALUE_MAX || value > maxvalue ||
+    if (maxvalue < 0 || value > maxvalue ||
         (kind != CP_SEM_SEMAPHORE && maxvalue != 1)) {
         PyErr_SetString(PyExc_ValueError, "invalid maxvalue");
         return NULL;
@@ -267,15 +272,15 @@ static PyObject *semlock_acquire(PyObject *op, PyObject *const *args, Py_ssize_t
                                  PyObject *kwnames)
 {
     SemLockObject *self = SEM(op);
+    int64_t deadline = CP_NO_DEADLINE;
+    if ((nargs || kwnames) && parse_block_timeout(args, nargs, kwnames, "block", &deadline) < 0)
+        return NULL;
     if (self->kind == CP_SEM_RECURSIVE && ISMINE(self)) {
         self->count++;
         Py_RETURN_TRUE;
     }
     if (cp_sem_trywait(self->sem) == 0)
         goto taken;
-    int64_t deadline = CP_NO_DEADLINE;
-    if ((nargs || kwnames) && parse_block_timeout(args, nargs, kwnames, "block", &deadline) < 0)
-        return NULL;
     if (deadline == 0)
         Py_RETURN_FALSE;
     uint32_t holder = atomic_load(&self->sem->word) & ~CP_MUTEX_WAITERS;
@@ -290,7 +295,11 @@ static PyObject *semlock_acquire(PyObject *op, PyObject *const *args, Py_ssize_t
             break;
         if (r == 2) {
             if (warn_owner_died(self, holder) < 0) {
-                cp_sem_post(self->sem); /* warnings turned into errors: the lock is not taken */
+                /* The warning became an error: the lock is left as it was, the dead
+                   process's, so the next acquirer learns it too. */
+                uint32_t mine = atomic_load(&self->sem->word);
+                atomic_compare_exchange_strong(&self->sem->word, &mine,
+                                               holder | (mine & CP_MUTEX_WAITERS));
                 return NULL;
             }
             break;
