@@ -36,7 +36,9 @@ class BufferWrapper(object):
 
 # ---- handing arena handles to a child being spawned ----
 
-def _reduce_handle(handle):
+def reduce_handle(handle):
+    """Reduce an arena handle (a _core.SemLock, Event or SharedBlock, or a subclass) for the
+    child being spawned: the child's reference is taken now, the chunk's fd goes by DupFd."""
     context.assert_spawning(handle)
     fd, slot = handle._export()
     try:
@@ -50,11 +52,15 @@ def _reduce_handle(handle):
 
 
 def _rebuild_handle(cls, df, slot, *extra):
-    return cls._attach(df.detach(), slot, *extra)
+    obj = cls._attach(df.detach(), slot, *extra)
+    rebuilt = getattr(obj, '_rebuilt', None)
+    if rebuilt is not None:
+        rebuilt()
+    return obj
 
 
 for _t in (_core.SemLock, _core.Event, _core.SharedBlock):
-    reduction.register(_t, _reduce_handle)
+    reduction.register(_t, reduce_handle)
 del _t
 
 

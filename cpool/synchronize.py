@@ -38,43 +38,37 @@ BrokenBarrierError = threading.BrokenBarrierError
 NOTIFY_ACK_TIMEOUT = 2.0
 
 
-def _semlock_after_fork(obj):
-    obj._semlock._after_fork()
+class SemLock(_core.SemLock):
+    """Base of the locks and semaphores: the C lock itself (acquire, release, __enter__ and
+    __exit__ are its C methods: one C call each), plus the Python API around it."""
 
+    def __new__(cls, kind, value, maxvalue, *, ctx=None):
+        self = super().__new__(cls, kind, value, maxvalue)
+        self._rebuilt()
+        return self
 
-class SemLock(object):
-    """Base of the locks and semaphores: a _core.SemLock plus the Python API around it."""
+    def __init__(self, *args, **kwargs):
+        pass
 
-    def __init__(self, kind, value, maxvalue, *, ctx=None):
-        self._semlock = _core.SemLock(kind, value, maxvalue)
-        self._make_methods()
-        util.register_after_fork(self, _semlock_after_fork)
+    def _rebuilt(self):
+        # The holder thread and recursion count belong to this process: a forked child starts
+        # without them, as in the standard library.
+        util.register_after_fork(self, _core.SemLock._after_fork)
 
-    def _make_methods(self):
-        # Bound C methods as instance attributes: lock.acquire() is one C call.
-        self.acquire = self._semlock.acquire
-        self.release = self._semlock.release
+    @property
+    def _semlock(self):
+        # The standard library keeps the C lock in this attribute; here the object is it.
+        return self
 
-    def __enter__(self):
-        return self._semlock.__enter__()
-
-    def __exit__(self, *args):
-        return self._semlock.__exit__(*args)
-
-    def __getstate__(self):
+    def __reduce__(self):
         context.assert_spawning(self)
-        return self._semlock
-
-    def __setstate__(self, state):
-        self._semlock = state
-        self._make_methods()
-        util.register_after_fork(self, _semlock_after_fork)
+        return heap.reduce_handle(self)
 
 
 class Semaphore(SemLock):
 
-    def __init__(self, value=1, *, ctx=None):
-        SemLock.__init__(self, SEMAPHORE, value, SEM_VALUE_MAX, ctx=ctx)
+    def __new__(cls, value=1, *, ctx=None):
+        return SemLock.__new__(cls, SEMAPHORE, value, SEM_VALUE_MAX)
 
     def get_value(self):
         return self._semlock._get_value()
@@ -89,8 +83,8 @@ class Semaphore(SemLock):
 
 class BoundedSemaphore(Semaphore):
 
-    def __init__(self, value=1, *, ctx=None):
-        SemLock.__init__(self, SEMAPHORE, value, value, ctx=ctx)
+    def __new__(cls, value=1, *, ctx=None):
+        return SemLock.__new__(cls, SEMAPHORE, value, value)
 
     def __repr__(self):
         try:
@@ -117,8 +111,8 @@ def _owner_name(semlock):
 class Lock(SemLock):
     """A non-recursive lock; any process or thread may release it (as in the standard library)."""
 
-    def __init__(self, *, ctx=None):
-        SemLock.__init__(self, MUTEX, 1, 1, ctx=ctx)
+    def __new__(cls, *, ctx=None):
+        return SemLock.__new__(cls, MUTEX, 1, 1)
 
     def __repr__(self):
         try:
@@ -131,8 +125,8 @@ class Lock(SemLock):
 class RLock(SemLock):
     """A recursive lock: only the thread that holds it may release it."""
 
-    def __init__(self, *, ctx=None):
-        SemLock.__init__(self, RECURSIVE_MUTEX, 1, 1, ctx=ctx)
+    def __new__(cls, *, ctx=None):
+        return SemLock.__new__(cls, RECURSIVE_MUTEX, 1, 1)
 
     def __repr__(self):
         try:
@@ -245,30 +239,21 @@ class Condition(object):
         return result
 
 
-class Event(object):
-    """A flag processes can wait for: one futex word; set/clear/is_set/wait are single C calls."""
+class Event(_core.Event):
+    """A flag processes can wait for: one futex word; set/clear/is_set/wait are its C methods."""
+
+    def __new__(cls, *, ctx=None):
+        return super().__new__(cls)
 
     def __init__(self, *, ctx=None):
-        self._event = _core.Event()
-        self._make_methods()
+        pass
 
-    def _make_methods(self):
-        ev = self._event
-        self.is_set = ev.is_set
-        self.set = ev.set
-        self.clear = ev.clear
-        self.wait = ev.wait
-
-    def __getstate__(self):
+    def __reduce__(self):
         context.assert_spawning(self)
-        return self._event
-
-    def __setstate__(self, state):
-        self._event = state
-        self._make_methods()
+        return heap.reduce_handle(self)
 
     def __repr__(self):
-        set_status = 'set' if self._event.is_set() else 'unset'
+        set_status = 'set' if self.is_set() else 'unset'
         return f"<{type(self).__qualname__} at {id(self):#x} {set_status}>"
 
 

@@ -283,7 +283,7 @@ static PyObject *semlock_acquire(PyObject *op, PyObject *const *args, Py_ssize_t
         goto taken;
     if (deadline == 0)
         Py_RETURN_FALSE;
-    uint32_t holder = atomic_load(&self->sem->word) & ~CP_MUTEX_WAITERS;
+    uint32_t holder = atomic_load(&self->sem->word);
     for (int first = 1;; first = 0) {
         int64_t tick = cp_now_ns() + TICK_NS;
         int64_t until = deadline < tick ? deadline : tick;
@@ -297,9 +297,8 @@ static PyObject *semlock_acquire(PyObject *op, PyObject *const *args, Py_ssize_t
             if (warn_owner_died(self, holder) < 0) {
                 /* The warning became an error: the lock is left as it was, the dead
                    process's, so the next acquirer learns it too. */
-                uint32_t mine = atomic_load(&self->sem->word);
-                atomic_compare_exchange_strong(&self->sem->word, &mine,
-                                               holder | (mine & CP_MUTEX_WAITERS));
+                uint32_t mine = cp_sem_self();
+                atomic_compare_exchange_strong(&self->sem->word, &mine, holder);
                 return NULL;
             }
             break;
@@ -308,7 +307,7 @@ static PyObject *semlock_acquire(PyObject *op, PyObject *const *args, Py_ssize_t
             Py_RETURN_FALSE;
         if (PyErr_CheckSignals() < 0)
             return NULL;
-        holder = atomic_load(&self->sem->word) & ~CP_MUTEX_WAITERS;
+        holder = atomic_load(&self->sem->word);
     }
 taken:
     self->count++;
@@ -390,7 +389,7 @@ static PyObject *semlock_get_owner_pid(PyObject *op, void *closure)
     SemLockObject *self = SEM(op);
     if (self->kind == CP_SEM_SEMAPHORE)
         Py_RETURN_NONE;
-    return PyLong_FromUnsignedLong(atomic_load(&self->sem->word) & ~CP_MUTEX_WAITERS);
+    return PyLong_FromUnsignedLong(atomic_load(&self->sem->word));
 }
 
 static PyMethodDef semlock_methods[] = {

@@ -18,10 +18,13 @@
 /* Spin before sleeping: when the peer runs on another core it answers within a microsecond or
    two, and a futex sleep + wake costs several on each side. When the peer is not running
    (more runnable processes than cores) spinning only steals its time: so each handle adapts
-   its budget, doubling it after a spin that succeeded and halving it after one that failed,
-   between SPIN_MIN_NS (enough to notice when spinning pays again) and SPIN_MAX_NS. */
-#define SPIN_MIN_NS 3000
+   its budget, doubling it after a spin that succeeded and halving it after one that failed;
+   below SPIN_MIN_NS it stops spinning, but probes every SPIN_PROBE_EVERY waits. */
+#define SPIN_START_NS 4000
+#define SPIN_MIN_NS 1000
 #define SPIN_MAX_NS 50000
+#define SPIN_PROBE_NS 2000
+#define SPIN_PROBE_EVERY 16
 
 static inline void cpu_relax(void)
 {
@@ -112,30 +115,31 @@ int cp_sem_trywait(cp_sem_t *s)
     return -EAGAIN;
 }
 
-/* Spin until test(arg) holds, for up to spin's budget; 1 if it did, 0 if not. */
+/* Spin until test(arg) holds, for up to spin's budget, then yield once; 1 if it held. */
 static int spin_until(int (*test)(void *), void *arg, cp_spin_t *spin)
 {
     if (!spin)
         return test(arg);
-    int64_t end = 0;
-    for (unsigned i = 1;; i++) {
-        if (test(arg)) {
-            spin->ns = spin->ns >= SPIN_MAX_NS / 2 ? SPIN_MAX_NS : spin->ns * 2;
-            return 1;
-        }
-        cpu_relax();
-        if ((i & 31) == 0) {
-            int64_t now = cp_now_ns();
-            if (!end) {
-                end = now + (spin->ns < SPIN_MIN_NS ? SPIN_MIN_NS : spin->ns);
-            } else if (now >= end) {
-                spin->ns = spin->ns <= 2 * SPIN_MIN_NS ? SPIN_MIN_NS : spin->ns / 2;
-                /* The peer may be waiting for our core: let it run once before sleeping. */
-                sched_yield();
-                return test(arg);
+    int32_t budget = spin->ns;
+    if (budget == 0 && (++spin->waits % SPIN_PROBE_EVERY) == 0)
+        budget = SPIN_PROBE_NS; /* spinning did not pay lately: see whether it does again */
+    if (budget > 0) {
+        int64_t end = cp_now_ns() + budget;
+        for (unsigned i = 1;; i++) {
+            if (test(arg)) {
+                int32_t grown = budget > SPIN_MAX_NS / 2 ? SPIN_MAX_NS : budget * 2;
+                spin->ns = grown < SPIN_START_NS ? SPIN_START_NS : grown;
+                return 1;
             }
+            cpu_relax();
+            if ((i & 31) == 0 && cp_now_ns() >= end)
+                break;
         }
+        spin->ns = budget / 2 < SPIN_MIN_NS ? 0 : budget / 2;
     }
+    /* The peer may be waiting for our core: let it run once before sleeping. */
+    sched_yield();
+    return test(arg);
 }
 
 static int sem_taken(void *s)
@@ -149,19 +153,17 @@ static int mutex_wait(cp_sem_t *s, int64_t deadline)
     for (;;) {
         uint32_t v = atomic_load(&s->word);
         if (v == 0) {
-            /* Taken with the waiters bit: others may still sleep, and release must wake them. */
-            if (atomic_compare_exchange_strong(&s->word, &v, me | CP_MUTEX_WAITERS))
+            if (atomic_compare_exchange_strong(&s->word, &v, me))
                 return 0;
             continue;
         }
-        if (!(v & CP_MUTEX_WAITERS)) {
-            if (!atomic_compare_exchange_strong(&s->word, &v, v | CP_MUTEX_WAITERS))
-                continue;
-            v |= CP_MUTEX_WAITERS;
-        }
+        /* Sleepers are counted, not flagged in the word: a release makes a system call only
+           while someone actually sleeps, even under steady contention. */
+        atomic_fetch_add(&s->nwaiters, 1);
         int r = cp_futex_wait(&s->word, v, deadline);
+        atomic_fetch_sub(&s->nwaiters, 1);
         if (r == -EINTR || r == -ETIMEDOUT)
-            return r;
+            return cp_sem_trywait(s) == 0 ? 0 : r;
     }
 }
 
@@ -192,9 +194,8 @@ int cp_sem_post(cp_sem_t *s)
         do {
             if (v == 0)
                 return -EOVERFLOW;
-        } while (!atomic_compare_exchange_weak_explicit(&s->word, &v, 0, memory_order_release,
-                                                        memory_order_relaxed));
-        if (v & CP_MUTEX_WAITERS)
+        } while (!atomic_compare_exchange_weak(&s->word, &v, 0));
+        if (atomic_load(&s->nwaiters) > 0)
             cp_futex_wake(&s->word, 1);
         return 0;
     }
@@ -218,11 +219,10 @@ uint32_t cp_sem_value(cp_sem_t *s)
 int cp_mutex_take_from_dead(cp_sem_t *s)
 {
     uint32_t v = atomic_load(&s->word);
-    uint32_t pid = v & ~CP_MUTEX_WAITERS;
+    uint32_t pid = v;
     if (pid == 0 || pid == cp_sem_self() || !cp_pid_dead((pid_t)pid))
         return 0;
-    /* Keep the waiters bit: other sleepers must still be woken by our release. */
-    return atomic_compare_exchange_strong(&s->word, &v, cp_sem_self() | CP_MUTEX_WAITERS);
+    return atomic_compare_exchange_strong(&s->word, &v, cp_sem_self());
 }
 
 /* ---- events ---- */

@@ -1,7 +1,7 @@
 /* Futex locks, semaphores and events in shared memory (one 64-byte arena slot each).
 
-   Mutex (Lock, RLock): the word holds the owner's pid, plus CP_MUTEX_WAITERS when someone
-   sleeps on it, 0 when free. The pid is what lets a waiter notice that the owner died
+   Mutex (Lock, RLock): the word holds the owner's pid, 0 when free; sleepers are counted
+   beside it. The pid is what lets a waiter notice that the owner died
    (cp_mutex_take_from_dead): a killed process never locks the others out for ever.
    Semaphore: the word is the value; sleepers are counted beside it so a post makes a
    futex_wake only when someone sleeps.
@@ -22,11 +22,10 @@ enum { CP_SEM_RECURSIVE = 0, CP_SEM_SEMAPHORE = 1, CP_SEM_MUTEX = 2, CP_SEM_EVEN
 
 #define CP_SEM_MAGIC 0x53454d31u /* "SEM1" */
 #define CP_SEM_VALUE_MAX 0x7fffffffu
-#define CP_MUTEX_WAITERS 0x80000000u
 
 typedef struct {
     _Atomic uint32_t word;
-    _Atomic uint32_t nwaiters;  /* semaphore and event sleepers */
+    _Atomic uint32_t nwaiters;  /* sleepers: a release or set wakes only when there are some */
     uint32_t magic;
     uint32_t kind;
     uint32_t maxvalue;
@@ -34,9 +33,10 @@ typedef struct {
 
 /* A handle's spin budget before it sleeps (process-private, adapts to how often spinning pays). */
 typedef struct {
-    int32_t ns;
+    int32_t ns;      /* 0: sleep at once (but probe now and then) */
+    uint32_t waits;
 } cp_spin_t;
-#define CP_SPIN_INIT 20000
+#define CP_SPIN_INIT 4000
 
 /* The caller's pid as stored in mutex words (cached; refreshed in forked children). */
 uint32_t cp_sem_self(void);
