@@ -67,26 +67,31 @@ static PyObject *handle_unexport(PyObject *op, PyObject *unused)
     Py_RETURN_NONE;
 }
 
-/* Map fd's chunk and adopt the reference of slot; fd is consumed. -1 with an exception set. */
-static int handle_attach(HandleObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* A new object of type cls on the chunk behind fd (consumed), adopting the reference the
+   parent took for slot: the common part of every _attach(fd, slot, ...). */
+static HandleObject *handle_attach(PyObject *cls, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs < 2) {
         PyErr_SetString(PyExc_TypeError, "_attach(fd, slot, ...)");
-        return -1;
+        return NULL;
     }
     long fd = PyLong_AsLong(args[0]);
     unsigned long slot = PyLong_AsUnsignedLong(args[1]);
     if (PyErr_Occurred())
-        return -1;
+        return NULL;
+    PyTypeObject *type = (PyTypeObject *)cls;
+    HandleObject *self = (HandleObject *)type->tp_alloc(type, 0);
+    if (!self)
+        return NULL;
     cp_arena_lock();
     int r = cp_arena_attach((int)fd, (uint32_t)slot, &self->ref);
     cp_arena_unlock();
     if (r < 0) {
         self->ref.chunk = NULL;
-        cp_err_errno(r, "attach");
-        return -1;
+        Py_DECREF(self);
+        return (HandleObject *)cp_err_errno(r, "attach");
     }
-    return 0;
+    return self;
 }
 
 /* Wait loop shared by locks and events: calls wait(obj, until) with the GIL released in steps
@@ -96,7 +101,8 @@ typedef int (*wait_step_fn)(void *obj, int64_t until, int first);
 
 static int wait_loop(wait_step_fn step, void *obj, int64_t deadline)
 {
-    for (int first = 1;; first = 0) {
+    /* Only a wait that may last spins: a poll (timeout 0 or negative) looks once. */
+    for (int first = deadline > cp_now_ns();; first = 0) {
         int64_t tick = cp_now_ns() + TICK_NS;
         int64_t until = deadline < tick ? deadline : tick;
         int r;
@@ -234,14 +240,9 @@ static PyObject *semlock_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 
 static PyObject *semlock_attach(PyObject *cls, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyTypeObject *type = (PyTypeObject *)cls;
-    SemLockObject *self = (SemLockObject *)type->tp_alloc(type, 0);
-    if (!self)
-        return NULL;
-    if (handle_attach(&self->h, args, nargs) < 0 || semlock_check(self) < 0) {
-        Py_DECREF(self);
-        return NULL;
-    }
+    SemLockObject *self = (SemLockObject *)handle_attach(cls, args, nargs);
+    if (self && semlock_check(self) < 0)
+        Py_CLEAR(self);
     return (PyObject *)self;
 }
 
@@ -284,7 +285,8 @@ static PyObject *semlock_acquire(PyObject *op, PyObject *const *args, Py_ssize_t
     if (deadline == 0)
         Py_RETURN_FALSE;
     uint32_t holder = atomic_load(&self->sem->word);
-    for (int first = 1;; first = 0) {
+    /* Only a wait that may last spins: a poll (timeout 0 or negative) looks once. */
+    for (int first = deadline > cp_now_ns();; first = 0) {
         int64_t tick = cp_now_ns() + TICK_NS;
         int64_t until = deadline < tick ? deadline : tick;
         int r;
@@ -464,14 +466,9 @@ static PyObject *event_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 
 static PyObject *event_attach(PyObject *cls, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyTypeObject *type = (PyTypeObject *)cls;
-    EventObject *self = (EventObject *)type->tp_alloc(type, 0);
+    EventObject *self = (EventObject *)handle_attach(cls, args, nargs);
     if (!self)
         return NULL;
-    if (handle_attach(&self->h, args, nargs) < 0) {
-        Py_DECREF(self);
-        return NULL;
-    }
     self->sem = self->h.ref.addr;
     self->spin.ns = CP_SPIN_INIT;
     if (self->sem->magic != CP_SEM_MAGIC || self->sem->kind != CP_SEM_EVENT) {
@@ -603,14 +600,9 @@ static PyObject *block_attach(PyObject *cls, PyObject *const *args, Py_ssize_t n
             PyErr_SetString(PyExc_ValueError, "size must be >= 0");
         return NULL;
     }
-    PyTypeObject *type = (PyTypeObject *)cls;
-    BlockObject *self = (BlockObject *)type->tp_alloc(type, 0);
+    BlockObject *self = (BlockObject *)handle_attach(cls, args, 2);
     if (!self)
         return NULL;
-    if (handle_attach(&self->h, args, 2) < 0) {
-        Py_DECREF(self);
-        return NULL;
-    }
     cp_chunk *c = self->h.ref.chunk;
     if ((uint64_t)size > (uint64_t)(c->nslots - self->h.ref.slot) * c->slot_size) {
         PyErr_SetString(PyExc_ValueError, "size beyond the shared chunk");
