@@ -693,7 +693,7 @@ int cp_exec_synchronize(PyObject *module)
     static int atexit_done;
     if (!atexit_done && atexit(release_at_exit) == 0)
         atexit_done = 1;
-    (void)cp_sem_self();
+    cp_sem_self_init();
     if (cp_add_type(module, CP_TYPE_SEMLOCK, &semlock_spec, NULL) < 0 ||
         cp_add_type(module, CP_TYPE_EVENT, &event_spec, NULL) < 0 ||
         cp_add_type(module, CP_TYPE_SHAREDBLOCK, &block_spec, NULL) < 0)

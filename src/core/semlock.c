@@ -37,26 +37,23 @@ static inline void cpu_relax(void)
 
 /* ---- own pid, cached (getpid is a syscall on current glibc) ---- */
 
-static uint32_t self_pid;
+uint32_t cp_sem_self_pid;
 
 static void self_after_fork(void)
 {
-    self_pid = (uint32_t)getpid();
+    cp_sem_self_pid = (uint32_t)getpid();
 }
 
 static void self_init(void)
 {
-    self_pid = (uint32_t)getpid();
+    cp_sem_self_pid = (uint32_t)getpid();
     pthread_atfork(NULL, NULL, self_after_fork);
 }
 
-uint32_t cp_sem_self(void)
+void cp_sem_self_init(void)
 {
-    if (!self_pid) {
-        static pthread_once_t once = PTHREAD_ONCE_INIT;
-        pthread_once(&once, self_init);
-    }
-    return self_pid;
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, self_init);
 }
 
 int cp_pid_dead(pid_t pid)
@@ -95,24 +92,6 @@ void cp_sem_init(cp_sem_t *s, int kind, uint32_t value, uint32_t maxvalue)
 static inline int is_mutex(const cp_sem_t *s)
 {
     return s->kind == CP_SEM_MUTEX || s->kind == CP_SEM_RECURSIVE;
-}
-
-int cp_sem_trywait(cp_sem_t *s)
-{
-    uint32_t v = atomic_load_explicit(&s->word, memory_order_relaxed);
-    if (is_mutex(s)) {
-        if (v == 0 && atomic_compare_exchange_strong_explicit(&s->word, &v, cp_sem_self(),
-                                                              memory_order_acquire,
-                                                              memory_order_relaxed))
-            return 0;
-        return -EAGAIN;
-    }
-    while (v > 0) {
-        if (atomic_compare_exchange_weak_explicit(&s->word, &v, v - 1, memory_order_acquire,
-                                                  memory_order_relaxed))
-            return 0;
-    }
-    return -EAGAIN;
 }
 
 /* Spin until test(arg) holds, for up to spin's budget, then yield once; 1 if it held. */

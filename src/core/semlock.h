@@ -13,6 +13,7 @@
 #ifndef CPOOL_SEMLOCK_H
 #define CPOOL_SEMLOCK_H
 
+#include <errno.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <sys/types.h>
@@ -38,13 +39,34 @@ typedef struct {
 } cp_spin_t;
 #define CP_SPIN_INIT 4000
 
-/* The caller's pid as stored in mutex words (cached; refreshed in forked children). */
-uint32_t cp_sem_self(void);
+/* The caller's pid as stored in mutex words: cached (getpid is a system call on current
+   glibc), refreshed in forked children. cp_sem_self_init() once before any use. */
+extern uint32_t cp_sem_self_pid;
+void cp_sem_self_init(void);
+
+static inline uint32_t cp_sem_self(void)
+{
+    return cp_sem_self_pid;
+}
 
 void cp_sem_init(cp_sem_t *s, int kind, uint32_t value, uint32_t maxvalue);
 
-/* Take without blocking: 0, or -EAGAIN. */
-int cp_sem_trywait(cp_sem_t *s);
+/* Take without blocking: 0, or -EAGAIN. Inline: it is the whole of an uncontended acquire. */
+static inline int cp_sem_trywait(cp_sem_t *s)
+{
+    uint32_t v = atomic_load_explicit(&s->word, memory_order_relaxed);
+    if (s->kind == CP_SEM_MUTEX || s->kind == CP_SEM_RECURSIVE) {
+        return v == 0 && atomic_compare_exchange_strong_explicit(
+                             &s->word, &v, cp_sem_self_pid, memory_order_acquire,
+                             memory_order_relaxed) ? 0 : -EAGAIN;
+    }
+    while (v > 0) {
+        if (atomic_compare_exchange_weak_explicit(&s->word, &v, v - 1, memory_order_acquire,
+                                                  memory_order_relaxed))
+            return 0;
+    }
+    return -EAGAIN;
+}
 
 /* Spin (when spin is not NULL), then sleep until taken (0), the deadline (-ETIMEDOUT) or a
    signal (-EINTR). */
