@@ -205,8 +205,10 @@ def test_event_api(mpmod):
     ev.set()
     ev.clear()
     assert ev.is_set() is False
-    threading.Timer(0.1, ev.set).start()
+    timer = threading.Timer(0.1, ev.set)
+    timer.start()
     assert ev.wait(10) is True
+    timer.join()  # no thread left behind to make later forks warn
 
 
 def test_event_set_by_other_process(ctx):
@@ -559,9 +561,13 @@ def test_sigint_handler_that_returns_does_not_end_wait():
     hits = []
     old = signal.signal(signal.SIGUSR1, lambda *a: hits.append(1))
     try:
-        threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGUSR1)).start()
-        threading.Timer(0.4, ev.set).start()
+        timers = [threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGUSR1)),
+                  threading.Timer(0.4, ev.set)]
+        for t in timers:
+            t.start()
         assert ev.wait(10) is True
+        for t in timers:
+            t.join()
     finally:
         signal.signal(signal.SIGUSR1, old)
     assert hits == [1]
