@@ -94,9 +94,9 @@ static HandleObject *handle_attach(PyObject *cls, PyObject *const *args, Py_ssiz
     return self;
 }
 
-/* Wait loop shared by locks and events: calls wait(obj, until) with the GIL released in steps
-   of at most TICK_NS, checking signals between steps (only the first step spins). wait returns 1 done, -ETIMEDOUT, -EINTR.
-   Returns 1 done, 0 deadline passed, -1 exception. */
+/* Wait loop shared by locks and events: calls step(obj, until, first) with the GIL released,
+   in steps of at most TICK_NS, checking signals between steps; only the first step spins.
+   step returns 1 done, -ETIMEDOUT or -EINTR. Returns 1 done, 0 deadline passed, -1 exception. */
 typedef int (*wait_step_fn)(void *obj, int64_t until, int first);
 
 static int wait_loop(wait_step_fn step, void *obj, int64_t deadline)
@@ -132,7 +132,7 @@ static int timeout_deadline(PyObject *timeout, int64_t *deadline)
     return 0;
 }
 
-/* Parse (block=True, timeout=None) -> *deadline (CP_NO_DEADLINE for none, now for "don't wait"). */
+/* Parse (block=True, timeout=None) -> *deadline: CP_NO_DEADLINE for none, 0 for "don't wait". */
 static int parse_block_timeout(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
                                const char *first, int64_t *deadline)
 {
@@ -246,14 +246,20 @@ static PyObject *semlock_attach(PyObject *cls, PyObject *const *args, Py_ssize_t
     return (PyObject *)self;
 }
 
-static int sem_wait_step(SemLockObject *self, int64_t until, int first)
+typedef struct {
+    SemLockObject *self;
+    uint32_t dead;  /* set when the lock was taken over from this dead process */
+} sem_wait_arg;
+
+static int sem_wait_step(void *obj, int64_t until, int first)
 {
-    cp_sem_t *s = self->sem;
-    int r = cp_sem_wait(s, until, first ? &self->spin : NULL);
+    sem_wait_arg *a = obj;
+    cp_sem_t *s = a->self->sem;
+    int r = cp_sem_wait(s, until, first ? &a->self->spin : NULL);
     if (r == 0)
         return 1;
-    if (r == -ETIMEDOUT && s->kind != CP_SEM_SEMAPHORE && cp_mutex_take_from_dead(s))
-        return 2;
+    if (r == -ETIMEDOUT && s->kind != CP_SEM_SEMAPHORE && (a->dead = cp_mutex_take_from_dead(s)))
+        return 1;
     return r;
 }
 
@@ -284,32 +290,16 @@ static PyObject *semlock_acquire(PyObject *op, PyObject *const *args, Py_ssize_t
         goto taken;
     if (deadline == 0)
         Py_RETURN_FALSE;
-    uint32_t holder = atomic_load(&self->sem->word);
-    /* Only a wait that may last spins: a poll (timeout 0 or negative) looks once. */
-    for (int first = deadline > cp_now_ns();; first = 0) {
-        int64_t tick = cp_now_ns() + TICK_NS;
-        int64_t until = deadline < tick ? deadline : tick;
-        int r;
-        Py_BEGIN_ALLOW_THREADS
-        r = sem_wait_step(self, until, first);
-        Py_END_ALLOW_THREADS
-        if (r == 1)
-            break;
-        if (r == 2) {
-            if (warn_owner_died(self, holder) < 0) {
-                /* The warning became an error: the lock is left as it was, the dead
-                   process's, so the next acquirer learns it too. */
-                uint32_t mine = cp_sem_self();
-                atomic_compare_exchange_strong(&self->sem->word, &mine, holder);
-                return NULL;
-            }
-            break;
-        }
-        if (r == -ETIMEDOUT && until == deadline)
-            Py_RETURN_FALSE;
-        if (PyErr_CheckSignals() < 0)
-            return NULL;
-        holder = atomic_load(&self->sem->word);
+    sem_wait_arg a = {self, 0};
+    int r = wait_loop(sem_wait_step, &a, deadline);
+    if (r <= 0)
+        return r < 0 ? NULL : Py_NewRef(Py_False);
+    if (a.dead && warn_owner_died(self, a.dead) < 0) {
+        /* The warning became an error: the lock is left as it was, the dead process's, so the
+           next acquirer learns it too. */
+        uint32_t mine = cp_sem_self();
+        atomic_compare_exchange_strong(&self->sem->word, &mine, a.dead);
+        return NULL;
     }
 taken:
     self->count++;

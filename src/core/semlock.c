@@ -195,13 +195,13 @@ uint32_t cp_sem_value(cp_sem_t *s)
     return v;
 }
 
-int cp_mutex_take_from_dead(cp_sem_t *s)
+uint32_t cp_mutex_take_from_dead(cp_sem_t *s)
 {
-    uint32_t v = atomic_load(&s->word);
-    uint32_t pid = v;
+    uint32_t pid = atomic_load(&s->word);
     if (pid == 0 || pid == cp_sem_self() || !cp_pid_dead((pid_t)pid))
         return 0;
-    return atomic_compare_exchange_strong(&s->word, &v, cp_sem_self());
+    uint32_t expected = pid;
+    return atomic_compare_exchange_strong(&s->word, &expected, cp_sem_self()) ? pid : 0;
 }
 
 /* ---- events ---- */

@@ -78,8 +78,9 @@ int cp_sem_post(cp_sem_t *s);
 /* The value as the standard library reports it (a mutex: 1 free, 0 held). */
 uint32_t cp_sem_value(cp_sem_t *s);
 
-/* If the mutex's owner is dead, take the lock over: 1 taken, 0 owner alive (or lock free). */
-int cp_mutex_take_from_dead(cp_sem_t *s);
+/* If the mutex's owner is dead, take the lock over: the dead owner's pid, or 0 (owner alive,
+   or lock free). */
+uint32_t cp_mutex_take_from_dead(cp_sem_t *s);
 
 /* Whether pid is gone (no such process, or a zombie nobody reaped yet). */
 int cp_pid_dead(pid_t pid);
