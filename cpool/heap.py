@@ -8,6 +8,7 @@ the fork); children started by spawn or forkserver get each chunk's fd through
 `reduction.DupFd` when the Process object is pickled, which is the only pickling allowed.
 """
 import sys
+import threading
 
 from . import _core
 from . import context
@@ -65,14 +66,22 @@ del _t
 
 
 # ---- a forked child gives its references back when it exits ----
-# (the main process and spawned children do it from a C atexit handler, after finalization)
+# (the main process and spawned children do it from a C atexit handler, after finalization;
+# a forked child ends with os._exit, so it does it from its last finalizer)
 
 class _ArenaForkHook(object):
     pass
 
 
+def _release_at_child_exit():
+    # A thread still running after the child's run() may still use a lock: then keeping the
+    # references (a leak until the chunk goes) is better than freeing a slot in use.
+    if threading.active_count() == 1:
+        _core.arena_release_all()
+
+
 def _after_fork(_):
-    util.Finalize(None, _core.arena_release_all, exitpriority=-sys.maxsize)
+    util.Finalize(None, _release_at_child_exit, exitpriority=-sys.maxsize)
 
 
 _arena_fork_hook = _ArenaForkHook()
