@@ -221,3 +221,37 @@ def test_slot_runs_do_not_overlap():
     addrs = sorted((ctypes.addressof(o), len(o)) for o in objs)
     for (a, n), (b, _) in zip(addrs, addrs[1:]):
         assert a + n <= b
+
+
+def _churn(seed, rounds, failures):
+    import random
+    import os
+    import cpool
+    rnd = random.Random(seed)
+    me = os.getpid() & 0x7fffffff
+    live = []
+    for i in range(rounds):
+        if len(live) > 40 or (live and rnd.random() < 0.5):
+            arr = live.pop(rnd.randrange(len(live)))
+            if any(x != me for x in arr):
+                failures.value += 1
+        else:
+            n = rnd.choice((1, 3, 16, 17, 100))
+            arr = cpool.RawArray('i', [me] * n)
+            live.append(arr)
+
+
+def test_processes_allocating_from_shared_chunks_never_share_a_slot():
+    # Forked children inherit the parent's chunks and claim slots in them concurrently.
+    import cpool
+    keep = [cpool.RawArray('i', 10) for _ in range(10)]  # the chunk exists before the fork
+    failures = cpool.Value('i', 0)
+    procs = [cpool.Process(target=_churn, args=(i, 20000, failures)) for i in range(3)]
+    for p in procs:
+        p.start()
+    _churn(99, 20000, failures)
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert failures.value == 0
+    assert all(a[:] == [0] * 10 for a in keep)
