@@ -53,11 +53,7 @@ def reduce_handle(handle):
 
 
 def _rebuild_handle(cls, df, slot, *extra):
-    obj = cls._attach(df.detach(), slot, *extra)
-    rebuilt = getattr(obj, '_rebuilt', None)
-    if rebuilt is not None:
-        rebuilt()
-    return obj
+    return cls._attach(df.detach(), slot, *extra)
 
 
 for _t in (_core.SemLock, _core.Event, _core.SharedBlock):

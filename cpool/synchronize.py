@@ -43,17 +43,12 @@ class SemLock(_core.SemLock):
     __exit__ are its C methods: one C call each), plus the Python API around it."""
 
     def __new__(cls, kind, value, maxvalue, *, ctx=None):
-        self = super().__new__(cls, kind, value, maxvalue)
-        self._rebuilt()
-        return self
+        # The holder thread and recursion count are the creating process's: the C object
+        # knows which process set them, so a forked child (by cpool or os.fork) holds nothing.
+        return super().__new__(cls, kind, value, maxvalue)
 
     def __init__(self, *args, **kwargs):
         pass
-
-    def _rebuilt(self):
-        # The holder thread and recursion count belong to this process: a forked child starts
-        # without them, as in the standard library.
-        util.register_after_fork(self, _core.SemLock._after_fork)
 
     @property
     def _semlock(self):

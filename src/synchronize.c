@@ -178,13 +178,21 @@ typedef struct {
     HandleObject h;
     cp_sem_t *sem;
     int kind;
-    unsigned long last_tid;  /* per process and thread: reset after fork */
+    /* Held by this process: how many times, by which thread. Both belong to the process that
+       set them (count_pid): a forked child, which has a copy of the object, holds nothing. */
+    unsigned long last_tid;
     long count;
+    uint32_t count_pid;
     cp_spin_t spin;
 } SemLockObject;
 
 #define SEM(op) ((SemLockObject *)(op))
-#define ISMINE(o) ((o)->count > 0 && PyThread_get_thread_ident() == (o)->last_tid)
+static inline long sem_count(SemLockObject *o)
+{
+    return o->count_pid == cp_sem_self() ? o->count : 0;
+}
+
+#define ISMINE(o) (sem_count(o) > 0 && PyThread_get_thread_ident() == (o)->last_tid)
 
 static int semlock_check(SemLockObject *self)
 {
@@ -302,7 +310,8 @@ static PyObject *semlock_acquire(PyObject *op, PyObject *const *args, Py_ssize_t
         return NULL;
     }
 taken:
-    self->count++;
+    self->count = sem_count(self) + 1;
+    self->count_pid = cp_sem_self();
     self->last_tid = PyThread_get_thread_ident();
     Py_RETURN_TRUE;
 }
@@ -325,7 +334,7 @@ static PyObject *semlock_release(PyObject *op, PyObject *unused)
         PyErr_SetString(PyExc_ValueError, "semaphore or lock released too many times");
         return NULL;
     }
-    if (self->count > 0)
+    if (sem_count(self) > 0)
         self->count--;
     Py_RETURN_NONE;
 }
@@ -342,7 +351,7 @@ static PyObject *semlock_exit(PyObject *op, PyObject *const *args, Py_ssize_t na
 
 static PyObject *semlock_count(PyObject *op, PyObject *unused)
 {
-    return PyLong_FromLong(SEM(op)->count);
+    return PyLong_FromLong(sem_count(SEM(op)));
 }
 
 static PyObject *semlock_is_mine(PyObject *op, PyObject *unused)

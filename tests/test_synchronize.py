@@ -153,6 +153,21 @@ def test_rlock_state_is_per_process(ctx):
     assert list(out) == [0, 0, 0]
 
 
+def test_rlock_held_by_parent_is_not_mine_in_an_os_fork_child():
+    import cpool
+    rlock = cpool.RLock()
+    out = cpool.Array('i', 3, lock=False)
+    with rlock:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _child_view_of_rlock(rlock, out)
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+    assert list(out) == [0, 0, 0]
+
+
 # ---- Semaphore and BoundedSemaphore ----
 
 def test_semaphore_api(mpmod):
