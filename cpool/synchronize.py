@@ -1,8 +1,14 @@
 """Lock, RLock, Semaphore, BoundedSemaphore, Condition, Event and Barrier between processes.
 
 Each lock, semaphore and event is a futex word in a 64-byte slot of cpool's shared-memory arena
-(cpool._core): no named semaphores, no resource tracker, a few fds for any number of locks.
-acquire/release/wait/set are single C calls (no system call when nobody has to sleep).
+(cpool.heap, src/core/arena.c): no named semaphores, no resource tracker, one fd per ~15000
+objects. Lock, RLock, Semaphore, BoundedSemaphore and Event are subclasses of the C types, so
+acquire/release/`with`/wait/set are single C calls, with no system call unless someone has to
+sleep; a waiter spins briefly first when that has lately paid off (a peer on another core).
+Blocking waits use CLOCK_MONOTONIC deadlines and wake every 80 ms to run signal handlers
+(Ctrl-C interrupts any wait; the lock is then not taken) and to look for a dead owner.
+Condition is the standard library's algorithm over three of these semaphores; Barrier is
+threading.Barrier over that Condition with its state in shared memory.
 
 Beyond the standard library:
 - A Lock or RLock whose holder process dies is not lost: a waiter notices (within ~0.1 s) and
@@ -14,6 +20,10 @@ Beyond the standard library:
   woke (the standard library waits for ever, so a waiter killed while sleeping hangs notify).
 - A Barrier whose party died breaks when the others' timeout passes (BrokenBarrierError),
   as a threading.Barrier does.
+
+Limits: an owner is recognised by its pid, so if the pid of a dead holder is reused by a new
+process before anyone looks, the lock waits for that process instead. Lock.kind is cpool's own
+MUTEX (2), not the standard library's SEMAPHORE (1): a Lock has an owner.
 """
 import sys
 import threading
@@ -23,7 +33,6 @@ from . import _core
 from . import context
 from . import heap  # noqa: F401  (registers how arena handles reach spawned children)
 from . import process
-from . import util
 
 __all__ = ['Lock', 'RLock', 'Semaphore', 'BoundedSemaphore', 'Condition', 'Event', 'Barrier',
            'OwnerDiedWarning']

@@ -628,8 +628,7 @@ def test_many_live_locks_cost_few_fds():
     assert _core.arena_stats()['handles'] < 20_000
 
 
-def test_fork_children_give_their_references_back(cctx, start_method):
-    import cpool
+def test_children_give_their_references_back(cctx, start_method):
     from cpool import _core
     gc.collect()
     refs0 = _core.arena_stats()['refs']
