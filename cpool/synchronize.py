@@ -51,6 +51,9 @@ class SemLock(_core.SemLock):
     """Base of the locks and semaphores: the C lock itself (acquire, release, __enter__ and
     __exit__ are its C methods: one C call each), plus the Python API around it."""
 
+    # No instance dict: `lock.acquire` then finds the C method without a dict lookup first.
+    __slots__ = ('__weakref__',)
+
     def __new__(cls, kind, value, maxvalue, *, ctx=None):
         # The holder thread and recursion count are the creating process's: the C object
         # knows which process set them, so a forked child (by cpool or os.fork) holds nothing.
@@ -70,6 +73,7 @@ class SemLock(_core.SemLock):
 
 
 class Semaphore(SemLock):
+    __slots__ = ()
 
     def __new__(cls, value=1, *, ctx=None):
         return SemLock.__new__(cls, SEMAPHORE, value, SEM_VALUE_MAX)
@@ -86,6 +90,7 @@ class Semaphore(SemLock):
 
 
 class BoundedSemaphore(Semaphore):
+    __slots__ = ()
 
     def __new__(cls, value=1, *, ctx=None):
         return SemLock.__new__(cls, SEMAPHORE, value, value)
@@ -114,6 +119,7 @@ def _owner_name(semlock):
 
 class Lock(SemLock):
     """A non-recursive lock; any process or thread may release it (as in the standard library)."""
+    __slots__ = ()
 
     def __new__(cls, *, ctx=None):
         return SemLock.__new__(cls, MUTEX, 1, 1)
@@ -128,6 +134,7 @@ class Lock(SemLock):
 
 class RLock(SemLock):
     """A recursive lock: only the thread that holds it may release it."""
+    __slots__ = ()
 
     def __new__(cls, *, ctx=None):
         return SemLock.__new__(cls, RECURSIVE_MUTEX, 1, 1)
@@ -245,6 +252,7 @@ class Condition(object):
 
 class Event(_core.Event):
     """A flag processes can wait for: one futex word; set/clear/is_set/wait are its C methods."""
+    __slots__ = ('__weakref__',)
 
     def __new__(cls, *, ctx=None):
         return super().__new__(cls)
