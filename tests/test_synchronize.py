@@ -652,3 +652,38 @@ def test_million_locks():
     gc.collect()
     assert len(open_fds()) <= fds0 + 1
     assert _rss_kib() - rss0 < 20 * 1024
+
+
+def _count_forever(lock, value):
+    import warnings
+    warnings.simplefilter('ignore')
+    while True:
+        with lock:
+            value.value += 1
+
+
+@pytest.mark.stress
+@pytest.mark.timeout(120)
+def test_holders_killed_at_random_never_stop_the_others():
+    import random
+    import cpool
+    lock = cpool.Lock()
+    value = cpool.Value('i', 0, lock=False)
+    rnd = random.Random(1)
+    procs = [_start(cpool, _count_forever, (lock, value)) for _ in range(3)]
+    for _ in range(20):
+        time.sleep(rnd.uniform(0.01, 0.1))
+        victim = procs.pop(rnd.randrange(len(procs)))
+        victim.kill()
+        victim.join(10)
+        procs.append(_start(cpool, _count_forever, (lock, value)))
+    before = value.value
+    time.sleep(0.5)
+    assert value.value > before  # the survivors still get the lock
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        assert lock.acquire(timeout=10)
+    lock.release()
+    for p in procs:
+        p.kill()
+        p.join(10)
