@@ -558,13 +558,17 @@ def _blocked_call(what):
 @pytest.mark.parametrize('what', ['lock', 'rlock', 'semaphore', 'event', 'condition', 'barrier'])
 def test_sigint_interrupts_blocking_wait(what):
     call, check = _blocked_call(what)
-    delay = 0.2
-    timer = threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT))
-    t0 = time.monotonic()
+    sent = []
+
+    def interrupt():
+        sent.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGINT)
+
+    timer = threading.Timer(0.2, interrupt)
     timer.start()
     with pytest.raises(KeyboardInterrupt):
         call()
-    elapsed = time.monotonic() - t0 - delay
+    elapsed = time.monotonic() - sent[0]
     timer.join()
     assert elapsed < 0.5, elapsed  # 100 ms promised; generous for a loaded machine
     check()
