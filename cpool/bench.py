@@ -120,7 +120,7 @@ class Progress:
     def __init__(self, total, enabled):
         self.total, self.done, self.bar = total, 0, None
         self.enabled = enabled
-        if enabled:
+        if enabled and sys.stderr.isatty():
             try:
                 from tqdm import tqdm
             except ImportError:

@@ -120,70 +120,78 @@ def chart(doc, path):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
+    from matplotlib.transforms import blended_transform_factory
 
     meta, results, modules = doc['meta'], doc['cases'], doc['meta']['modules']
     base, others = modules[0], modules[1:]
-    colors, spare = {}, iter(OTHER_COLORS)
-    for mod in others:
-        own = PALETTE.get(mod)
-        colors[mod] = own if own else next(spare, '#888888')
+    spare = iter(OTHER_COLORS)
+    colors = {m: PALETTE.get(m) or next(spare, '#888888') for m in others}
 
-    names = list(results)
-    # keep only the modules that ran something, so empty columns do not take room
-    shown = [m for m in others if any(results[c]['results'].get(m, {}).get('status') != 'unsupported'
-                                      for c in names)] or others
-    band = 0.8 / max(1, len(shown))
-    ratios = [c['results'][m]['ratio'] for c in results.values() for m in shown
-              if c['results'].get(m, {}).get('ratio')]
-    lo = min(ratios + [1.0]) / 1.6
-    hi = max(ratios + [1.0]) * 1.9
+    # one bar (or one line of text) per module that ran the case; cases separated by a gap
+    bars, ticks, sections, y, kind = [], [], [], 0.0, None
+    for name, case in results.items():
+        if case['kind'] != kind:
+            y += 1.6 if kind is not None else 0.9
+            kind = case['kind']
+            sections.append((y - 1.0, 'micro cases' if kind == 'micro' else 'bioinformatics workloads'))
+        rows = [(m, case['results'][m]) for m in others
+                if case['results'].get(m, {}).get('status', 'unsupported') != 'unsupported']
+        if not rows:
+            rows = [(None, None)]
+        ticks.append((y + (len(rows) - 1) / 2, name))
+        for mod, cell in rows:
+            bars.append((y, mod, cell))
+            y += 1.0
+        y += 0.55
+    ratios = [c['ratio'] for _, _, c in bars if c and c.get('ratio')]
+    lo, hi = min(ratios + [0.5]) / 1.5, max(ratios + [2.0]) * 1.6
 
-    height = 1.2 + 0.28 * len(names) * max(1, len(shown)) ** 0.6 + 0.9
-    fig, ax = plt.subplots(figsize=(10, height), dpi=130)
+    fig_h = 1.45 + 0.165 * y
+    fig, ax = plt.subplots(figsize=(10, fig_h), dpi=130)
+    top = 1.0 - 1.15 / fig_h
+    fig.subplots_adjust(left=0.2, right=0.97, top=top, bottom=0.5 / fig_h)
     ax.set_xscale('log')
     ax.set_xlim(lo, hi)
-    ypos, labels, y, kind = [], [], 0.0, None
-    for name in names:
-        if kind is not None and results[name]['kind'] != kind:
-            y += 0.6  # a gap between micro cases and workloads
-        kind = results[name]['kind']
-        ypos.append(y)
-        labels.append(name)
-        y += 1.0
-    for k, mod in enumerate(shown):
-        off = (k - (len(shown) - 1) / 2) * band
-        for name, yc in zip(names, ypos):
-            cell = results[name]['results'].get(mod, {'status': 'unsupported'})
-            yy = yc + off
-            if cell.get('ratio'):
-                r = cell['ratio']
-                ax.barh(yy, r - 1.0, left=1.0, height=band * 0.9, color=colors[mod],
-                        alpha=1.0 if r >= 1 else 0.55, edgecolor='none', zorder=2)
-                ax.text(r * (1.04 if r >= 1 else 0.96), yy, '%.2f×' % r if r < 10 else '%.1f×' % r,
-                        va='center', ha='left' if r >= 1 else 'right', fontsize=7.5,
-                        color='#222222', zorder=3)
-            elif cell['status'] != 'unsupported':
-                ax.text(1.04, yy, NO_NUMBER[cell['status']].lower(), va='center', ha='left',
-                        fontsize=7.5, color='#b03a2e', style='italic', zorder=3)
+    for yy, mod, cell in bars:
+        if cell is None:
+            continue
+        r = cell.get('ratio')
+        if r:
+            ax.barh(yy, r - 1.0, left=1.0, height=0.82, color=colors[mod], edgecolor='none', zorder=2)
+            ax.text(r * (1.03 if r >= 1 else 0.97), yy, ('%.2f×' if r < 10 else '%.1f×') % r,
+                    va='center', ha='left' if r >= 1 else 'right', fontsize=7, color='#222222', zorder=3)
+        else:
+            ax.text(1.03, yy, '%s: %s' % (mod, NO_NUMBER[cell['status']].lower()), va='center',
+                    ha='left', fontsize=7, color='#b03a2e', style='italic', zorder=3)
+    left_margin = blended_transform_factory(fig.transFigure, ax.transData)
+    for ys, label in sections:
+        ax.text(0.015, ys, label.upper(), transform=left_margin, fontsize=7.5,
+                color='#777777', fontweight='bold', va='center', ha='left')
     ax.axvline(1.0, color='#333333', lw=1.0, zorder=1)
-    ax.set_yticks(ypos)
-    ax.set_yticklabels(labels, fontsize=9)
-    ax.invert_yaxis()
-    ax.grid(axis='x', which='major', color='#dddddd', lw=0.8, zorder=0)
-    ax.grid(axis='x', which='minor', color='#eeeeee', lw=0.5, zorder=0)
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: '%g×' % v))
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_yticks([t for t, _ in ticks])
+    ax.set_yticklabels([n for _, n in ticks], fontsize=8.5)
+    ax.set_ylim(y - 0.2, -0.2)
+    ax.grid(axis='x', which='both', color='#e6e6e6', lw=0.6, zorder=0)
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: '%g×' % v))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.tick_params(axis='x', labelsize=8)
+    ax.tick_params(axis='y', length=0)
     for side in ('top', 'right', 'left'):
         ax.spines[side].set_visible(False)
-    ax.tick_params(axis='y', length=0)
-    ax.set_xlabel('throughput relative to %s (log scale; right of the line is faster)' % base, fontsize=9)
-    fig.suptitle('Speed-up over the standard library\'s %s' % base if base == 'multiprocessing'
-                 else 'Speed-up over %s' % base, fontsize=13, fontweight='bold', x=0.02, ha='left')
-    ax.set_title('%s · Python %s · %d CPUs · pool size %d · medians of %d round(s) · %s' % (
-        meta['platform'], meta['python'], meta['cpu_count'], meta['workers'], meta['rounds'],
-        meta['date']), fontsize=8.5, color='#555555', loc='left')
-    ax.legend(handles=[Patch(color=colors[m], label=m) for m in shown], loc='lower right',
-              fontsize=8.5, frameon=False)
-    fig.tight_layout()
+    ax.set_xlabel('throughput relative to %s (log scale; right of the line is faster)' % base, fontsize=8.5)
+    inch = 1.0 / fig_h
+    fig.text(0.015, 1 - 0.3 * inch, 'Speed-up over the standard library\'s multiprocessing'
+             if base == 'multiprocessing' else 'Speed-up over %s' % base,
+             fontsize=13, fontweight='bold', va='top')
+    fig.text(0.015, 1 - 0.62 * inch, '%s · %s · Python %s · %d CPUs · pool size %d · median of %d '
+             'round(s) at scale %g · %s' % (meta['platform'], meta['cpu_model'], meta['python'],
+                                          meta['cpu_count'], meta['workers'], meta['rounds'],
+                                          meta['scale'], meta['date']),
+             fontsize=7.5, color='#555555', va='top')
+    fig.legend(handles=[Patch(color=colors[m], label=m) for m in others], loc='upper left',
+               bbox_to_anchor=(0.01, 1 - 0.78 * inch), ncol=len(others), fontsize=8.5,
+               frameon=False, handlelength=1.2)
     fig.savefig(path)
     plt.close(fig)
