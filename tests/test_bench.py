@@ -128,3 +128,20 @@ def test_unsupported_cases_show_a_dash():
            'cases': results, 'headline': report.headline(results, mods)}
     row = [line for line in report.table(doc).splitlines() if line.startswith('pool_map')][0]
     assert row.split()[2:] == ['3', '9', '3.00x', '-']
+
+
+@pytest.mark.timeout(180)
+def test_other_libraries_run_their_equivalent_cases(tmp_path):
+    import importlib.util
+    libs = [m for m in ('faster_fifo', 'mpire', 'loky') if importlib.util.find_spec(m)]
+    if not libs:
+        pytest.skip('none of faster-fifo, mpire, loky is installed')
+    res = bench('--modules', ','.join(['multiprocessing'] + libs), '--only', 'queue_small,pool_apply_async,genes_apply_async',
+                '--rounds', '1', '--scale', '0.02', '--out', str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    cases = json.loads((tmp_path / 'bench.json').read_text())['cases']
+    from cpool._bench.others import LIBRARIES
+    for lib in libs:
+        for name, case in cases.items():
+            expected = 'ok' if name in LIBRARIES[lib][1] else 'unsupported'
+            assert case['results'][lib]['status'] == expected, (lib, name, case['results'][lib])
