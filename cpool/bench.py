@@ -160,6 +160,17 @@ def _cpu_model():
     return platform.processor() or 'unknown CPU'
 
 
+def _source_commit():
+    """The git commit of the cpool source being measured, when it runs from a checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run(['git', '-C', root, 'describe', '--always', '--dirty', '--exclude', '*'],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
 def _version(spec):
     name = spec.partition(':')[0]
     try:
@@ -308,6 +319,7 @@ def main(argv=None):
             'cpu_count': os.cpu_count(),
             'cpu_model': _cpu_model(),
             'cpool_version': __version__,
+            'cpool_commit': _source_commit(),
             'modules': args.modules,
             'versions': {m: _version(m) for m in args.modules},
             'workers': args.workers, 'rounds': args.rounds, 'scale': args.scale,

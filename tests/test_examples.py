@@ -82,6 +82,12 @@ def test_parallel_writers_keeps_the_bound():
 
 
 @pytest.mark.timeout(150)
-def test_example_under_spawn():
-    need('pool', 'popen_spawn_posix')
-    same_output('gc_content', '--records', '300', '--start-method', 'spawn')
+@pytest.mark.parametrize('method', ['spawn', 'forkserver'])
+@pytest.mark.parametrize('name, args, parts', [
+    ('gc_content', ['--records', '300'], ('pool',)),
+    ('fastq_quality', ['--reads', '1500'], ('queues',)),  # a Queue handed to spawned Processes
+    ('parallel_writers', ['--samples', '4', '--reads', '300'], ('synchronize',)),  # Lock, Semaphore
+])
+def test_example_under_other_start_methods(name, args, parts, method):
+    need(*parts, 'popen_' + ('spawn_posix' if method == 'spawn' else 'forkserver'))
+    same_output(name, *args, '--start-method', method)

@@ -52,7 +52,9 @@ def table(doc):
     meta, results, modules = doc['meta'], doc['cases'], doc['meta']['modules']
     base = modules[0]
     lines = [
-        'cpool %s benchmark  %s' % (meta['cpool_version'], meta['date']),
+        'cpool %s%s benchmark  %s' % (meta['cpool_version'],
+                                      ' (%s)' % meta['cpool_commit'] if meta.get('cpool_commit') else '',
+                                      meta['date']),
         'Python %s  %s  %d CPUs (%s)  pool size %d  rounds %d  scale %g' % (
             meta['python'], meta['platform'], meta['cpu_count'], meta['cpu_model'],
             meta['workers'], meta['rounds'], meta['scale']),
