@@ -249,11 +249,6 @@ int cp_arena_alloc(size_t size, cp_ref_t *out)
     return 0;
 }
 
-void cp_arena_incref(const cp_ref_t *ref)
-{
-    local_add(ref->chunk, ref->slot);
-}
-
 void cp_arena_release(cp_ref_t *ref)
 {
     cp_chunk *c = ref->chunk;

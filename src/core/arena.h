@@ -61,9 +61,6 @@ int cp_arena_init(void);
 /* A zero-filled region of size bytes (at least 1), 64-byte aligned, held by one handle. 0 or -errno. */
 int cp_arena_alloc(size_t size, cp_ref_t *out);
 
-/* One more handle in this process to the same object. */
-void cp_arena_incref(const cp_ref_t *ref);
-
 /* Drop one handle; the slot is freed when no process holds it any more. */
 void cp_arena_release(cp_ref_t *ref);
 
