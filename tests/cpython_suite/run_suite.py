@@ -168,9 +168,6 @@ def worker_main(args):
                 d.startswith('skipped: ') for _, d in result.fixture_errors)
             result.emit(event='result', id=tid, status='skip' if skipped else 'notrun',
                         detail=why, seconds=0)
-    for desc, detail in result.fixture_errors:
-        if not desc.startswith('setUp'):
-            result.emit(event='class_note', detail='%s: %s' % (desc, detail))
     return 0
 
 
@@ -268,9 +265,8 @@ def run_class(args, start_method, tests):
                 for t in remaining:
                     results[t] = dict(id=t, status='error', seconds=0,
                                       detail='suite import failed:\n' + e['detail'])
-            elif e['event'] in ('class_note', 'fixture_error') and not \
-                    e.get('id', '').startswith('setUp'):
-                notes.append(e.get('detail', ''))
+            elif e['event'] == 'fixture_error' and not e['id'].startswith('setUp'):
+                notes.append('%s: %s' % (e['id'], e['detail']))
         done = [t for t in remaining if t in results]
         if started is not None and started not in results:
             status = 'timeout' if trace.strip() else 'crash'
@@ -315,8 +311,18 @@ def read_expected(path):
 
 
 def first_error_line(detail):
-    """The exception line of a traceback (what the report groups by)."""
+    """The exception line of a traceback (what the report groups by); for a hang, the innermost
+    frames of the main thread at the deadline."""
     lines = [ln for ln in (detail or '').strip().splitlines() if ln.strip()]
+    if lines and lines[0].startswith('no result within'):
+        # faulthandler's watchdog lists every thread, the main thread last; innermost frame first.
+        heads = [i for i, ln in enumerate(lines)
+                 if ln.startswith(('Thread 0x', 'Current thread 0x'))]
+        if heads:
+            frames = [f.strip().replace('File ', '') for f in lines[heads[-1] + 1:heads[-1] + 4]
+                      if f.startswith('  File')]
+            return 'hang in ' + ' <- '.join(frames)[:400]
+        return lines[0]
     for ln in reversed(lines):
         if not ln.startswith(' ') and not ln.startswith('Traceback'):
             return ln.strip()[:300]
@@ -338,6 +344,8 @@ def main(argv=None):
     p.add_argument('--repo', default=DEFAULT_REPO, help='directory holding the cpool package')
     p.add_argument('--python', default=sys.executable)
     p.add_argument('--json', help='write every result (with full tracebacks) here')
+    p.add_argument('--write-expected', metavar='PATH',
+                   help='write the tests that passed as an expectation list')
     p.add_argument('-v', '--verbose', action='store_true', help='print each test as it ends')
     p.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
     p.add_argument('--list', action='store_true', help=argparse.SUPPRESS)
@@ -403,6 +411,14 @@ def main(argv=None):
                        'notes': class_notes,
                        'results': [dict(r, start_method=m) for (m, _), r in
                                    sorted(all_results.items())]}, f, indent=1)
+    if args.write_expected:
+        with open(args.write_expected, 'w') as f:
+            f.write('# Tests of CPython %s test._test_multiprocessing that pass on cpool\n'
+                    '# (run_suite.py --write-expected, then curated by hand). One per line:\n'
+                    '# START_METHOD Class.test\n' % '.'.join(map(str, sys.version_info[:2])))
+            for (m, t), r in sorted(all_results.items()):
+                if r['status'] == 'pass':
+                    f.write('%s %s\n' % (m, t))
     if expected is not None:
         regressions = [(m, t, r['status']) for (m, t), r in sorted(all_results.items())
                        if r['status'] not in ('pass', 'skip', 'xfail')]

@@ -12,6 +12,7 @@ import importlib.util
 import os
 import sys
 import types
+import weakref
 
 _PLACEHOLDER_DOC = ('cpool has no multiprocessing.%s (intended: memfd shared memory, no '
                     'POSIX named semaphores, so no resource tracker); any use of it fails')
@@ -55,6 +56,30 @@ def _add_placeholders(package):
         sys.modules['multiprocessing.' + last] = stand_in
 
 
+# Names test._test_multiprocessing reads while it is being imported (decorator arguments) or in
+# its module/class fixtures (setUpModule, tearDownClass): one of them missing stops every test,
+# in the worker and in each spawned child that imports the test module to unpickle a target. The
+# runner fills them with the platform's fact or a neutral stand-in (which only switches off the
+# fixtures' dangling-process bookkeeping, nothing a test asserts) and reports each gap.
+_GAPS = [
+    ('util', 'abstract_sockets_supported', lambda: sys.platform == 'linux'),
+    ('process', '_dangling', lambda: weakref.WeakSet()),
+    ('util', '_cleanup_tests', lambda: (lambda: None)),
+]
+FILLED_IN = []
+
+
+def _fill_gaps():
+    for modname, attr, make in _GAPS:
+        mod = importlib.import_module('cpool.' + modname)
+        if not hasattr(mod, attr):
+            value = make()
+            setattr(mod, attr, value)
+            FILLED_IN.append('cpool.%s.%s (stand-in %s set by the runner)'
+                             % (modname, attr, value if isinstance(value, bool)
+                                else type(value).__name__))
+
+
 class CpoolAliasFinder(importlib.abc.MetaPathFinder):
     """multiprocessing -> cpool, multiprocessing.X -> cpool.X (the same module objects)."""
 
@@ -70,6 +95,7 @@ class CpoolAliasFinder(importlib.abc.MetaPathFinder):
             return None    # the path finders then fail on cpool's __path__: a clear error
         if fullname == 'multiprocessing':
             _add_placeholders(module)
+            _fill_gaps()
         loader = _AliasLoader(module)
         loader.original_spec = module.__spec__
         return importlib.util.spec_from_loader(fullname, loader,

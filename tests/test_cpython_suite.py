@@ -1,0 +1,66 @@
+"""CPython's own multiprocessing tests, run against cpool: a regression guard.
+
+tests/cpython_suite/expected_pass_py3XX.txt lists the tests of test._test_multiprocessing that
+passed on cpool (curated: the Process, Connection, Lock..Barrier, Value/Array, Queue, Pool and
+Manager classes). Each start method's list is run by tests/cpython_suite/run_suite.py in fresh
+interpreters where `import multiprocessing` gives cpool; any of them failing, erroring, hanging
+or crashing fails this test, with the runner's report as the message.
+Skip with -m 'not cpython_suite'.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SUITE_DIR = os.path.join(HERE, 'cpython_suite')
+EXPECTED = os.path.join(SUITE_DIR, 'expected_pass_py%d%d.txt' % sys.version_info[:2])
+
+
+def _expected_methods():
+    if not os.path.exists(EXPECTED):
+        return []
+    methods = []
+    with open(EXPECTED) as f:
+        for line in f:
+            line = line.split('#', 1)[0].split()
+            if line and line[0] not in methods:
+                methods.append(line[0])
+    return methods
+
+
+def _have_cpython_tests():
+    try:
+        import test.support  # noqa: F401
+    except ImportError:
+        return False
+    return os.path.exists(os.path.join(os.path.dirname(test.support.__file__), '..',
+                                       '_test_multiprocessing.py'))
+
+
+pytestmark = [
+    pytest.mark.cpython_suite,
+    pytest.mark.skipif(not os.path.exists(EXPECTED),
+                       reason='no curated expectation list for this Python version'),
+    pytest.mark.skipif(not _have_cpython_tests(),
+                       reason="this Python has no test package (test._test_multiprocessing)"),
+]
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize('start_method', _expected_methods() or ['fork'])
+def test_expected_pass(start_method, tmp_path):
+    lines = []
+    with open(EXPECTED) as f:
+        for line in f:
+            if line.split('#', 1)[0].split()[:1] == [start_method]:
+                lines.append(line)
+    only = tmp_path / 'expected.txt'
+    only.write_text(''.join(lines))
+    cmd = [sys.executable, os.path.join(SUITE_DIR, 'run_suite.py'), '--expected', str(only),
+           '--timeout', '30', '--jobs', '2', '--repo', os.path.dirname(HERE)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=390)
+    report = proc.stdout + proc.stderr
+    assert proc.returncode == 0, report[-8000:]
+    assert 'pass ' in report, report[-8000:]
