@@ -39,12 +39,22 @@ def _have_cpython_tests():
                                        '_test_multiprocessing.py'))
 
 
+def _missing_cpool_modules():
+    """cpool modules test._test_multiprocessing imports at its top (without them no test runs)."""
+    import importlib.util
+    return [m for m in ('pool', 'managers', 'queues', 'dummy', 'heap', 'sharedctypes')
+            if importlib.util.find_spec('cpool.' + m) is None]
+
+
 pytestmark = [
     pytest.mark.cpython_suite,
     pytest.mark.skipif(not os.path.exists(EXPECTED),
                        reason='no curated expectation list for this Python version'),
     pytest.mark.skipif(not _have_cpython_tests(),
                        reason="this Python has no test package (test._test_multiprocessing)"),
+    pytest.mark.skipif(bool(_missing_cpool_modules()),
+                       reason='the suite imports cpool modules not in this tree: %s'
+                       % ', '.join(_missing_cpool_modules())),
 ]
 
 
