@@ -257,6 +257,9 @@ def list_tests(args, start_method):
     return tests, (info[0] if info else {})
 
 
+_NOISE = ('Traceback (most recent call last)', 'Exception ignored', 'Warning:')
+
+
 def run_class(args, start_method, tests):
     """Runs the tests of one class, restarting the worker after each hang or crash."""
     results = {}
@@ -264,6 +267,10 @@ def run_class(args, start_method, tests):
     remaining = list(tests)
     while remaining:
         events, exitcode, trace, log = _run_worker(args, start_method, remaining)
+        if any(m in log for m in _NOISE):
+            # The tests passed or not, the output shows what users would see: a traceback
+            # printed by a background thread or a child is worth a look.
+            notes.append('worker output has tracebacks/warnings:\n' + log[-4000:])
         started = None
         for e in events:
             if e['event'] == 'start':
@@ -449,7 +456,7 @@ def main(argv=None):
               (m, t, first['status'], first_error_line(first.get('detail', ''))))
     for where, notes in sorted(class_notes.items()):
         for n in notes:
-            print('note %s: %s' % (where, first_error_line(n) or n[:200]))
+            print('note %s: %s' % (where, first_error_line(n.split('\n', 1)[0]) or n[:200]))
     if args.json:
         with open(args.json, 'w') as f:
             json.dump({'target': args.target, 'timeout': args.timeout, 'infos': infos,
