@@ -91,7 +91,7 @@ typedef struct PoolCore {
     PyObject *last_func, *last_func_bytes;
     PyObject *wrap_exc, *encoding_error;
     PyObject *cls[4];          /* ApplyResult, MapResult, IMapIterator, IMapUnorderedIterator */
-    int64_t last_check_ns;
+    int64_t ncallbacks;        /* jobs with a callback not yet run */
 } PoolCore;
 
 typedef struct PoolJob {
@@ -102,6 +102,7 @@ typedef struct PoolJob {
     int complete;              /* the outcome is known */
     int done;                  /* ... and its callbacks have run: ready() */
     int success;
+    int has_cb;                /* counted in core->ncallbacks until its callbacks ran */
     PyObject *value;
     PyObject *callback, *error_callback;
     Py_ssize_t chunksize, length;
@@ -121,9 +122,13 @@ static PyObject *module_of(PyObject *self)
 
 /* ---- encoding: marshal for plain builtin values, pickle (protocol 5) for the rest ---- */
 
-static int is_plain(PyObject *o, int depth)
+/* Plain builtin values of at most *budget nodes: marshal beats pickle on small values (less
+   fixed cost per call) but not on large ones. */
+static int is_plain(PyObject *o, int depth, int *budget)
 {
     PyTypeObject *t = Py_TYPE(o);
+    if (--*budget < 0)
+        return 0;
     if (t == &PyLong_Type || t == &PyFloat_Type || t == &PyUnicode_Type || t == &PyBytes_Type ||
         o == Py_None || t == &PyBool_Type || t == &PyComplex_Type)
         return 1;
@@ -134,7 +139,7 @@ static int is_plain(PyObject *o, int depth)
         PyObject **items = t == &PyTuple_Type ? ((PyTupleObject *)o)->ob_item
                                                : ((PyListObject *)o)->ob_item;
         for (Py_ssize_t i = 0; i < n; i++)
-            if (!is_plain(items[i], depth - 1))
+            if (!is_plain(items[i], depth - 1, budget))
                 return 0;
         return 1;
     }
@@ -142,7 +147,7 @@ static int is_plain(PyObject *o, int depth)
         Py_ssize_t pos = 0;
         PyObject *k, *v;
         while (PyDict_Next(o, &pos, &k, &v))
-            if (!is_plain(k, depth - 1) || !is_plain(v, depth - 1))
+            if (!is_plain(k, depth - 1, budget) || !is_plain(v, depth - 1, budget))
                 return 0;
         return 1;
     }
@@ -151,7 +156,8 @@ static int is_plain(PyObject *o, int depth)
 
 static PyObject *encode(cp_state *st, PyObject *o, uint32_t *enc)
 {
-    if (is_plain(o, 8)) {
+    int budget = 64;
+    if (is_plain(o, 8, &budget)) {
         PyObject *r = PyMarshal_WriteObjectToString(o, Py_MARSHAL_VERSION);
         if (r) {
             *enc = CP_ENC_MARSHAL;
@@ -359,6 +365,10 @@ static PoolJob *new_job(PoolCore *c, int kind, PyObject *callback, PyObject *err
     j->callback = (callback && callback != Py_None) ? Py_NewRef(callback) : NULL;
     j->error_callback = (error_callback && error_callback != Py_None) ? Py_NewRef(error_callback) : NULL;
     j->timeout_ns = c->default_timeout_ns;
+    if (j->callback || j->error_callback) {
+        j->has_cb = 1;
+        c->ncallbacks++;
+    }
     return j;
 }
 
@@ -839,6 +849,10 @@ static void finish_jobs(PoolCore *c, PyObject *finished)
                 PyErr_WriteUnraisable(cb); /* a failing callback must not stop the others */
         }
         j->done = 1;
+        if (j->has_cb) {
+            j->has_cb = 0;
+            c->ncallbacks--;
+        }
         Py_CLEAR(j->callback);
         Py_CLEAR(j->error_callback);
     }
@@ -1044,7 +1058,7 @@ static PyObject *core_worker_lost(PoolCore *c, PyObject *const *args, Py_ssize_t
     uint64_t seq = atomic_load(&s->task_seq);
     PyObject *finished = NULL;
     int rc = 0;
-    if (seq && seq != c->last_done[w] &&
+    if (seq && seq != c->last_done[w] && c->state != POOL_TERMINATE &&
         atomic_load(&s->taken_pos) < atomic_load(&c->p->tasks.tail)) {
         c->outstanding--;
         PoolJob *j = lookup_job(c, atomic_load(&s->job_id));
@@ -1125,19 +1139,21 @@ static PyObject *core_serve(PoolCore *c, PyObject *arg)
     int64_t slice = (int64_t)(t * 1e9);
     if (c->pend_head && slice > LAZY_SLICE_NS)
         slice = LAZY_SLICE_NS;
-    if (c->default_timeout_ns > 0 || 1) {
-        /* Tasks may carry their own timeout: look at the slots often enough. */
-        for (uint32_t w = 0; w < c->nworkers; w++)
-            if (atomic_load(&cp_pool_slot(c->p, w)->timeout_ns) > 0 && slice > 10000000)
-                slice = 10000000;
-    }
-    uint32_t seen = atomic_load(&r->bell);
+    /* A running task with a timeout: look at the slots often enough. */
+    for (uint32_t w = 0; w < c->nworkers; w++)
+        if (atomic_load(&cp_pool_slot(c->p, w)->busy) &&
+            atomic_load(&cp_pool_slot(c->p, w)->timeout_ns) > 0 && slice > 10000000)
+            slice = 10000000;
+    uint32_t seen = atomic_load(&r->bg_bell);
     if (drain(c) < 0)
         return NULL;
-    if (cp_ring_empty(r)) {
+    /* Results nobody waits for only matter when callbacks must run or tasks wait to be fed:
+       then a worker running dry wakes us; otherwise only a filling ring or the slice does. */
+    atomic_store(&r->bg_idle, c->ncallbacks > 0 || c->pend_head != NULL);
+    if (slice > 0) {
         int64_t until = cp_now_ns() + slice;
         Py_BEGIN_ALLOW_THREADS
-        cp_ring_wait_bell(r, seen, 0, 0, until);
+        cp_ring_wait_bg(r, seen, until);
         Py_END_ALLOW_THREADS
     }
     if (drain(c) < 0)
@@ -1177,6 +1193,7 @@ static PyObject *core_close(PoolCore *c, PyObject *unused)
     if (c->state == POOL_RUN)
         c->state = POOL_CLOSE;
     flush_pending(c);
+    cp_ring_ring_bg(&c->p->results);
     Py_RETURN_NONE;
 }
 
@@ -1188,6 +1205,7 @@ static PyObject *core_terminate(PoolCore *c, PyObject *unused)
     atomic_store(&c->p->closing, 1);
     cp_ring_ring_bell(&c->p->tasks);
     wake_parent_waiters(c);
+    cp_ring_ring_bg(&c->p->results);
     Py_RETURN_NONE;
 }
 
@@ -1369,6 +1387,7 @@ static PyObject *run_chunk(PyObject *func, uint32_t kind, PyObject *chunk, cp_sl
     if (!seq)
         return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    int timed = atomic_load_explicit(&slot->timeout_ns, memory_order_relaxed) > 0;
     PyObject *out = PyList_New(n);
     if (!out) {
         Py_DECREF(seq);
@@ -1376,7 +1395,7 @@ static PyObject *run_chunk(PyObject *func, uint32_t kind, PyObject *chunk, cp_sl
     }
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *item = PySequence_Fast_GET_ITEM(seq, i), *r;
-        if (i)
+        if (timed && i)
             atomic_store_explicit(&slot->item_start_ns, cp_now_ns(), memory_order_relaxed);
         if (kind == CP_TASK_STARMAP) {
             PyObject *t = PyTuple_Check(item) ? Py_NewRef(item) : PySequence_Tuple(item);
@@ -1586,6 +1605,8 @@ static PyObject *core_worker_loop(PoolCore *c, PyObject *const *args, Py_ssize_t
         ntasks += h.nchunks;
     }
     result = Py_NewRef(Py_None);
+    /* Leaving (maxtasksperchild, close): the parent replaces or reaps us sooner if told. */
+    cp_ring_ring_bg(&c->p->results);
 done:
     for (int i = 0; i < FUNC_CACHE; i++) {
         Py_XDECREF(cache[i].bytes);
@@ -2099,6 +2120,8 @@ static void job_dealloc(PoolJob *j)
 {
     PyTypeObject *tp = Py_TYPE(j);
     PyObject_GC_UnTrack(j);
+    if (j->has_cb && j->core)
+        j->core->ncallbacks--; /* dropped before it ran (it never reached a worker) */
     job_clear(j);
     tp->tp_free(j);
     Py_DECREF(tp);

@@ -152,6 +152,9 @@ int cp_ring_put(cp_pool_shm_t *p, cp_ring_t *r, const uint8_t *msg, uint64_t len
         else if (atomic_load_explicit(&r->lazy, memory_order_seq_cst) > 0 &&
                  head - atomic_load_explicit(&r->tail, memory_order_relaxed) > r->cap / 4)
             cp_futex_wake(&r->bell, INT32_MAX);
+        if (atomic_load_explicit(&r->bg_sleepers, memory_order_seq_cst) > 0 &&
+            head - atomic_load_explicit(&r->tail, memory_order_relaxed) > r->cap / 4)
+            cp_ring_ring_bg(r);
     }
     return done;
 }
@@ -283,4 +286,21 @@ void cp_ring_nudge_lazy(cp_ring_t *r)
 {
     if (atomic_load_explicit(&r->lazy, memory_order_seq_cst) > 0)
         cp_ring_ring_bell(r);
+    if (atomic_load_explicit(&r->bg_sleepers, memory_order_seq_cst) > 0 &&
+        atomic_load_explicit(&r->bg_idle, memory_order_relaxed))
+        cp_ring_ring_bg(r);
+}
+
+void cp_ring_ring_bg(cp_ring_t *r)
+{
+    atomic_fetch_add(&r->bg_bell, 1);
+    cp_futex_wake(&r->bg_bell, INT32_MAX);
+}
+
+int cp_ring_wait_bg(cp_ring_t *r, uint32_t seen, int64_t deadline)
+{
+    atomic_fetch_add_explicit(&r->bg_sleepers, 1, memory_order_seq_cst);
+    int rc = cp_futex_wait(&r->bg_bell, seen, deadline);
+    atomic_fetch_sub_explicit(&r->bg_sleepers, 1, memory_order_seq_cst);
+    return rc;
 }

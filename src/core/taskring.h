@@ -27,6 +27,9 @@ typedef struct {
     _Atomic uint32_t bell;       /* bumped after every publish: consumers futex-wait on it */
     _Atomic uint32_t sleepers;   /* consumers asleep (or about to be) on bell */
     _Atomic uint32_t lazy;       /* parent asleep on bell that only wants a wake when it matters */
+    _Atomic uint32_t bg_bell;    /* the parent's background thread sleeps on its own word, so */
+    _Atomic uint32_t bg_sleepers;/* waking a caller waiting for a result does not wake it too */
+    _Atomic uint32_t bg_idle;    /* background thread wants a wake when a worker runs dry */
     _Alignas(64) _Atomic uint64_t tail;
     _Atomic uint32_t space_bell; /* bumped by a consumer when a producer waits for space */
     _Atomic uint32_t space_waiters;
@@ -168,6 +171,12 @@ int cp_ring_wait_bell(cp_ring_t *r, uint32_t seen, int eager, int64_t spin_ns, i
 
 /* Wake a lazy sleeper (a worker about to idle: its results should be collected now). */
 void cp_ring_nudge_lazy(cp_ring_t *r);
+
+/* The background collector's sleep on bg_bell (until a change from seen or deadline). */
+int cp_ring_wait_bg(cp_ring_t *r, uint32_t seen, int64_t deadline);
+
+/* Wake the background collector. */
+void cp_ring_ring_bg(cp_ring_t *r);
 
 /* Wake consumers sleeping on the ring's bell (all of them). */
 void cp_ring_ring_bell(cp_ring_t *r);
