@@ -85,6 +85,10 @@ typedef struct PoolCore {
     bytebuf scratch, inbuf;
     bytebuf *partial;          /* per worker: result message being reassembled */
     uint64_t *last_done;       /* per worker: task_seq of its last result */
+    uint32_t *last_chunk;      /* per worker: chunk index of its last result */
+    PyObject *batches;         /* dict: task_seq -> (args, enc, kind, first, n) of messages of
+                                  several chunks in flight, so chunks a dead worker never
+                                  started can be sent again */
     uint64_t *timed_out;       /* per worker: task_seq killed for overrunning its timeout */
     int *pidfds;
     pid_t *pids;
@@ -305,6 +309,15 @@ static int build_task(PoolCore *c, PoolJob *job, int kind, uint32_t first, uint3
     if ((uint64_t)PyBytes_GET_SIZE(args_bytes) > UINT32_MAX - 4096) {
         PyErr_SetString(PyExc_OverflowError, "task arguments larger than 4 GiB");
         return -1;
+    }
+    if (n > 1) {
+        PyObject *key = PyLong_FromUnsignedLongLong(h.task_seq);
+        PyObject *v = key ? Py_BuildValue("(OIiII)", args_bytes, args_enc, kind, first, n) : NULL;
+        int r = v ? PyDict_SetItem(c->batches, key, v) : -1;
+        Py_XDECREF(key);
+        Py_XDECREF(v);
+        if (r < 0)
+            return -1;
     }
     c->scratch.len = 0;
     if (buf_append(&c->scratch, &h, sizeof h) < 0 ||
@@ -790,7 +803,17 @@ static int process_result(PoolCore *c, cp_state *st, uint32_t w, const uint8_t *
         return 0;
     memcpy(&h, msg, sizeof h);
     c->last_done[w] = h.task_seq;
-    c->outstanding--;
+    c->last_chunk[w] = h.first_chunk + h.nchunks - 1;
+    if (h.status & CP_RES_LAST) {
+        c->outstanding--;
+        if (h.status & CP_RES_BATCH) {
+            PyObject *key = PyLong_FromUnsignedLongLong(h.task_seq);
+            if (!key || PyDict_DelItem(c->batches, key) < 0)
+                PyErr_Clear();
+            Py_XDECREF(key);
+        }
+    }
+    h.status &= CP_RES_STATUS;
     PoolJob *j = lookup_job(c, h.job_id);
     if (!j)
         return PyErr_Occurred() ? -1 : 0; /* the job already failed: late chunks are dropped */
@@ -1028,6 +1051,33 @@ static PyObject *make_worker_lost(PoolCore *c, cp_state *st, uint32_t w, int exi
     return exc;
 }
 
+/* Send chunks [from, first+n) of a retained message again, in a message of their own. */
+static int resend_rest(PoolCore *c, cp_state *st, PoolJob *j, PyObject *batch, uint32_t from)
+{
+    PyObject *args_bytes;
+    unsigned int enc, first, n;
+    int kind;
+    if (!PyArg_ParseTuple(batch, "OIiII", &args_bytes, &enc, &kind, &first, &n))
+        return -1;
+    PyObject *chunks = decode(st, (const uint8_t *)PyBytes_AS_STRING(args_bytes),
+                              (uint64_t)PyBytes_GET_SIZE(args_bytes), enc);
+    if (!chunks)
+        return -1;
+    PyObject *rest = PyTuple_GetSlice(chunks, (Py_ssize_t)(from - first), (Py_ssize_t)n);
+    Py_DECREF(chunks);
+    if (!rest)
+        return -1;
+    uint32_t e2;
+    PyObject *ab = encode(st, rest, &e2);
+    Py_ssize_t m = PyTuple_GET_SIZE(rest);
+    Py_DECREF(rest);
+    if (!ab)
+        return -1;
+    int r = build_task(c, j, kind, from, (uint32_t)m, j->func_bytes, ab, e2);
+    Py_DECREF(ab);
+    return r;
+}
+
 /* worker_lost(index, exitcode): the worker in slot index has exited. Its results are
    collected, then the task it was running (if it took one) fails. */
 static PyObject *core_worker_lost(PoolCore *c, PyObject *const *args, Py_ssize_t nargs)
@@ -1056,29 +1106,42 @@ static PyObject *core_worker_lost(PoolCore *c, PyObject *const *args, Py_ssize_t
     cp_state *st = cp_get_state(module_of((PyObject *)c));
     cp_slot_t *s = cp_pool_slot(c->p, (uint32_t)w);
     uint64_t seq = atomic_load(&s->task_seq);
+    uint32_t first = atomic_load(&s->first_chunk), n = atomic_load(&s->nchunks);
+    uint32_t last = first + n - 1;
+    int answered = c->last_done[w] == seq && c->last_chunk[w] == last;
     PyObject *finished = NULL;
     int rc = 0;
-    if (seq && seq != c->last_done[w] && c->state != POOL_TERMINATE &&
+    if (seq && !answered && c->state != POOL_TERMINATE &&
         atomic_load(&s->taken_pos) < atomic_load(&c->p->tasks.tail)) {
         c->outstanding--;
+        /* The chunk it was running fails; chunks of the same message it never started are
+           sent again, so nothing runs twice and nothing else is lost. */
+        uint32_t cur = c->last_done[w] == seq ? c->last_chunk[w] + 1 : first;
+        PyObject *key = PyLong_FromUnsignedLongLong(seq);
+        PyObject *batch = key ? PyDict_GetItemWithError(c->batches, key) : NULL;
+        Py_XINCREF(batch);
+        if (batch && PyDict_DelItem(c->batches, key) < 0)
+            PyErr_Clear();
+        Py_XDECREF(key);
         PoolJob *j = lookup_job(c, atomic_load(&s->job_id));
         if (j) {
             Py_INCREF(j);
             PyObject *exc = make_worker_lost(c, st, (uint32_t)w, (int)code, c->timed_out[w] == seq,
                                              atomic_load(&s->timeout_ns));
-            if (!exc)
-                rc = -1;
-            uint32_t first = atomic_load(&s->first_chunk), n = atomic_load(&s->nchunks);
-            for (uint32_t i = 0; i < n && rc == 0; i++)
-                rc = job_set_chunk(j, first + i, 0, exc, &finished);
+            rc = exc ? job_set_chunk(j, cur, 0, exc, &finished) : -1;
             Py_XDECREF(exc);
+            if (rc == 0 && batch && cur < last && !j->complete)
+                rc = resend_rest(c, st, j, batch, cur + 1);
             Py_DECREF(j);
         }
+        Py_XDECREF(batch);
     }
     atomic_store(&s->task_seq, 0);
     atomic_store(&s->busy, 0);
+    atomic_store(&s->leaving, 0);
     atomic_store(&s->pid, 0);
     c->last_done[w] = 0;
+    c->last_chunk[w] = 0;
     c->timed_out[w] = 0;
     c->partial[w].len = 0;
     if (c->pidfds[w] >= 0)
@@ -1170,7 +1233,16 @@ static PyObject *core_serve(PoolCore *c, PyObject *arg)
             idx[np++] = w;
         }
     }
-    int pr = np ? poll(pf, np, 0) : 0;
+    /* A worker said it is leaving: wait a little for its exit rather than a whole slice. */
+    int leaving = 0;
+    for (uint32_t w = 0; w < c->nworkers; w++)
+        leaving |= atomic_load(&cp_pool_slot(c->p, w)->leaving) && c->pidfds[w] >= 0;
+    int pr = 0;
+    if (np) {
+        Py_BEGIN_ALLOW_THREADS
+        pr = poll(pf, np, leaving ? 20 : 0);
+        Py_END_ALLOW_THREADS
+    }
     PyObject *dead = PyList_New(0);
     if (!dead)
         return NULL;
@@ -1232,6 +1304,7 @@ static PyObject *core_fail_all(PoolCore *c, PyObject *exc)
             PyErr_WriteUnraisable((PyObject *)c);
     }
     Py_DECREF(jobs);
+    PyDict_Clear(c->batches);
     while (c->pend_head) {
         pending_msg *m = c->pend_head;
         c->pend_head = m->next;
@@ -1546,66 +1619,72 @@ static PyObject *core_worker_loop(PoolCore *c, PyObject *const *args, Py_ssize_t
         cp_task_hdr_t h;
         memcpy(&h, in.buf, sizeof h);
         const uint8_t *fb = in.buf + sizeof h, *ab = fb + h.func_len;
-        PyObject *vals = PyTuple_New(h.nchunks);
-        char okbuf[MAX_BATCH], *ok = h.nchunks <= MAX_BATCH ? okbuf : PyMem_Malloc(h.nchunks);
-        if (!vals || !ok)
-            goto done;
-        int all_ok = 1;
         PyObject *func = worker_func(st, cache, fb, h.func_len);
         PyObject *chunks = func ? decode(st, ab, h.args_len, h.flags) : NULL;
         if (chunks && (!PyTuple_Check(chunks) || PyTuple_GET_SIZE(chunks) != h.nchunks)) {
             Py_CLEAR(chunks);
             PyErr_SetString(PyExc_RuntimeError, "malformed task");
         }
-        if (!chunks) {
-            /* The function or the arguments cannot be unpickled here: every chunk fails. */
-            PyObject *e = wrapped_exc(c);
-            for (uint32_t i = 0; i < h.nchunks; i++) {
-                PyTuple_SET_ITEM(vals, i, Py_NewRef(e));
-                ok[i] = 0;
+        /* The function or the arguments cannot be unpickled here: every chunk fails with it. */
+        PyObject *setup_err = chunks ? NULL : wrapped_exc(c);
+        /* Results go back chunk by chunk, so a worker that dies in the middle of a message
+           of several chunks loses only the one it was running. */
+        for (uint32_t i = 0; i < h.nchunks; i++) {
+            PyObject *r;
+            char ok = 0;
+            if (setup_err) {
+                r = Py_NewRef(setup_err);
             }
-            Py_DECREF(e);
-            all_ok = 0;
-        }
-        else {
-            for (uint32_t i = 0; i < h.nchunks; i++) {
+            else {
                 if (i)
                     atomic_store_explicit(&slot->item_start_ns, cp_now_ns(), memory_order_relaxed);
-                PyObject *r = run_chunk(func, h.kind, PyTuple_GET_ITEM(chunks, i), slot);
-                ok[i] = r != NULL;
-                if (!r) {
+                r = run_chunk(func, h.kind, PyTuple_GET_ITEM(chunks, i), slot);
+                ok = r != NULL;
+                if (!r)
                     r = wrapped_exc(c);
-                    all_ok = 0;
-                }
-                PyTuple_SET_ITEM(vals, i, r);
             }
-            Py_DECREF(chunks);
+            PyObject *vals = PyTuple_New(1);
+            if (!vals) {
+                Py_DECREF(r);
+                Py_XDECREF(chunks);
+                Py_XDECREF(setup_err);
+                goto done;
+            }
+            PyTuple_SET_ITEM(vals, 0, r);
+            int all_ok = ok;
+            uint32_t enc = 0;
+            PyObject *payload = encode_outcome(c, st, vals, &ok, 1, &all_ok, &enc);
+            Py_DECREF(vals);
+            if (!payload) {
+                Py_XDECREF(chunks);
+                Py_XDECREF(setup_err);
+                goto done;
+            }
+            uint32_t status = (all_ok ? CP_RES_OK : CP_RES_ERR) |
+                              (i + 1 == h.nchunks ? CP_RES_LAST : 0) |
+                              (h.nchunks > 1 ? CP_RES_BATCH : 0);
+            cp_res_hdr_t rh = {h.job_id, h.task_seq, h.first_chunk + i, 1, status, enc};
+            out.len = 0;
+            int e = buf_append(&out, &rh, sizeof rh) < 0 ||
+                    buf_append(&out, PyBytes_AS_STRING(payload), (size_t)PyBytes_GET_SIZE(payload)) < 0;
+            Py_DECREF(payload);
+            if (e || worker_publish(c, (uint32_t)w, &out, (pid_t)ppid) < 0) {
+                if (e)
+                    PyErr_NoMemory();
+                Py_XDECREF(chunks);
+                Py_XDECREF(setup_err);
+                goto done;
+            }
         }
-        uint32_t enc = 0;
-        PyObject *payload = encode_outcome(c, st, vals, ok, h.nchunks, &all_ok, &enc);
-        Py_DECREF(vals);
-        if (ok != okbuf)
-            PyMem_Free(ok);
-        if (!payload)
-            goto done;
-        cp_res_hdr_t rh = {h.job_id, h.task_seq, h.first_chunk, h.nchunks,
-                           all_ok ? CP_RES_OK : CP_RES_ERR, enc};
-        out.len = 0;
-        int e = buf_append(&out, &rh, sizeof rh) < 0 ||
-                buf_append(&out, PyBytes_AS_STRING(payload), (size_t)PyBytes_GET_SIZE(payload)) < 0;
-        Py_DECREF(payload);
-        if (e) {
-            PyErr_NoMemory();
-            goto done;
-        }
-        if (worker_publish(c, (uint32_t)w, &out, (pid_t)ppid) < 0)
-            goto done;
+        Py_XDECREF(chunks);
+        Py_XDECREF(setup_err);
         atomic_store(&slot->busy, 0);
         atomic_store(&slot->task_seq, 0);
         ntasks += h.nchunks;
     }
     result = Py_NewRef(Py_None);
     /* Leaving (maxtasksperchild, close): the parent replaces or reaps us sooner if told. */
+    atomic_store(&slot->leaving, 1);
     cp_ring_ring_bg(&c->p->results);
 done:
     for (int i = 0; i < FUNC_CACHE; i++) {
@@ -1624,10 +1703,12 @@ static int core_alloc_arrays(PoolCore *c, uint32_t n)
     c->nworkers = n;
     c->partial = PyMem_RawCalloc(n, sizeof(bytebuf));
     c->last_done = PyMem_RawCalloc(n, sizeof(uint64_t));
+    c->last_chunk = PyMem_RawCalloc(n, sizeof(uint32_t));
     c->timed_out = PyMem_RawCalloc(n, sizeof(uint64_t));
     c->pidfds = PyMem_RawMalloc(n * sizeof(int));
     c->pids = PyMem_RawCalloc(n, sizeof(pid_t));
-    if (!c->partial || !c->last_done || !c->timed_out || !c->pidfds || !c->pids) {
+    if (!c->partial || !c->last_done || !c->last_chunk || !c->timed_out || !c->pidfds ||
+        !c->pids) {
         PyErr_NoMemory();
         return -1;
     }
@@ -1663,8 +1744,9 @@ static PyObject *core_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
     if (core_alloc_arrays(c, n) < 0)
         goto fail;
     c->jobs = PyDict_New();
+    c->batches = PyDict_New();
     c->drain_lock = PyThread_allocate_lock();
-    if (!c->jobs || !c->drain_lock)
+    if (!c->jobs || !c->batches || !c->drain_lock)
         goto fail;
     size_t size = cp_pool_shm_size(n, tcap, rcap);
     int r = cp_shm_create(&c->shm, size, "cpool-pool");
@@ -1746,6 +1828,7 @@ static int core_traverse(PoolCore *c, visitproc visit, void *arg)
 {
     Py_VISIT(Py_TYPE(c));
     Py_VISIT(c->jobs);
+    Py_VISIT(c->batches);
     Py_VISIT(c->last_func);
     Py_VISIT(c->last_func_bytes);
     Py_VISIT(c->wrap_exc);
@@ -1758,6 +1841,7 @@ static int core_traverse(PoolCore *c, visitproc visit, void *arg)
 static int core_clear(PoolCore *c)
 {
     Py_CLEAR(c->jobs);
+    Py_CLEAR(c->batches);
     Py_CLEAR(c->last_func);
     Py_CLEAR(c->last_func_bytes);
     Py_CLEAR(c->wrap_exc);
@@ -1782,6 +1866,7 @@ static void core_dealloc(PoolCore *c)
             PyMem_RawFree(c->partial[i].buf);
     PyMem_RawFree(c->partial);
     PyMem_RawFree(c->last_done);
+    PyMem_RawFree(c->last_chunk);
     PyMem_RawFree(c->timed_out);
     PyMem_RawFree(c->pidfds);
     PyMem_RawFree(c->pids);

@@ -45,10 +45,11 @@ typedef struct {
     _Atomic uint64_t taken_pos;   /* ring position of the task's first piece */
     _Atomic int64_t item_start_ns;
     _Atomic int64_t timeout_ns;   /* 0 = none */
-    _Atomic uint32_t first_chunk;
+    _Atomic uint32_t first_chunk; /* chunks of the task message (results go back one by one) */
     _Atomic uint32_t nchunks;
     _Atomic int32_t pid;
     _Atomic uint32_t busy;        /* 1 between taking a task and handing its result back */
+    _Atomic uint32_t leaving;     /* the worker is exiting on its own (maxtasksperchild, close) */
 } cp_slot_t;
 
 typedef struct {
@@ -89,7 +90,9 @@ typedef struct {
 /* Kinds of task; every task message carries nchunks chunks: an args tuple (APPLY), an
    (args, kwds) pair (APPLY_KW), or a tuple of items (MAP, STARMAP). */
 enum { CP_TASK_APPLY = 1, CP_TASK_APPLY_KW = 2, CP_TASK_MAP = 3, CP_TASK_STARMAP = 4 };
-enum { CP_RES_OK = 0, CP_RES_ERR = 1 };
+enum { CP_RES_OK = 0, CP_RES_ERR = 1, CP_RES_STATUS = 0xff,
+       CP_RES_LAST = 0x100,   /* the last result of its task message */
+       CP_RES_BATCH = 0x200 };/* ... of a message of several chunks */
 /* Encoding of a payload: marshal for plain builtin values (much cheaper per call), else pickle. */
 enum { CP_ENC_PICKLE = 0, CP_ENC_MARSHAL = 1 };
 

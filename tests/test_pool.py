@@ -1,0 +1,566 @@
+"""Pool, ThreadPool and cpool.dummy: differential tests against multiprocessing, faults that must
+not hang (dead workers, Ctrl-C, overrunning tasks), bounded imap memory, maxtasksperchild."""
+import importlib
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+import cpool
+import cpool.pool
+from conftest import zombies
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+# ---- task functions (module level: they travel by name) ----
+
+def sq(x):
+    return x * x
+
+
+def add(a, b=0):
+    return a + b
+
+
+def boom(x):
+    raise ValueError('boom %r' % (x,))
+
+
+def boom_on(x, bad):
+    if x == bad:
+        raise ValueError('bad item %r' % (x,))
+    return x
+
+
+def sleepy(t):
+    time.sleep(t)
+    return t
+
+
+def getpid(_=None):
+    return os.getpid()
+
+
+def die(code):
+    os._exit(code)
+
+
+def kill_self(_=None):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def segfault(_=None):
+    import ctypes
+    ctypes.string_at(0)
+
+
+def raise_systemexit(_=None):
+    raise SystemExit(3)
+
+
+def raise_kbi(_=None):
+    raise KeyboardInterrupt
+
+
+def unpicklable_result(_=None):
+    return threading.Lock()
+
+
+def identity(x):
+    return x
+
+
+def die_on(x, bad):
+    if x == bad:
+        os._exit(5)
+    return x
+
+
+_init_value = None
+
+
+def _init(v):
+    global _init_value
+    _init_value = v
+
+
+def get_init(_=None):
+    return _init_value
+
+
+@pytest.fixture(params=['multiprocessing', 'cpool'])
+def fmp(request):
+    """The module under test, with the fork start method (the differential default)."""
+    return importlib.import_module(request.param).get_context('fork')
+
+
+def _norm_exc(e):
+    return type(e).__name__, str(e)
+
+
+# ============================ differential: results and order ============================
+
+@pytest.mark.timeout(60)
+def test_map_family_matches(fmp):
+    with fmp.Pool(2) as p:
+        data = list(range(50))
+        out = {
+            'map': p.map(sq, data),
+            'map_c1': p.map(sq, data, chunksize=1),
+            'map_c7': p.map(sq, data, 7),
+            'map_gen': p.map(sq, (x for x in data)),
+            'map_empty': p.map(sq, []),
+            'starmap': p.starmap(add, [(i, i) for i in range(20)]),
+            'starmap_c3': p.starmap(add, [(i, 1) for i in range(20)], 3),
+            'map_async': p.map_async(sq, data).get(10),
+            'starmap_async': p.starmap_async(add, [(1, 2), (3, 4)]).get(10),
+            'imap': list(p.imap(sq, data)),
+            'imap_c5': list(p.imap(sq, iter(data), 5)),
+            'imap_unordered': sorted(p.imap_unordered(sq, data)),
+            'imap_unordered_c4': sorted(p.imap_unordered(sq, data, chunksize=4)),
+            'apply': p.apply(add, (1, 2)),
+            'apply_kw': p.apply(add, (1,), {'b': 5}),
+            'apply_async': [p.apply_async(add, (i, 1)).get(10) for i in range(10)],
+            'objects': p.map(identity, [None, 1.5, 'x', b'y', (1, [2]), {'a': {1, 2}}, 10 ** 30]),
+        }
+    assert out == {
+        'map': [x * x for x in data],
+        'map_c1': [x * x for x in data],
+        'map_c7': [x * x for x in data],
+        'map_gen': [x * x for x in data],
+        'map_empty': [],
+        'starmap': [2 * i for i in range(20)],
+        'starmap_c3': [i + 1 for i in range(20)],
+        'map_async': [x * x for x in data],
+        'starmap_async': [3, 7],
+        'imap': [x * x for x in data],
+        'imap_c5': [x * x for x in data],
+        'imap_unordered': sorted(x * x for x in data),
+        'imap_unordered_c4': sorted(x * x for x in data),
+        'apply': 3,
+        'apply_kw': 6,
+        'apply_async': [i + 1 for i in range(10)],
+        'objects': [None, 1.5, 'x', b'y', (1, [2]), {'a': {1, 2}}, 10 ** 30],
+    }
+
+
+def test_callbacks_and_async_result_api(fmp):
+    got, errs = [], []
+    with fmp.Pool(2) as p:
+        r = p.apply_async(add, (2, 3), callback=got.append, error_callback=errs.append)
+        assert r.get(10) == 5
+        assert r.ready() and r.successful()
+        m = p.map_async(sq, range(5), callback=got.append)
+        m.wait(10)
+        assert m.ready() and m.successful()
+        e = p.apply_async(boom, (1,), callback=got.append, error_callback=errs.append)
+        e.wait(10)
+        assert e.ready() and not e.successful()
+        s = p.apply_async(sleepy, (0.5,))
+        with pytest.raises(ValueError):
+            s.successful()
+        assert not s.ready()
+        with pytest.raises(fmp.TimeoutError):
+            s.get(0.05)
+        assert s.get(10) == 0.5
+        em = p.map_async(boom, [1, 2], error_callback=errs.append)
+        em.wait(10)
+    # callbacks have run by the time get()/wait() return
+    assert got == [5, [0, 1, 4, 9, 16]]
+    assert [_norm_exc(x) for x in errs] == [('ValueError', 'boom 1'), ('ValueError', 'boom 1')] or \
+        [_norm_exc(x) for x in errs] == [('ValueError', 'boom 1'), ('ValueError', 'boom 2')]
+
+
+def test_exceptions_carry_remote_traceback(fmp):
+    with fmp.Pool(2) as p:
+        with pytest.raises(ValueError) as ei:
+            p.apply(boom, (7,))
+        assert str(ei.value) == 'boom 7'
+        cause = ei.value.__cause__
+        assert type(cause).__name__ == 'RemoteTraceback'
+        assert 'in boom' in str(cause) and 'ValueError: boom 7' in str(cause)
+        with pytest.raises(ValueError, match='bad item 3'):
+            p.starmap(boom_on, [(i, 3) for i in range(10)], chunksize=2)
+        # imap: the failing item raises in its place, the others are still delivered
+        it = p.imap(sq, range(5))
+        assert list(it) == [0, 1, 4, 9, 16]
+        it = p.imap(boom, [1, 2])
+        with pytest.raises(ValueError, match='boom 1'):
+            next(it)
+        with pytest.raises(ValueError, match='boom 2'):
+            next(it)
+        with pytest.raises(StopIteration):
+            next(it)
+        # the pool still serves
+        assert p.map(sq, range(4)) == [0, 1, 4, 9]
+
+
+def test_unpicklable_result_becomes_error(fmp):
+    with fmp.Pool(2) as p:
+        with pytest.raises(Exception) as ei:
+            p.apply(unpicklable_result)
+        assert type(ei.value).__name__ == 'MaybeEncodingError'
+        assert 'Error sending result' in str(ei.value)
+        assert p.apply(add, (1, 1)) == 2
+
+
+def test_bad_arguments_raise_like_stdlib(fmp):
+    with pytest.raises(ValueError):
+        fmp.Pool(0)
+    with pytest.raises(ValueError):
+        fmp.Pool(-1)
+    with pytest.raises(TypeError):
+        fmp.Pool(1, initializer=3)
+    with pytest.raises(ValueError):
+        fmp.Pool(1, maxtasksperchild=0)
+    p = fmp.Pool(1)
+    try:
+        with pytest.raises(ValueError):
+            p.imap(sq, range(3), chunksize=0)
+        with pytest.raises(ValueError):
+            p.imap_unordered(sq, range(3), chunksize=-1)
+        with pytest.raises(ValueError):
+            p.join()  # still running
+        p.close()
+        for call in (lambda: p.apply_async(sq, (1,)), lambda: p.map(sq, [1]),
+                     lambda: p.imap(sq, [1]), lambda: p.apply(sq, (1,))):
+            with pytest.raises(ValueError, match='Pool not running'):
+                call()
+        p.join()
+    finally:
+        p.terminate()
+    p = fmp.Pool(1)
+    p.terminate()
+    with pytest.raises(ValueError, match='Pool not running'):
+        p.map(sq, [1])
+    p.join()
+    with pytest.raises(ValueError):
+        with p:
+            pass
+
+
+def test_initializer_and_close_join(fmp):
+    p = fmp.Pool(2, initializer=_init, initargs=('hello',))
+    r = p.map_async(get_init, range(6))
+    p.close()
+    p.join()
+    assert r.get(0) == ['hello'] * 6
+    assert not [c for c in fmp.active_children() if c.is_alive()]
+
+
+def test_unpicklable_function_raises(fmp):
+    with fmp.Pool(1) as p:
+        with pytest.raises(Exception) as ei:
+            p.apply_async(lambda x: x, (1,)).get(10)
+        assert 'pickle' in str(ei.value).lower()
+        with pytest.raises(Exception):
+            p.map(sq, [threading.Lock()])
+        assert p.apply(sq, (3,)) == 9
+
+
+def test_pickling_pool_refused(fmp):
+    with fmp.Pool(1) as p:
+        with pytest.raises(NotImplementedError):
+            pickle.dumps(p)
+
+
+# ============================ cpool only: never hangs ============================
+
+@pytest.mark.parametrize('func,arg,code', [(die, 7, 7), (kill_self, 0, -signal.SIGKILL),
+                                           (segfault, 0, -signal.SIGSEGV)])
+def test_worker_death_fails_only_its_task(func, arg, code):
+    with cpool.get_context('fork').Pool(2) as p:
+        others = [p.apply_async(sleepy, (0.2,)) for _ in range(3)]
+        t = time.monotonic()
+        with pytest.raises(cpool.WorkerLostError) as ei:
+            p.apply(func, (arg,))
+        assert time.monotonic() - t < 1.5
+        assert ei.value.exitcode == code
+        assert isinstance(ei.value, cpool.ProcessError)
+        assert [r.get(10) for r in others] == [0.2] * 3
+        # replaced: the pool keeps serving with its full size
+        assert p.map(sq, range(20), chunksize=1) == [x * x for x in range(20)]
+        assert len(p._pool) == 2 and all(w.is_alive() for w in p._pool)
+
+
+def test_base_exceptions_fail_the_task():
+    with cpool.Pool(1) as p:
+        with pytest.raises(SystemExit):
+            p.apply(raise_systemexit)
+        with pytest.raises(KeyboardInterrupt):
+            p.apply(raise_kbi)
+        assert p.apply(sq, (4,)) == 16
+
+
+def test_worker_death_in_imap_and_map():
+    with cpool.Pool(2) as p:
+        r = p.starmap_async(die_on, [(i, 3) for i in range(6)], chunksize=1)
+        with pytest.raises(cpool.WorkerLostError) as ei:
+            r.get(10)
+        assert ei.value.exitcode == 5
+        it = p.imap(getpid, range(0))
+        assert list(it) == []
+        res = []
+        it = p.imap(die_on_3, range(6))
+        for _ in range(6):
+            try:
+                res.append(next(it))
+            except cpool.WorkerLostError:
+                res.append('lost')
+        assert res == [0, 1, 2, 'lost', 4, 5]
+
+
+def die_on_3(x):
+    return die_on(x, 3)
+
+
+def test_task_timeout_pool_and_per_call():
+    with cpool.Pool(2, task_timeout=0.3) as p:
+        t = time.monotonic()
+        with pytest.raises(cpool.TimeoutError):
+            p.apply(sleepy, (10,))
+        assert time.monotonic() - t < 2
+        assert p.apply(sleepy, (0.01,)) == 0.01
+        out = []
+        for r in [p.apply_async(sleepy, (x,)) for x in (0.01, 5, 0.02)]:
+            try:
+                out.append(r.get(10))
+            except cpool.TimeoutError:
+                out.append('timeout')
+        assert out == [0.01, 'timeout', 0.02]
+    with cpool.Pool(1) as p:
+        with pytest.raises(cpool.TimeoutError):
+            p.apply_async(sleepy, (10,), task_timeout=0.2).get(5)
+        with pytest.raises(cpool.TimeoutError):
+            p.map(sleepy, [0.01, 5], chunksize=1, task_timeout=0.3)
+        assert p.apply(sleepy, (0.3,)) == 0.3  # no timeout unless asked
+
+
+_CTRL_C = textwrap.dedent('''
+    import os, signal, sys, threading, time
+    sys.path.insert(0, {root!r})
+    import cpool
+    def sleepy(t):
+        time.sleep(t)
+        return t
+    if __name__ == '__main__':
+        ctx = cpool.get_context({method!r})
+        t0 = [None]
+        def fire():
+            t0[0] = time.monotonic()
+            os.kill(os.getpid(), signal.SIGINT)
+        try:
+            with ctx.Pool(2) as p:
+                p.map(sleepy, [0.01] * 4)
+                threading.Timer(0.3, fire).start()
+                p.{call}
+        except KeyboardInterrupt:
+            print('KI %.3f' % (time.monotonic() - t0[0]))
+        print('children', len(cpool.active_children()))
+''')
+
+
+@pytest.mark.parametrize('call', ['map(sleepy, [3] * 8, chunksize=1)',
+                                  'apply_async(sleepy, (3,)).get()',
+                                  'imap(sleepy, [3] * 4).__next__()'])
+def test_ctrl_c_in_parent(call):
+    code = _CTRL_C.format(root=ROOT, method='fork', call=call)
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=30)
+    lines = r.stdout.split()
+    assert lines[0] == 'KI', r.stdout + r.stderr
+    assert float(lines[1]) < 0.1
+    assert lines[-1] == '0'
+    # workers are stopped quietly: no traceback storm
+    assert 'Traceback' not in r.stderr, r.stderr
+
+
+def test_terminate_fails_pending_results_and_leaves_nothing():
+    p = cpool.Pool(2)
+    r = p.apply_async(sleepy, (10,))
+    pending = p.map_async(sleepy, [10] * 4)
+    time.sleep(0.1)
+    p.terminate()
+    p.join()
+    with pytest.raises(cpool.ProcessError):
+        r.get(5)
+    with pytest.raises(cpool.ProcessError):
+        pending.get(5)
+    assert not [w for w in p._pool if w is not None and w.is_alive()]
+    assert not zombies()
+
+
+# ============================ bounded memory, big messages, rings ============================
+
+_MEM = textwrap.dedent('''
+    import resource, sys
+    sys.path.insert(0, {root!r})
+    import cpool
+    def f(x):
+        return x & 7
+    if __name__ == '__main__':
+        with cpool.Pool(2) as p:
+            list(p.imap(f, range(20000), chunksize=50))
+            base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            n = 0
+            for v in p.{fn}(f, (i for i in range({n})), chunksize=50):
+                n += 1
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(n, peak - base)
+''')
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize('fn', ['imap', 'imap_unordered'])
+def test_imap_consumes_lazily_in_bounded_memory(fn):
+    n = 2_000_000
+    code = _MEM.format(root=ROOT, fn=fn, n=n)
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=80)
+    count, grew_kb = map(int, r.stdout.split())
+    assert count == n
+    # the input list alone would take ~70 MB; the window keeps the parent flat
+    assert grew_kb < 20_000, grew_kb
+
+
+def test_imap_reads_input_lazily():
+    pulled = []
+
+    def gen():
+        for i in range(100000):
+            pulled.append(i)
+            yield i
+
+    with cpool.Pool(2) as p:
+        it = p.imap(sq, gen(), chunksize=1, buffersize=16)
+        assert next(it) == 0
+        assert len(pulled) <= 17
+        assert sum(1 for _ in it) == 99999
+
+
+def test_imap_input_error_raised_in_place():
+    def gen():
+        yield 1
+        yield 2
+        raise RuntimeError('input broke')
+
+    with cpool.Pool(1) as p:
+        it = p.imap(sq, gen())
+        assert next(it) == 1
+        assert next(it) == 4
+        with pytest.raises(RuntimeError, match='input broke'):
+            next(it)
+
+
+def test_large_messages_and_tiny_rings():
+    blob = os.urandom(3 << 20)
+    with cpool.Pool(2, task_ring_bytes=4096, result_ring_bytes=4096) as p:
+        assert p.apply(identity, (blob,)) == blob
+        assert p.map(identity, [blob[:100000]] * 6, chunksize=1) == [blob[:100000]] * 6
+        assert p.map(sq, range(5000), chunksize=3) == [x * x for x in range(5000)]
+        rs = [p.apply_async(add, (i, 1)) for i in range(3000)]
+        assert [r.get(10) for r in rs] == [i + 1 for i in range(3000)]
+    with cpool.Pool(2) as p:
+        big = os.urandom(20 << 20)
+        assert p.apply(identity, (big,)) == big
+
+
+def test_maxtasksperchild_replaces_workers():
+    with cpool.Pool(2, maxtasksperchild=1) as p:
+        pids = p.map(getpid, range(60), chunksize=1)
+        assert len(set(pids)) == 60
+        assert p.map(sq, range(10)) == [x * x for x in range(10)]
+
+
+@pytest.mark.stress
+@pytest.mark.timeout(300)
+def test_maxtasksperchild_stress():
+    with cpool.Pool(2, maxtasksperchild=1) as p:
+        rs = [p.apply_async(sq, (i,)) for i in range(2000)]
+        assert [r.get(60) for r in rs] == [i * i for i in range(2000)]
+
+
+# ============================ progress ============================
+
+def test_progress_plain_line(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, 'tqdm', None)  # as if tqdm were not installed
+    with cpool.Pool(2) as p:
+        assert p.map(sq, range(100), progress=True) == [x * x for x in range(100)]
+        assert sorted(p.imap_unordered(sq, range(10), progress='squares')) == \
+            sorted(x * x for x in range(10))
+        assert p.starmap(add, [(1, 2)] * 5, progress=True) == [3] * 5
+    err = capsys.readouterr().err
+    assert '100/100' in err and 'squares: 10/10' in err
+
+
+def test_progress_tqdm(capsys):
+    pytest.importorskip('tqdm')
+    with cpool.Pool(2) as p:
+        assert list(p.imap(sq, range(50), progress=True)) == [x * x for x in range(50)]
+    assert '50/50' in capsys.readouterr().err
+
+
+# ============================ start methods ============================
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize('method', ['spawn', 'forkserver'])
+def test_other_start_methods(method):
+    with cpool.get_context(method).Pool(2, initializer=_init, initargs=(method,)) as p:
+        assert p.map(sq, range(10)) == [x * x for x in range(10)]
+        assert p.apply(get_init) == method
+        with pytest.raises(cpool.WorkerLostError):
+            p.apply(die, (4,))
+        assert list(p.imap(sq, range(5))) == [0, 1, 4, 9, 16]
+
+
+def test_default_context_pool_and_names():
+    assert cpool.Pool is not None
+    for name in ('Pool', 'ThreadPool', 'ApplyResult', 'AsyncResult', 'MapResult',
+                 'IMapIterator', 'IMapUnorderedIterator', 'RemoteTraceback',
+                 'MaybeEncodingError', 'ExceptionWithTraceback'):
+        assert hasattr(cpool.pool, name), name
+    with cpool.Pool(1) as p:
+        r = p.apply_async(sq, (2,))
+        assert isinstance(r, cpool.pool.AsyncResult)
+        assert r.get(10) == 4
+
+
+# ============================ threads ============================
+
+@pytest.mark.parametrize('mod', ['multiprocessing', 'cpool'])
+def test_threadpool_and_dummy(mod):
+    pool_mod = importlib.import_module(mod + '.pool')
+    dummy = importlib.import_module(mod + '.dummy')
+    got = []
+    with pool_mod.ThreadPool(3) as p:
+        out = (p.map(lambda x: x * 2, range(10)),
+               p.starmap(pow, [(2, 3), (3, 2)]),
+               list(p.imap(lambda x: x + 1, range(5))),
+               list(p.imap(str, range(5), chunksize=2)),
+               sorted(p.imap_unordered(lambda x: -x, range(7), chunksize=3)),
+               p.apply_async(lambda a, b: a - b, (5, 3), callback=got.append).get(5),
+               p.map_async(abs, [-1, -2]).get(5))
+        with pytest.raises(ZeroDivisionError):
+            p.apply(lambda: 1 / 0)
+    with dummy.Pool(2) as p:
+        d = p.map(len, ['a', 'bb'])
+    assert out == ([0, 2, 4, 6, 8, 10, 12, 14, 16, 18], [8, 9], [1, 2, 3, 4, 5],
+                   ['0', '1', '2', '3', '4'], [-6, -5, -4, -3, -2, -1, 0], 2, [1, 2])
+    assert got == [2] and d == [1, 2]
+    a, b = dummy.Pipe()
+    a.send(5)
+    assert b.recv() == 5
+
+
+def test_no_stdlib_multiprocessing_import():
+    code = ("import sys; sys.modules['multiprocessing'] = None; sys.path.insert(0, %r)\n"
+            "import cpool, cpool.pool, cpool.dummy\n"
+            "with cpool.Pool(1) as p: print(p.map(abs, [-1]))" % ROOT)
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=30)
+    assert r.stdout.strip() == '[1]', r.stderr
