@@ -22,8 +22,8 @@
 #include "shm.h"
 #include "taskring.h"
 
-#define WORKER_SPIN_NS 60000      /* a worker spins this long for the next task before sleeping */
-#define WAITER_SPIN_NS 60000      /* a parent waiting for a result it needs now spins this long */
+#define WORKER_SPIN_NS 100000     /* a worker spins this long for the next task before sleeping */
+#define WAITER_SPIN_NS 100000     /* a parent waiting for a result it needs now spins this long */
 #define EAGER_SLICE_NS 50000000   /* sleeps are cut in slices so Ctrl-C and deaths are seen */
 #define LAZY_SLICE_NS 1000000
 #define WORKER_SLICE_NS 100000000

@@ -56,6 +56,7 @@ int cp_pool_shm_init(void *mem, size_t size, uint32_t nslots, uint64_t task_cap,
     p->slots_off = off;
     off += align_up((size_t)nslots * sizeof(cp_slot_t), 4096);
     p->tasks.cap = pow2_at_least(task_cap);
+    p->tasks.wake_one = 1;
     p->tasks.data_off = off;
     off += p->tasks.cap;
     p->results.cap = pow2_at_least(res_cap);
@@ -148,7 +149,7 @@ int cp_ring_put(cp_pool_shm_t *p, cp_ring_t *r, const uint8_t *msg, uint64_t len
     if (wrote) {
         atomic_fetch_add_explicit(&r->bell, 1, memory_order_seq_cst);
         if (atomic_load_explicit(&r->sleepers, memory_order_seq_cst) > 0)
-            cp_futex_wake(&r->bell, INT32_MAX);
+            cp_futex_wake(&r->bell, r->wake_one ? 1 : INT32_MAX);
         else if (atomic_load_explicit(&r->lazy, memory_order_seq_cst) > 0 &&
                  head - atomic_load_explicit(&r->tail, memory_order_relaxed) > r->cap / 4)
             cp_futex_wake(&r->bell, INT32_MAX);
@@ -209,7 +210,7 @@ int cp_ring_wait_data(cp_ring_t *r, int64_t spin_ns, int64_t deadline)
         return 0;
     if (spin_ns > 0) {
         int64_t until = cp_now_ns() + spin_ns;
-        for (int i = 0;; i++) {
+        for (;;) {
             for (int k = 0; k < 64; k++) {
                 cpu_relax();
                 if (!cp_ring_empty(r))
@@ -217,8 +218,9 @@ int cp_ring_wait_data(cp_ring_t *r, int64_t spin_ns, int64_t deadline)
             }
             if (cp_now_ns() >= until)
                 break;
-            if ((i & 15) == 15)
-                sched_yield(); /* two cores, several processes: let the producer run */
+            /* Two cores, several processes: if the peer we wait for shares our CPU, spinning
+               would only keep it from running. */
+            sched_yield();
         }
     }
     for (;;) {
@@ -261,7 +263,7 @@ int cp_ring_wait_bell(cp_ring_t *r, uint32_t seen, int eager, int64_t spin_ns, i
         int64_t until = cp_now_ns() + spin_ns;
         if (until > deadline)
             until = deadline;
-        for (int i = 0;; i++) {
+        for (;;) {
             for (int k = 0; k < 64; k++) {
                 cpu_relax();
                 if (!cp_ring_empty(r) || atomic_load_explicit(&r->bell, memory_order_acquire) != seen)
@@ -269,8 +271,9 @@ int cp_ring_wait_bell(cp_ring_t *r, uint32_t seen, int eager, int64_t spin_ns, i
             }
             if (cp_now_ns() >= until)
                 break;
-            if ((i & 15) == 15)
-                sched_yield();
+            /* Two cores, several processes: if the peer we wait for shares our CPU, spinning
+               would only keep it from running. */
+            sched_yield();
         }
     }
     _Atomic uint32_t *count = eager ? &r->sleepers : &r->lazy;

@@ -36,6 +36,7 @@ typedef struct {
     _Alignas(64) pthread_mutex_t lock;
     uint64_t cap;
     uint64_t data_off;           /* from the start of the segment */
+    uint32_t wake_one;           /* a message is for one consumer: wake one sleeper, not all */
 } cp_ring_t;
 
 /* What a worker is running; the parent reads it when the worker dies or overruns. */
