@@ -1,16 +1,17 @@
 /* Pool bindings: PoolCore (the parent's dispatch and result collection, and the workers' loop)
    and PoolJob (base of AsyncResult, MapResult and the imap iterators), over core/taskring.
 
-   Per task, nothing here leaves C: arguments are encoded (marshal for plain builtin values,
+   Per task, nothing here leaves C: arguments are encoded (a compact form for plain builtin values,
    pickle otherwise) straight into the shared task ring; a worker takes the next task under a
    robust lock without a syscall while busy, runs it, and writes the result into the result
    ring; whoever waits for a result drains that ring. Workers spin briefly before sleeping on a
-   futex, and only wake a sleeping parent when someone is waiting for a result right now or
-   when the ring fills up / the worker runs out of work. */
+   futex; a parent waiting for a result spins briefly too, so a busy stream of results costs
+   no wake-up syscalls. The background collector (callbacks, feeding, deaths) sleeps on its
+   own futex word and is woken only when the result ring fills up, a worker runs dry while
+   callbacks are due, or a worker leaves. */
 #include "module.h"
 
 #include <errno.h>
-#include <marshal.h>
 #include <poll.h>
 #include <signal.h>
 #include <string.h>
@@ -19,15 +20,16 @@
 
 #include "deadline.h"
 #include "futex.h"
+#include "pool_codec.h"
 #include "shm.h"
 #include "taskring.h"
 
 #define WORKER_SPIN_NS 100000     /* a worker spins this long for the next task before sleeping */
 #define WAITER_SPIN_NS 100000     /* a parent waiting for a result it needs now spins this long */
 #define EAGER_SLICE_NS 50000000   /* sleeps are cut in slices so Ctrl-C and deaths are seen */
-#define LAZY_SLICE_NS 1000000
+#define PENDING_SLICE_NS 1000000  /* tasks wait outside the ring: feed them this often */
 #define WORKER_SLICE_NS 100000000
-#define MAX_BATCH 64              /* chunks per task message at most */
+#define MAX_BATCH_ITEMS 64        /* items per task message at most, when chunks are batched */
 
 enum { POOL_RUN = 0, POOL_CLOSE = 1, POOL_TERMINATE = 2 };
 enum { JOB_APPLY = 0, JOB_MAP = 1, JOB_IMAP = 2 };
@@ -124,65 +126,30 @@ static PyObject *module_of(PyObject *self)
     return PyType_GetModuleByDef(Py_TYPE(self), &cp_moduledef);
 }
 
-/* ---- encoding: marshal for plain builtin values, pickle (protocol 5) for the rest ---- */
-
-/* Plain builtin values of at most *budget nodes: marshal beats pickle on small values (less
-   fixed cost per call) but not on large ones. */
-static int is_plain(PyObject *o, int depth, int *budget)
-{
-    PyTypeObject *t = Py_TYPE(o);
-    if (--*budget < 0)
-        return 0;
-    if (t == &PyLong_Type || t == &PyFloat_Type || t == &PyUnicode_Type || t == &PyBytes_Type ||
-        o == Py_None || t == &PyBool_Type || t == &PyComplex_Type)
-        return 1;
-    if (depth <= 0)
-        return 0;
-    if (t == &PyTuple_Type || t == &PyList_Type) {
-        Py_ssize_t n = Py_SIZE(o);
-        PyObject **items = t == &PyTuple_Type ? ((PyTupleObject *)o)->ob_item
-                                               : ((PyListObject *)o)->ob_item;
-        for (Py_ssize_t i = 0; i < n; i++)
-            if (!is_plain(items[i], depth - 1, budget))
-                return 0;
-        return 1;
-    }
-    if (t == &PyDict_Type) {
-        Py_ssize_t pos = 0;
-        PyObject *k, *v;
-        while (PyDict_Next(o, &pos, &k, &v))
-            if (!is_plain(k, depth - 1, budget) || !is_plain(v, depth - 1, budget))
-                return 0;
-        return 1;
-    }
-    return 0;
-}
+/* ---- encoding: our compact form for plain values, pickle (protocol 5) for the rest ---- */
 
 static PyObject *encode(cp_state *st, PyObject *o, uint32_t *enc)
 {
-    int budget = 64;
-    if (is_plain(o, 8, &budget)) {
-        PyObject *r = PyMarshal_WriteObjectToString(o, Py_MARSHAL_VERSION);
-        if (r) {
-            *enc = CP_ENC_MARSHAL;
-            return r;
-        }
-        PyErr_Clear();
+    PyObject *r = cp_plain_encode(o);
+    if (r != Py_None) {
+        *enc = CP_ENC_PLAIN;
+        return r;
     }
+    Py_DECREF(r);
     *enc = CP_ENC_PICKLE;
     PyObject *proto = PyLong_FromLong(5);
     if (!proto)
         return NULL;
     PyObject *args[2] = {o, proto};
-    PyObject *r = PyObject_Vectorcall(st->slot[CP_OBJ_PICKLE_DUMPS], args, 2, NULL);
+    r = PyObject_Vectorcall(st->slot[CP_OBJ_PICKLE_DUMPS], args, 2, NULL);
     Py_DECREF(proto);
     return r;
 }
 
 static PyObject *decode(cp_state *st, const uint8_t *buf, uint64_t len, uint32_t enc)
 {
-    if (enc == CP_ENC_MARSHAL)
-        return PyMarshal_ReadObjectFromString((const char *)buf, (Py_ssize_t)len);
+    if (enc == CP_ENC_PLAIN)
+        return cp_plain_decode(buf, len);
     PyObject *mv = PyMemoryView_FromMemory((char *)buf, (Py_ssize_t)len, PyBUF_READ);
     if (!mv)
         return NULL;
@@ -469,15 +436,17 @@ fail:
     return NULL;
 }
 
-static uint32_t batch_for(PoolCore *c, uint64_t nchunks)
+/* Chunks per task message: several small chunks share one message (one take, one wake),
+   but a message holds few items so the workers stay evenly loaded. */
+static uint32_t batch_for(PoolCore *c, uint64_t nchunks, Py_ssize_t chunksize)
 {
     if (c->maxtasks)
         return 1; /* a worker that may run one task only must not take several at once */
     uint64_t b = nchunks / ((uint64_t)c->nworkers * 8);
+    if (b > MAX_BATCH_ITEMS / (uint64_t)chunksize)
+        b = MAX_BATCH_ITEMS / (uint64_t)chunksize;
     if (b < 1)
         b = 1;
-    if (b > MAX_BATCH)
-        b = MAX_BATCH;
     return (uint32_t)b;
 }
 
@@ -548,7 +517,7 @@ static PyObject *core_map(PoolCore *c, PyObject *const *args, Py_ssize_t nargs)
         goto fail;
     if (register_job(c, j) < 0)
         goto fail;
-    uint32_t per = batch_for(c, j->nchunks);
+    uint32_t per = batch_for(c, j->nchunks, chunksize);
     PyObject **items = PySequence_Fast_ITEMS(seq);
     for (uint64_t first = 0; first < j->nchunks; first += per) {
         uint64_t m = j->nchunks - first < per ? j->nchunks - first : per;
@@ -698,11 +667,9 @@ static PyObject *core_imap(PoolCore *c, PyObject *const *args, Py_ssize_t nargs)
     if (tmo)
         j->timeout_ns = tmo;
     j->batch = j->window / ((uint64_t)c->nworkers * 4);
-    if (j->batch < 1)
-        j->batch = 1;
-    if (j->batch > MAX_BATCH)
-        j->batch = MAX_BATCH;
-    if (c->maxtasks)
+    if (j->batch > MAX_BATCH_ITEMS / (uint64_t)chunksize)
+        j->batch = MAX_BATCH_ITEMS / (uint64_t)chunksize;
+    if (j->batch < 1 || c->maxtasks)
         j->batch = 1;
     j->iter = PyObject_GetIter(args[1]);
     j->store = ordered ? PyDict_New() : PyList_New(0);
@@ -885,7 +852,7 @@ static void finish_jobs(PoolCore *c, PyObject *finished)
 static void wake_parent_waiters(PoolCore *c)
 {
     cp_ring_t *r = &c->p->results;
-    if (atomic_load(&r->sleepers) + atomic_load(&r->lazy) > 0)
+    if (atomic_load(&r->sleepers) > 0)
         cp_ring_ring_bell(r);
 }
 
@@ -979,16 +946,14 @@ static int job_wait(PoolJob *j, ready_fn ready, int64_t deadline)
             continue;
         if (cp_deadline_left_ns(deadline) == 0)
             return 1;
-        /* Few tasks in flight: the next result may be ours, so be woken by it at once.
-           Many: let the workers fill the ring and wake us when they run dry. */
-        int eager = c->outstanding <= (int64_t)c->nworkers || c->pend_head;
-        int64_t now = cp_now_ns();
-        int64_t until = now + (eager ? EAGER_SLICE_NS : LAZY_SLICE_NS);
+        /* Spin a little before sleeping: a result usually follows within microseconds, and
+           a caller that is awake when it lands costs the worker no wake-up syscall. */
+        int64_t until = cp_now_ns() + EAGER_SLICE_NS;
         if (until > deadline)
             until = deadline;
         int rc;
         Py_BEGIN_ALLOW_THREADS
-        rc = cp_ring_wait_bell(r, seen, eager, eager ? WAITER_SPIN_NS : 0, until);
+        rc = cp_ring_wait_bell(r, seen, WAITER_SPIN_NS, until);
         Py_END_ALLOW_THREADS
         (void)rc;
         if (PyErr_CheckSignals() < 0)
@@ -1200,8 +1165,8 @@ static PyObject *core_serve(PoolCore *c, PyObject *arg)
         return NULL;
     cp_ring_t *r = &c->p->results;
     int64_t slice = (int64_t)(t * 1e9);
-    if (c->pend_head && slice > LAZY_SLICE_NS)
-        slice = LAZY_SLICE_NS;
+    if (c->pend_head && slice > PENDING_SLICE_NS)
+        slice = PENDING_SLICE_NS;
     /* A running task with a timeout: look at the slots often enough. */
     for (uint32_t w = 0; w < c->nworkers; w++)
         if (atomic_load(&cp_pool_slot(c->p, w)->busy) &&
@@ -1337,8 +1302,8 @@ static int worker_take(PoolCore *c, cp_slot_t *slot, bytebuf *buf, pid_t ppid)
             if (atomic_load(&p->closing))
                 return 0;
             if (!nudged) {
-                /* Out of work: a parent that let results pile up should collect them now. */
-                cp_ring_nudge_lazy(&p->results);
+                /* Out of work: a background collector waiting for that should run now. */
+                cp_ring_nudge_idle(&p->results);
                 nudged = 1;
             }
             int rc;
@@ -1578,7 +1543,7 @@ static int worker_publish(PoolCore *c, uint32_t w, bytebuf *out, pid_t ppid)
             break;
         uint64_t left = out->len - off, maxp = cp_ring_max_piece(r);
         uint64_t need = ((left < maxp ? left : maxp) + CP_PIECE_HDR + 7) & ~(uint64_t)7;
-        cp_ring_nudge_lazy(r);
+        cp_ring_nudge_idle(r);
         Py_BEGIN_ALLOW_THREADS
         cp_ring_wait_space(r, need, cp_now_ns() + WORKER_SLICE_NS);
         Py_END_ALLOW_THREADS

@@ -150,9 +150,6 @@ int cp_ring_put(cp_pool_shm_t *p, cp_ring_t *r, const uint8_t *msg, uint64_t len
         atomic_fetch_add_explicit(&r->bell, 1, memory_order_seq_cst);
         if (atomic_load_explicit(&r->sleepers, memory_order_seq_cst) > 0)
             cp_futex_wake(&r->bell, r->wake_one ? 1 : INT32_MAX);
-        else if (atomic_load_explicit(&r->lazy, memory_order_seq_cst) > 0 &&
-                 head - atomic_load_explicit(&r->tail, memory_order_relaxed) > r->cap / 4)
-            cp_futex_wake(&r->bell, INT32_MAX);
         if (atomic_load_explicit(&r->bg_sleepers, memory_order_seq_cst) > 0 &&
             head - atomic_load_explicit(&r->tail, memory_order_relaxed) > r->cap / 4)
             cp_ring_ring_bg(r);
@@ -257,7 +254,7 @@ int cp_ring_wait_space(cp_ring_t *r, uint64_t need, int64_t deadline)
     }
 }
 
-int cp_ring_wait_bell(cp_ring_t *r, uint32_t seen, int eager, int64_t spin_ns, int64_t deadline)
+int cp_ring_wait_bell(cp_ring_t *r, uint32_t seen, int64_t spin_ns, int64_t deadline)
 {
     if (spin_ns > 0) {
         int64_t until = cp_now_ns() + spin_ns;
@@ -276,19 +273,16 @@ int cp_ring_wait_bell(cp_ring_t *r, uint32_t seen, int eager, int64_t spin_ns, i
             sched_yield();
         }
     }
-    _Atomic uint32_t *count = eager ? &r->sleepers : &r->lazy;
-    atomic_fetch_add_explicit(count, 1, memory_order_seq_cst);
+    atomic_fetch_add_explicit(&r->sleepers, 1, memory_order_seq_cst);
     int rc = 0;
     if (cp_ring_empty(r))
         rc = cp_futex_wait(&r->bell, seen, deadline);
-    atomic_fetch_sub_explicit(count, 1, memory_order_seq_cst);
+    atomic_fetch_sub_explicit(&r->sleepers, 1, memory_order_seq_cst);
     return rc;
 }
 
-void cp_ring_nudge_lazy(cp_ring_t *r)
+void cp_ring_nudge_idle(cp_ring_t *r)
 {
-    if (atomic_load_explicit(&r->lazy, memory_order_seq_cst) > 0)
-        cp_ring_ring_bell(r);
     if (atomic_load_explicit(&r->bg_sleepers, memory_order_seq_cst) > 0 &&
         atomic_load_explicit(&r->bg_idle, memory_order_relaxed))
         cp_ring_ring_bg(r);

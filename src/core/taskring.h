@@ -26,7 +26,6 @@ typedef struct {
     _Alignas(64) _Atomic uint64_t head;
     _Atomic uint32_t bell;       /* bumped after every publish: consumers futex-wait on it */
     _Atomic uint32_t sleepers;   /* consumers asleep (or about to be) on bell */
-    _Atomic uint32_t lazy;       /* parent asleep on bell that only wants a wake when it matters */
     _Atomic uint32_t bg_bell;    /* the parent's background thread sleeps on its own word, so */
     _Atomic uint32_t bg_sleepers;/* waking a caller waiting for a result does not wake it too */
     _Atomic uint32_t bg_idle;    /* background thread wants a wake when a worker runs dry */
@@ -94,8 +93,8 @@ enum { CP_TASK_APPLY = 1, CP_TASK_APPLY_KW = 2, CP_TASK_MAP = 3, CP_TASK_STARMAP
 enum { CP_RES_OK = 0, CP_RES_ERR = 1, CP_RES_STATUS = 0xff,
        CP_RES_LAST = 0x100,   /* the last result of its task message */
        CP_RES_BATCH = 0x200 };/* ... of a message of several chunks */
-/* Encoding of a payload: marshal for plain builtin values (much cheaper per call), else pickle. */
-enum { CP_ENC_PICKLE = 0, CP_ENC_MARSHAL = 1 };
+/* Encoding of a payload: a compact form for plain builtin values (much cheaper), else pickle. */
+enum { CP_ENC_PICKLE = 0, CP_ENC_PLAIN = 1 };
 
 /* Bytes of shared memory for nslots workers and the two rings (capacities rounded up to
    powers of two). */
@@ -168,13 +167,12 @@ int cp_ring_wait_data(cp_ring_t *r, int64_t spin_ns, int64_t deadline);
 /* Wait as a producer until at least need bytes are free, or deadline. 0, -ETIMEDOUT, -EINTR. */
 int cp_ring_wait_space(cp_ring_t *r, uint64_t need, int64_t deadline);
 
-/* Wait once on the bell for a change from seen (or data), spinning spin_ns first; eager
-   sleepers are woken by every publish, lazy ones only when the ring fills or a worker idles.
+/* Wait once on the bell for a change from seen (or data), spinning spin_ns first.
    Returns 0, -ETIMEDOUT or -EINTR; callers re-check their condition. */
-int cp_ring_wait_bell(cp_ring_t *r, uint32_t seen, int eager, int64_t spin_ns, int64_t deadline);
+int cp_ring_wait_bell(cp_ring_t *r, uint32_t seen, int64_t spin_ns, int64_t deadline);
 
-/* Wake a lazy sleeper (a worker about to idle: its results should be collected now). */
-void cp_ring_nudge_lazy(cp_ring_t *r);
+/* A worker is about to idle: wake the background collector if it asked for that. */
+void cp_ring_nudge_idle(cp_ring_t *r);
 
 /* The background collector's sleep on bg_bell (until a change from seen or deadline). */
 int cp_ring_wait_bg(cp_ring_t *r, uint32_t seen, int64_t deadline);
