@@ -3,6 +3,7 @@ import os
 import signal
 
 from . import _core
+from . import util  # noqa: F401  (registers the exit-time join of children)
 
 __all__ = ['Popen']
 
@@ -20,6 +21,7 @@ class Popen(object):
 
     def _launch(self, process_obj):
         code = 1
+        util._prepare_devnull_stdin()
         pid = _core.fork()
         if pid == 0:
             try:
