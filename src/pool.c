@@ -34,24 +34,11 @@
 enum { POOL_RUN = 0, POOL_CLOSE = 1, POOL_TERMINATE = 2 };
 enum { JOB_APPLY = 0, JOB_MAP = 1, JOB_IMAP = 2 };
 
-typedef struct {
-    uint8_t *buf;
-    size_t len, cap;
-} bytebuf;
+typedef cp_buf bytebuf;
 
 static int buf_reserve(bytebuf *b, size_t n)
 {
-    if (n <= b->cap)
-        return 0;
-    size_t cap = b->cap ? b->cap : 256;
-    while (cap < n)
-        cap *= 2;
-    uint8_t *nb = PyMem_RawRealloc(b->buf, cap);
-    if (!nb)
-        return -1;
-    b->buf = nb;
-    b->cap = cap;
-    return 0;
+    return cp_buf_reserve(b, n);
 }
 
 static int buf_append(bytebuf *b, const void *src, size_t n)
@@ -128,21 +115,33 @@ static PyObject *module_of(PyObject *self)
 
 /* ---- encoding: our compact form for plain values, pickle (protocol 5) for the rest ---- */
 
-static PyObject *encode(cp_state *st, PyObject *o, uint32_t *enc)
+static PyObject *pickle_dumps(cp_state *st, PyObject *o)
 {
-    PyObject *r = cp_plain_encode(o);
-    if (r != Py_None) {
-        *enc = CP_ENC_PLAIN;
-        return r;
-    }
-    Py_DECREF(r);
-    *enc = CP_ENC_PICKLE;
     PyObject *proto = PyLong_FromLong(5);
     if (!proto)
         return NULL;
     PyObject *args[2] = {o, proto};
-    r = PyObject_Vectorcall(st->slot[CP_OBJ_PICKLE_DUMPS], args, 2, NULL);
+    PyObject *r = PyObject_Vectorcall(st->slot[CP_OBJ_PICKLE_DUMPS], args, 2, NULL);
     Py_DECREF(proto);
+    return r;
+}
+
+/* Append the encoding of o to b (straight into the message being built). 0 or -1. */
+static int encode_to(cp_state *st, bytebuf *b, PyObject *o, uint32_t *enc)
+{
+    int r = cp_plain_encode_to(b, o);
+    if (r <= 0) {
+        *enc = CP_ENC_PLAIN;
+        return r;
+    }
+    *enc = CP_ENC_PICKLE;
+    PyObject *pk = pickle_dumps(st, o);
+    if (!pk)
+        return -1;
+    r = buf_append(b, PyBytes_AS_STRING(pk), (size_t)PyBytes_GET_SIZE(pk));
+    Py_DECREF(pk);
+    if (r < 0)
+        PyErr_NoMemory();
     return r;
 }
 
@@ -260,38 +259,42 @@ static int send_scratch(PoolCore *c)
     return 0;
 }
 
-static int build_task(PoolCore *c, PoolJob *job, int kind, uint32_t first, uint32_t n,
-                      PyObject *func_bytes, PyObject *args_bytes, uint32_t args_enc)
+/* Build a task message for chunks [first, first+n) of job in c->scratch (arguments encoded
+   straight into it) and send it. An argument that cannot be encoded raises here. */
+static int build_task(PoolCore *c, cp_state *st, PoolJob *job, int kind, uint32_t first,
+                      uint32_t n, PyObject *func_bytes, PyObject *chunks)
 {
     cp_task_hdr_t h = {0};
     h.job_id = job->id;
-    h.task_seq = ++c->next_seq;
     h.timeout_ns = job->timeout_ns;
     h.first_chunk = first;
     h.nchunks = n;
     h.kind = (uint32_t)kind;
     h.func_len = (uint32_t)PyBytes_GET_SIZE(func_bytes);
-    h.args_len = (uint32_t)PyBytes_GET_SIZE(args_bytes);
-    h.flags = args_enc;
-    if ((uint64_t)PyBytes_GET_SIZE(args_bytes) > UINT32_MAX - 4096) {
+    c->scratch.len = 0;
+    if (buf_reserve(&c->scratch, sizeof h + h.func_len) < 0)
+        return -1;
+    c->scratch.len = sizeof h;
+    buf_append(&c->scratch, PyBytes_AS_STRING(func_bytes), h.func_len);
+    size_t args_at = c->scratch.len;
+    if (encode_to(st, &c->scratch, chunks, &h.flags) < 0)
+        return -1;
+    if (c->scratch.len - args_at > UINT32_MAX - 4096) {
         PyErr_SetString(PyExc_OverflowError, "task arguments larger than 4 GiB");
         return -1;
     }
+    h.args_len = (uint32_t)(c->scratch.len - args_at);
+    h.task_seq = ++c->next_seq;
+    memcpy(c->scratch.buf, &h, sizeof h);
     if (n > 1) {
         PyObject *key = PyLong_FromUnsignedLongLong(h.task_seq);
-        PyObject *v = key ? Py_BuildValue("(OIiII)", args_bytes, args_enc, kind, first, n) : NULL;
+        PyObject *v = key ? Py_BuildValue("(y#IiII)", (const char *)c->scratch.buf + args_at,
+                                          (Py_ssize_t)h.args_len, h.flags, kind, first, n) : NULL;
         int r = v ? PyDict_SetItem(c->batches, key, v) : -1;
         Py_XDECREF(key);
         Py_XDECREF(v);
         if (r < 0)
             return -1;
-    }
-    c->scratch.len = 0;
-    if (buf_append(&c->scratch, &h, sizeof h) < 0 ||
-        buf_append(&c->scratch, PyBytes_AS_STRING(func_bytes), h.func_len) < 0 ||
-        buf_append(&c->scratch, PyBytes_AS_STRING(args_bytes), h.args_len) < 0) {
-        PyErr_NoMemory();
-        return -1;
     }
     return send_scratch(c);
 }
@@ -407,13 +410,6 @@ static PyObject *core_apply(PoolCore *c, PyObject *const *args, Py_ssize_t nargs
         Py_DECREF(fb);
         return NULL;
     }
-    uint32_t enc;
-    PyObject *ab = encode(st, chunk, &enc);
-    Py_DECREF(chunk);
-    if (!ab) {
-        Py_DECREF(fb);
-        return NULL;
-    }
     PoolJob *j = new_job(c, JOB_APPLY, args[3], args[4]);
     if (!j)
         goto fail;
@@ -422,17 +418,17 @@ static PyObject *core_apply(PoolCore *c, PyObject *const *args, Py_ssize_t nargs
         j->timeout_ns = tmo;
     if (register_job(c, j) < 0)
         goto fail;
-    if (build_task(c, j, kind, 0, 1, fb, ab, enc) < 0) {
+    if (build_task(c, st, j, kind, 0, 1, fb, chunk) < 0) {
         unregister_job(c, j);
         goto fail;
     }
     Py_DECREF(fb);
-    Py_DECREF(ab);
+    Py_DECREF(chunk);
     return (PyObject *)j;
 fail:
     Py_XDECREF(j);
     Py_DECREF(fb);
-    Py_DECREF(ab);
+    Py_DECREF(chunk);
     return NULL;
 }
 
@@ -458,14 +454,9 @@ static int send_chunks(PoolCore *c, cp_state *st, PoolJob *j, uint32_t first, Py
     PyObject *tup = PyList_AsTuple(chunks);
     if (!tup)
         return -1;
-    uint32_t enc;
-    PyObject *ab = encode(st, tup, &enc);
+    int r = build_task(c, st, j, j->star ? CP_TASK_STARMAP : CP_TASK_MAP, first, (uint32_t)n,
+                       j->func_bytes, tup);
     Py_DECREF(tup);
-    if (!ab)
-        return -1;
-    int r = build_task(c, j, j->star ? CP_TASK_STARMAP : CP_TASK_MAP, first, (uint32_t)n,
-                       j->func_bytes, ab, enc);
-    Py_DECREF(ab);
     return r;
 }
 
@@ -693,6 +684,16 @@ fail:
 
 /* =========================== the parent: collecting results =========================== */
 
+/* The outcome of j is known: it leaves the table and waits on *finished for its callbacks. */
+static int job_complete(PoolJob *j, PyObject **finished)
+{
+    j->complete = 1;
+    unregister_job(j->core, j);
+    if (!*finished && !(*finished = PyList_New(0)))
+        return -1;
+    return PyList_Append(*finished, (PyObject *)j);
+}
+
 /* Record the outcome of chunk idx of job. Jobs that become complete go on *finished. */
 static int job_set_chunk(PoolJob *j, uint64_t idx, int ok, PyObject *value, PyObject **finished)
 {
@@ -742,14 +743,7 @@ static int job_set_chunk(PoolJob *j, uint64_t idx, int ok, PyObject *value, PyOb
         j->ndone++;
         return r;
     }
-    if (now_complete) {
-        j->complete = 1;
-        unregister_job(j->core, j);
-        if (!*finished && !(*finished = PyList_New(0)))
-            return -1;
-        return PyList_Append(*finished, (PyObject *)j);
-    }
-    return 0;
+    return now_complete ? job_complete(j, finished) : 0;
 }
 
 static PoolJob *lookup_job(PoolCore *c, uint64_t id)
@@ -786,6 +780,23 @@ static int process_result(PoolCore *c, cp_state *st, uint32_t w, const uint8_t *
         return PyErr_Occurred() ? -1 : 0; /* the job already failed: late chunks are dropped */
     Py_INCREF(j);
     int rc = -1;
+    if (j->kind == JOB_MAP && !j->complete && h.status == CP_RES_OK && h.nchunks == 1 &&
+        h.flags == CP_ENC_PLAIN) {
+        /* A map chunk of plain values: decoded straight into the result list. */
+        Py_ssize_t lo = (Py_ssize_t)h.first_chunk * j->chunksize;
+        Py_ssize_t m = cp_plain_decode_chunk_into(msg + sizeof h, len - sizeof h, j->value, lo);
+        if (m >= 0) {
+            rc = 0;
+            if (++j->ndone == j->nchunks)
+                rc = job_complete(j, finished);
+            Py_DECREF(j);
+            return rc;
+        }
+        if (m == -1) {
+            Py_DECREF(j);
+            return -1;
+        }
+    }
     PyObject *out = decode(st, msg + sizeof h, len - sizeof h, h.flags);
     if (!out) {
         /* Cannot unpickle the result here: that is the task's outcome. */
@@ -1032,14 +1043,8 @@ static int resend_rest(PoolCore *c, cp_state *st, PoolJob *j, PyObject *batch, u
     Py_DECREF(chunks);
     if (!rest)
         return -1;
-    uint32_t e2;
-    PyObject *ab = encode(st, rest, &e2);
-    Py_ssize_t m = PyTuple_GET_SIZE(rest);
+    int r = build_task(c, st, j, kind, from, (uint32_t)PyTuple_GET_SIZE(rest), j->func_bytes, rest);
     Py_DECREF(rest);
-    if (!ab)
-        return -1;
-    int r = build_task(c, j, kind, from, (uint32_t)m, j->func_bytes, ab, e2);
-    Py_DECREF(ab);
     return r;
 }
 
@@ -1471,10 +1476,12 @@ static PyObject *wrapped_exc(PoolCore *c)
     return exc;
 }
 
-/* Encode the outcomes of a task; a value that cannot be pickled becomes that chunk's error. */
-static PyObject *encode_outcome(PoolCore *c, cp_state *st, PyObject *vals, char *ok, uint32_t n,
-                                int *all_ok, uint32_t *enc)
+/* Append the encoded outcomes of a task to out; a value that cannot be pickled becomes that
+   chunk's error (MaybeEncodingError), as in the standard library. 0 or -1. */
+static int encode_outcome(PoolCore *c, cp_state *st, bytebuf *out, PyObject *vals, char *ok,
+                          uint32_t n, int *all_ok, uint32_t *enc)
 {
+    size_t mark = out->len;
     for (int attempt = 0; attempt < 2; attempt++) {
         PyObject *payload;
         if (*all_ok) {
@@ -1483,30 +1490,30 @@ static PyObject *encode_outcome(PoolCore *c, cp_state *st, PyObject *vals, char 
         else {
             payload = PyTuple_New(n);
             if (!payload)
-                return NULL;
+                return -1;
             for (uint32_t i = 0; i < n; i++) {
                 PyObject *pair = PyTuple_Pack(2, ok[i] ? Py_True : Py_False, PyTuple_GET_ITEM(vals, i));
                 if (!pair) {
                     Py_DECREF(payload);
-                    return NULL;
+                    return -1;
                 }
                 PyTuple_SET_ITEM(payload, i, pair);
             }
         }
-        PyObject *b = encode(st, payload, enc);
+        int r = encode_to(st, out, payload, enc);
         Py_DECREF(payload);
-        if (b || attempt)
-            return b;
+        if (r == 0 || attempt)
+            return r;
         /* Find which values do not encode; each becomes a MaybeEncodingError. */
         PyErr_Clear();
+        out->len = mark;
+        bytebuf probe = {0};
         for (uint32_t i = 0; i < n; i++) {
             uint32_t e;
             PyObject *v = PyTuple_GET_ITEM(vals, i);
-            PyObject *t = encode(st, v, &e);
-            if (t) {
-                Py_DECREF(t);
+            probe.len = 0;
+            if (encode_to(st, &probe, v, &e) == 0)
                 continue;
-            }
             PyObject *exc = fetch_exc();
             PyObject *err = c->encoding_error ? PyObject_CallFunctionObjArgs(c->encoding_error, exc, v, NULL)
                                               : NULL;
@@ -1515,14 +1522,17 @@ static PyObject *encode_outcome(PoolCore *c, cp_state *st, PyObject *vals, char 
                 err = PyUnicode_FromString("result could not be pickled");
             }
             Py_DECREF(exc);
-            if (!err)
-                return NULL;
+            if (!err) {
+                PyMem_RawFree(probe.buf);
+                return -1;
+            }
             PyTuple_SetItem(vals, i, err);
             ok[i] = 0;
             *all_ok = 0;
         }
+        PyMem_RawFree(probe.buf);
     }
-    return NULL;
+    return -1;
 }
 
 static int worker_publish(PoolCore *c, uint32_t w, bytebuf *out, pid_t ppid)
@@ -1618,9 +1628,11 @@ static PyObject *core_worker_loop(PoolCore *c, PyObject *const *args, Py_ssize_t
             PyTuple_SET_ITEM(vals, 0, r);
             int all_ok = ok;
             uint32_t enc = 0;
-            PyObject *payload = encode_outcome(c, st, vals, &ok, 1, &all_ok, &enc);
+            out.len = sizeof(cp_res_hdr_t);
+            int e = buf_reserve(&out, out.len) < 0 ||
+                    encode_outcome(c, st, &out, vals, &ok, 1, &all_ok, &enc) < 0;
             Py_DECREF(vals);
-            if (!payload) {
+            if (e) {
                 Py_XDECREF(chunks);
                 Py_XDECREF(setup_err);
                 goto done;
@@ -1629,13 +1641,8 @@ static PyObject *core_worker_loop(PoolCore *c, PyObject *const *args, Py_ssize_t
                               (i + 1 == h.nchunks ? CP_RES_LAST : 0) |
                               (h.nchunks > 1 ? CP_RES_BATCH : 0);
             cp_res_hdr_t rh = {h.job_id, h.task_seq, h.first_chunk + i, 1, status, enc};
-            out.len = 0;
-            int e = buf_append(&out, &rh, sizeof rh) < 0 ||
-                    buf_append(&out, PyBytes_AS_STRING(payload), (size_t)PyBytes_GET_SIZE(payload)) < 0;
-            Py_DECREF(payload);
-            if (e || worker_publish(c, (uint32_t)w, &out, (pid_t)ppid) < 0) {
-                if (e)
-                    PyErr_NoMemory();
+            memcpy(out.buf, &rh, sizeof rh);
+            if (worker_publish(c, (uint32_t)w, &out, (pid_t)ppid) < 0) {
                 Py_XDECREF(chunks);
                 Py_XDECREF(setup_err);
                 goto done;

@@ -12,24 +12,28 @@ enum {
 
 #define MAX_DEPTH 16
 
-typedef struct {
-    char *buf;
-    size_t len, cap;
-} wbuf;
+typedef cp_buf wbuf;
+
+int cp_buf_reserve(cp_buf *b, size_t n)
+{
+    if (n <= b->cap)
+        return 0;
+    size_t cap = b->cap ? b->cap : 256;
+    while (cap < n)
+        cap *= 2;
+    uint8_t *nb = PyMem_RawRealloc(b->buf, cap);
+    if (!nb) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    b->buf = nb;
+    b->cap = cap;
+    return 0;
+}
 
 static int grow(wbuf *w, size_t need)
 {
-    if (w->len + need <= w->cap)
-        return 0;
-    size_t cap = w->cap ? w->cap * 2 : 256;
-    while (cap < w->len + need)
-        cap *= 2;
-    char *nb = PyMem_Realloc(w->buf, cap);
-    if (!nb)
-        return -1;
-    w->buf = nb;
-    w->cap = cap;
-    return 0;
+    return cp_buf_reserve(w, w->len + need);
 }
 
 static int put(wbuf *w, const void *p, size_t n)
@@ -54,7 +58,7 @@ static int put_tag_len(wbuf *w, uint8_t tag, size_t n)
     return 0;
 }
 
-/* 0 written, 1 not plain, -1 out of memory (no exception set in the "not plain" case). */
+/* 0 written, 1 not plain, -1 out of memory (MemoryError set). */
 static int enc(wbuf *w, PyObject *o, int depth)
 {
     PyTypeObject *t = Py_TYPE(o);
@@ -131,19 +135,13 @@ static int enc(wbuf *w, PyObject *o, int depth)
     return r;
 }
 
-PyObject *cp_plain_encode(PyObject *o)
+int cp_plain_encode_to(cp_buf *b, PyObject *o)
 {
-    wbuf w = {0};
-    int r = enc(&w, o, 0);
-    PyObject *b = NULL;
-    if (r < 0)
-        PyErr_NoMemory();
-    else if (r == 0)
-        b = PyBytes_FromStringAndSize(w.buf, (Py_ssize_t)w.len);
-    else
-        b = Py_NewRef(Py_None);
-    PyMem_Free(w.buf);
-    return b;
+    size_t mark = b->len;
+    int r = enc(b, o, 0);
+    if (r != 0)
+        b->len = mark;
+    return r;
 }
 
 typedef struct {
@@ -244,4 +242,34 @@ PyObject *cp_plain_decode(const uint8_t *buf, uint64_t len)
         return corrupt();
     }
     return o;
+}
+
+Py_ssize_t cp_plain_decode_chunk_into(const uint8_t *buf, uint64_t len, PyObject *dst,
+                                      Py_ssize_t off)
+{
+    rbuf r = {buf, buf + len};
+    uint32_t n;
+    if (len < 10 || buf[0] != T_TUPLE)
+        return -2;
+    r.p++;
+    if (get_len(&r, &n) < 0 || n != 1 || *r.p != T_LIST)
+        return -2;
+    r.p++;
+    if (get_len(&r, &n) < 0)
+        return -2;
+    Py_ssize_t room = PyList_GET_SIZE(dst) - off;
+    for (uint32_t i = 0; i < n; i++) {
+        PyObject *it = dec(&r, 2);
+        if (!it)
+            return -1;
+        if ((Py_ssize_t)i < room)
+            Py_SETREF(((PyListObject *)dst)->ob_item[off + i], it);
+        else
+            Py_DECREF(it);
+    }
+    if (r.p != r.end) {
+        corrupt();
+        return -1;
+    }
+    return (Py_ssize_t)n;
 }
