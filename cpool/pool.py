@@ -266,6 +266,16 @@ def _with_progress(it, total, progress):
         bar.close()
 
 
+def _check_pool_args(processes, initializer):
+    if processes is None:
+        processes = os.cpu_count() or 1
+    if processes < 1:
+        raise ValueError("Number of processes must be at least 1")
+    if initializer is not None and not callable(initializer):
+        raise TypeError('initializer must be a callable')
+    return processes
+
+
 def _length(iterable):
     try:
         return len(iterable)
@@ -293,15 +303,10 @@ class Pool(object):
         self._ctx = context or _default_context()
         self._taskqueue = None
         self._cache = {}
-        if processes is None:
-            processes = os.cpu_count() or 1
-        if processes < 1:
-            raise ValueError("Number of processes must be at least 1")
+        processes = _check_pool_args(processes, initializer)
         if maxtasksperchild is not None:
             if not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0:
                 raise ValueError("maxtasksperchild must be a positive int or None")
-        if initializer is not None and not callable(initializer):
-            raise TypeError('initializer must be a callable')
         self._processes = processes
         self._initializer = initializer
         self._initargs = initargs
@@ -362,15 +367,13 @@ class Pool(object):
     def map(self, func, iterable, chunksize=None, *, progress=False, task_timeout=None):
         """list(map(func, iterable)) computed by the workers, chunksize items per task."""
         if progress:
-            return list(self._imap_progress(func, iterable, chunksize, True, False,
-                                            progress, task_timeout))
+            return self._map_progress(func, iterable, chunksize, False, progress, task_timeout)
         return self._map_async(func, iterable, chunksize, False, None, None, task_timeout).get()
 
     def starmap(self, func, iterable, chunksize=None, *, progress=False, task_timeout=None):
         """Like map() but each item is an argument tuple: func(*item)."""
         if progress:
-            return list(self._imap_progress(func, iterable, chunksize, True, True,
-                                            progress, task_timeout))
+            return self._map_progress(func, iterable, chunksize, True, progress, task_timeout)
         return self._map_async(func, iterable, chunksize, True, None, None, task_timeout).get()
 
     def map_async(self, func, iterable, chunksize=None, callback=None, error_callback=None, *,
@@ -388,18 +391,14 @@ class Pool(object):
     def imap(self, func, iterable, chunksize=1, buffersize=None, *, progress=False,
              task_timeout=None):
         """Lazy map(): results in order. The input is read at most buffersize chunks ahead."""
-        if progress:
-            return self._imap_progress(func, iterable, chunksize, True, False, progress,
-                                       task_timeout, buffersize)
-        return self._imap(func, iterable, chunksize, True, False, buffersize, task_timeout)
+        return self._imap(func, iterable, chunksize, True, False, buffersize, task_timeout,
+                          progress)
 
     def imap_unordered(self, func, iterable, chunksize=1, buffersize=None, *, progress=False,
                        task_timeout=None):
         """Like imap() but results come as they are ready."""
-        if progress:
-            return self._imap_progress(func, iterable, chunksize, False, False, progress,
-                                       task_timeout, buffersize)
-        return self._imap(func, iterable, chunksize, False, False, buffersize, task_timeout)
+        return self._imap(func, iterable, chunksize, False, False, buffersize, task_timeout,
+                          progress)
 
     def close(self):
         """No more tasks; the workers leave once the queued ones are done."""
@@ -459,7 +458,8 @@ class Pool(object):
         return self._core.map(func, iterable, chunksize, star, callback, error_callback,
                               task_timeout)
 
-    def _imap(self, func, iterable, chunksize, ordered, star, buffersize, task_timeout):
+    def _imap(self, func, iterable, chunksize, ordered, star, buffersize, task_timeout,
+              progress=False):
         self._check_running()
         if chunksize < 1:
             raise ValueError("Chunksize must be 1+, not {0:n}".format(chunksize))
@@ -469,17 +469,18 @@ class Pool(object):
             raise TypeError("buffersize must be an integer or None")
         elif buffersize < 1:
             raise ValueError("buffersize must be None or > 0")
-        return self._core.imap(func, iterable, chunksize, ordered, star, buffersize,
-                               task_timeout)
+        total = _length(iterable) if progress else None
+        it = self._core.imap(func, iterable, chunksize, ordered, star, buffersize, task_timeout)
+        return _with_progress(it, total, progress) if progress else it
 
-    def _imap_progress(self, func, iterable, chunksize, ordered, star, progress, task_timeout,
-                       buffersize=None):
-        total = _length(iterable)
+    def _map_progress(self, func, iterable, chunksize, star, progress, task_timeout):
+        # map with a progress bar: an imap underneath, so progress is seen chunk by chunk.
+        if not hasattr(iterable, '__len__'):
+            iterable = list(iterable)
         if chunksize is None:
-            chunksize = self._default_chunksize(total) if total else 1
-            chunksize = max(1, min(chunksize, 64))
-        it = self._imap(func, iterable, chunksize, ordered, star, buffersize, task_timeout)
-        return _with_progress(it, total, progress)
+            chunksize = max(1, min(self._default_chunksize(len(iterable)), 64))
+        return list(self._imap(func, iterable, chunksize, True, star, None, task_timeout,
+                               progress))
 
     @staticmethod
     def _terminate_pool(core, workers, handler, lock):
@@ -612,20 +613,13 @@ class _ThreadIMapIterator(object):
 
     def next(self, timeout=None):
         with self._cond:
-            try:
-                item = self._items.popleft()
-            except IndexError:
+            self._cond.wait_for(lambda: self._items or self._index == self._length, timeout)
+            if not self._items:
                 if self._index == self._length:
                     self._pool = None
-                    raise StopIteration from None
-                self._cond.wait(timeout)
-                try:
-                    item = self._items.popleft()
-                except IndexError:
-                    if self._index == self._length:
-                        self._pool = None
-                        raise StopIteration from None
-                    raise TimeoutError from None
+                    raise StopIteration
+                raise TimeoutError
+            item = self._items.popleft()
         if self._slots is not None:
             self._slots.release()
         success, value = item
@@ -665,12 +659,7 @@ class ThreadPool(object):
     def __init__(self, processes=None, initializer=None, initargs=()):
         self._state = INIT
         self._cache = {}
-        if processes is None:
-            processes = os.cpu_count() or 1
-        if processes < 1:
-            raise ValueError("Number of processes must be at least 1")
-        if initializer is not None and not callable(initializer):
-            raise TypeError('initializer must be a callable')
+        processes = _check_pool_args(processes, initializer)
         self._processes = processes
         self._inqueue = queue.SimpleQueue()
         self._pool = []
