@@ -2073,7 +2073,7 @@ static PyObject *imap_next(PoolJob *j, int64_t deadline)
             j->nyielded++;
             PyObject *v = PyTuple_GET_ITEM(pair, 1);
             if (PyTuple_GET_ITEM(pair, 0) == Py_True) {
-                j->cur = PySequence_List(v);
+                j->cur = PyList_CheckExact(v) ? Py_NewRef(v) : PySequence_List(v);
                 j->cur_pos = 0;
                 Py_DECREF(pair);
                 if (!j->cur)

@@ -283,7 +283,9 @@ def test_worker_death_fails_only_its_task(func, arg, code):
         with pytest.raises(cpool.WorkerLostError) as ei:
             p.apply(func, (arg,))
         assert time.monotonic() - t < 1.5
-        assert ei.value.exitcode == code
+        if func is segfault and 'asan' in os.environ.get('LD_PRELOAD', ''):
+            code = (code, -signal.SIGABRT)  # AddressSanitizer turns the fault into an abort
+        assert ei.value.exitcode in (code if isinstance(code, tuple) else (code,))
         assert isinstance(ei.value, cpool.ProcessError)
         assert [r.get(10) for r in others] == [0.2] * 3
         # replaced: the pool keeps serving with its full size
