@@ -108,6 +108,8 @@ typedef struct PoolJob {
     int exhausted;
 } PoolJob;
 
+static int job_set_chunk(PoolJob *j, uint64_t idx, int ok, PyObject *value, PyObject **finished);
+
 static PyObject *module_of(PyObject *self)
 {
     return PyType_GetModuleByDef(Py_TYPE(self), &cp_moduledef);
@@ -595,23 +597,29 @@ static int imap_topup(PoolJob *j, cp_state *st)
             j->nsent += (uint64_t)nb;
             j->nchunks = j->nsent;
             if (send_chunks(c, st, j, (uint32_t)first, batch) < 0) {
-                /* Unencodable arguments: those chunks fail in next(), in their place. */
-                PyObject *exc = fetch_exc();
+                /* Unencodable arguments: send the chunks one by one; those that cannot go
+                   fail in next(), in their place, and the others still run. */
+                PyErr_Clear();
                 for (Py_ssize_t k = 0; k < nb; k++) {
-                    PyObject *pair = Py_BuildValue("(OO)", Py_False, exc);
-                    PyObject *key = PyLong_FromUnsignedLongLong(first + (uint64_t)k);
-                    int r = (pair && key) ? (j->ordered ? PyDict_SetItem(j->store, key, pair)
-                                                         : PyList_Append(j->store, pair)) : -1;
-                    Py_XDECREF(pair);
-                    Py_XDECREF(key);
-                    if (r < 0) {
-                        Py_DECREF(exc);
+                    PyObject *one = PyList_GetSlice(batch, k, k + 1);
+                    if (!one) {
                         Py_DECREF(batch);
                         return -1;
                     }
-                    j->ndone++;
+                    int sent = send_chunks(c, st, j, (uint32_t)(first + (uint64_t)k), one);
+                    Py_DECREF(one);
+                    if (sent == 0)
+                        continue;
+                    PyObject *exc = fetch_exc();
+                    PyObject *none = NULL;
+                    int r = job_set_chunk(j, first + (uint64_t)k, 0, exc, &none);
+                    Py_XDECREF(exc);
+                    Py_XDECREF(none);
+                    if (r < 0) {
+                        Py_DECREF(batch);
+                        return -1;
+                    }
                 }
-                Py_DECREF(exc);
             }
         }
         Py_DECREF(batch);

@@ -266,6 +266,17 @@ def test_unpicklable_function_raises(fmp):
         assert p.apply(sq, (3,)) == 9
 
 
+def test_unpicklable_imap_item_fails_in_place():
+    with cpool.Pool(2) as p:
+        it = p.imap(identity, [1, threading.Lock(), 3])
+        assert next(it) == 1
+        with pytest.raises(TypeError, match='pickle'):
+            next(it)
+        assert next(it) == 3
+        with pytest.raises(TypeError, match='pickle'):
+            p.apply_async(identity, (threading.Lock(),))
+
+
 def test_pickling_pool_refused(fmp):
     with fmp.Pool(1) as p:
         with pytest.raises(NotImplementedError):
@@ -428,6 +439,16 @@ def test_imap_consumes_lazily_in_bounded_memory(fn):
     count, grew_kb = map(int, r.stdout.split())
     assert count == n
     # the input list alone would take ~70 MB; the window keeps the parent flat
+    assert grew_kb < 20_000, grew_kb
+
+
+@pytest.mark.stress
+@pytest.mark.timeout(300)
+def test_imap_ten_million_items_constant_memory():
+    code = _MEM.format(root=ROOT, fn='imap', n=10_000_000)
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=280)
+    count, grew_kb = map(int, r.stdout.split())
+    assert count == 10_000_000
     assert grew_kb < 20_000, grew_kb
 
 
