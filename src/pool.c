@@ -22,6 +22,7 @@
 #include "futex.h"
 #include "pool_codec.h"
 #include "shm.h"
+#include "spawn.h"
 #include "taskring.h"
 
 #define WORKER_SPIN_NS 100000     /* a worker spins this long for the next task before sleeping */
@@ -1302,8 +1303,23 @@ static PyObject *core_idle(PoolCore *c, PyObject *unused)
 
 /* =========================== the worker loop =========================== */
 
+/* The pool's process, watched through a pidfd: under forkserver it is not our parent. */
+typedef struct {
+    pid_t pid;
+    int pidfd;
+} parent_watch;
+
+static int parent_gone(const parent_watch *pw)
+{
+    if (pw->pidfd >= 0) {
+        struct pollfd p = {pw->pidfd, POLLIN, 0};
+        return poll(&p, 1, 0) > 0;
+    }
+    return kill(pw->pid, 0) < 0 && errno == ESRCH;
+}
+
 /* Take the next task into buf. 1: got one; 0: time to leave; -1: exception. */
-static int worker_take(PoolCore *c, cp_slot_t *slot, bytebuf *buf, pid_t ppid)
+static int worker_take(PoolCore *c, cp_slot_t *slot, bytebuf *buf, const parent_watch *pw)
 {
     cp_pool_shm_t *p = c->p;
     cp_ring_t *r = &p->tasks;
@@ -1325,7 +1341,7 @@ static int worker_take(PoolCore *c, cp_slot_t *slot, bytebuf *buf, pid_t ppid)
             Py_END_ALLOW_THREADS
             if (rc == -EINTR && PyErr_CheckSignals() < 0)
                 return -1;
-            if (getppid() != ppid)
+            if (parent_gone(pw))
                 return 0; /* the parent is gone: nobody will read our results */
             continue;
         }
@@ -1368,7 +1384,7 @@ static int worker_take(PoolCore *c, cp_slot_t *slot, bytebuf *buf, pid_t ppid)
         atomic_store(&slot->task_seq, h.task_seq);
         cp_ring_pop(r, len);
         while (!(tag & CP_PIECE_LAST)) {
-            if (atomic_load(&p->stop) || getppid() != ppid) {
+            if (atomic_load(&p->stop) || parent_gone(pw)) {
                 cp_ring_unlock(r);
                 return 0;
             }
@@ -1543,7 +1559,7 @@ static int encode_outcome(PoolCore *c, cp_state *st, bytebuf *out, PyObject *val
     return -1;
 }
 
-static int worker_publish(PoolCore *c, uint32_t w, bytebuf *out, pid_t ppid)
+static int worker_publish(PoolCore *c, uint32_t w, bytebuf *out, const parent_watch *pw)
 {
     cp_pool_shm_t *p = c->p;
     cp_ring_t *r = &p->results;
@@ -1557,7 +1573,7 @@ static int worker_publish(PoolCore *c, uint32_t w, bytebuf *out, pid_t ppid)
     }
     uint64_t off = 0;
     while (!cp_ring_put(p, r, out->buf, out->len, w, &off)) {
-        if (atomic_load(&p->stop) || getppid() != ppid)
+        if (atomic_load(&p->stop) || parent_gone(pw))
             break;
         uint64_t left = out->len - off, maxp = cp_ring_max_piece(r);
         uint64_t need = ((left < maxp ? left : maxp) + CP_PIECE_HDR + 7) & ~(uint64_t)7;
@@ -1587,6 +1603,9 @@ static PyObject *core_worker_loop(PoolCore *c, PyObject *const *args, Py_ssize_t
     cp_state *st = cp_get_state(module_of((PyObject *)c));
     cp_slot_t *slot = cp_pool_slot(c->p, (uint32_t)w);
     atomic_store(&slot->pid, (int32_t)getpid());
+    parent_watch pw = {(pid_t)ppid, cp_pidfd_open((pid_t)ppid)};
+    if (pw.pidfd == -ESRCH)
+        Py_RETURN_NONE; /* the pool is gone already */
     func_cache_entry cache[FUNC_CACHE] = {{0}};
     bytebuf in = {0}, out = {0};
     long ntasks = 0;
@@ -1594,7 +1613,7 @@ static PyObject *core_worker_loop(PoolCore *c, PyObject *const *args, Py_ssize_t
     for (;;) {
         if (maxtasks > 0 && ntasks >= maxtasks)
             break;
-        int rc = worker_take(c, slot, &in, (pid_t)ppid);
+        int rc = worker_take(c, slot, &in, &pw);
         if (rc < 0)
             goto done;
         if (rc == 0)
@@ -1650,7 +1669,7 @@ static PyObject *core_worker_loop(PoolCore *c, PyObject *const *args, Py_ssize_t
                               (h.nchunks > 1 ? CP_RES_BATCH : 0);
             cp_res_hdr_t rh = {h.job_id, h.task_seq, h.first_chunk + i, 1, status, enc};
             memcpy(out.buf, &rh, sizeof rh);
-            if (worker_publish(c, (uint32_t)w, &out, (pid_t)ppid) < 0) {
+            if (worker_publish(c, (uint32_t)w, &out, &pw) < 0) {
                 Py_XDECREF(chunks);
                 Py_XDECREF(setup_err);
                 goto done;
@@ -1673,6 +1692,8 @@ done:
     }
     PyMem_RawFree(in.buf);
     PyMem_RawFree(out.buf);
+    if (pw.pidfd >= 0)
+        close(pw.pidfd);
     return result;
 }
 

@@ -540,6 +540,47 @@ def test_other_start_methods(method):
         with pytest.raises(cpool.WorkerLostError):
             p.apply(die, (4,))
         assert list(p.imap(sq, range(5))) == [0, 1, 4, 9, 16]
+        # idle workers stay (under forkserver the pool is not their parent process)
+        before = sorted(w.pid for w in p._pool)
+        time.sleep(0.5)
+        assert sorted(w.pid for w in p._pool) == before
+
+
+_ORPHAN = textwrap.dedent('''
+    import os, sys, time
+    sys.path.insert(0, {root!r})
+    import cpool
+    if __name__ == '__main__':
+        p = cpool.get_context({method!r}).Pool(2)
+        print(' '.join(str(w.pid) for w in p._pool), flush=True)
+        time.sleep(60)
+''')
+
+
+@pytest.mark.parametrize('method', ['fork', 'forkserver'])
+def test_workers_leave_when_the_pool_process_dies(method):
+    code = _ORPHAN.format(root=ROOT, method=method)
+    proc = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(x) for x in proc.stdout.readline().split()]
+        assert len(pids) == 2
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 5
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+        alive = [pid for pid in pids if _running(pid)]
+    assert not alive
+
+
+def _running(pid):
+    try:
+        with open('/proc/%d/stat' % pid) as f:
+            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except OSError:
+        return False
 
 
 def test_default_context_pool_and_names():
