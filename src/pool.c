@@ -15,6 +15,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
 #include <unistd.h>
 
@@ -73,6 +74,7 @@ typedef struct PoolCore {
     pending_msg *pend_head, *pend_tail;
     PyThread_type_lock drain_lock;
     bytebuf scratch, inbuf;
+    int scratch_busy;          /* build_task is using scratch (re-entered through pickling) */
     bytebuf *partial;          /* per worker: result message being reassembled */
     uint64_t *last_done;       /* per worker: task_seq of its last result */
     uint32_t *last_chunk;      /* per worker: chunk index of its last result */
@@ -107,6 +109,7 @@ typedef struct PoolJob {
     Py_ssize_t store_pos, cur_pos;
     uint64_t nsent, nyielded, next_chunk, window, batch;
     int exhausted;
+    int aborted;               /* the pool was terminated: no more chunks will come */
 } PoolJob;
 
 static int job_set_chunk(PoolJob *j, uint64_t idx, int ok, PyObject *value, PyObject **finished);
@@ -237,23 +240,23 @@ static void flush_pending(PoolCore *c)
     }
 }
 
-/* Queue one task message (already in c->scratch): into the ring if it fits and nothing is
-   waiting before it, else onto the pending list, which the result collection drains. */
-static int send_scratch(PoolCore *c)
+/* Queue one task message (in b): into the ring if it fits and nothing is waiting before
+   it, else onto the pending list, which the result collection drains. */
+static int send_msg(PoolCore *c, bytebuf *b)
 {
     uint64_t off = 0;
     c->outstanding++;
-    if (!c->pend_head && cp_ring_put(c->p, &c->p->tasks, c->scratch.buf, c->scratch.len, 0, &off))
+    if (!c->pend_head && cp_ring_put(c->p, &c->p->tasks, b->buf, b->len, 0, &off))
         return 0;
-    pending_msg *m = PyMem_RawMalloc(sizeof(pending_msg) + c->scratch.len);
+    pending_msg *m = PyMem_RawMalloc(sizeof(pending_msg) + b->len);
     if (!m) {
         PyErr_NoMemory();
         return -1;
     }
     m->next = NULL;
-    m->len = c->scratch.len;
+    m->len = b->len;
     m->off = off;
-    memcpy(m->data, c->scratch.buf, c->scratch.len);
+    memcpy(m->data, b->buf, b->len);
     if (c->pend_tail)
         c->pend_tail->next = m;
     else
@@ -262,11 +265,16 @@ static int send_scratch(PoolCore *c)
     return 0;
 }
 
-/* Build a task message for chunks [first, first+n) of job in c->scratch (arguments encoded
-   straight into it) and send it. An argument that cannot be encoded raises here. */
+/* Build a task message for chunks [first, first+n) of job (arguments encoded straight into
+   it) and send it. An argument that cannot be encoded raises here. Pickling may run Python
+   code that lets another thread submit (or this one, re-entering): only the outermost call
+   uses the core's reusable buffer. */
 static int build_task(PoolCore *c, cp_state *st, PoolJob *job, int kind, uint32_t first,
                       uint32_t n, PyObject *func_bytes, PyObject *chunks)
 {
+    bytebuf local = {0}, *b = c->scratch_busy ? &local : &c->scratch;
+    c->scratch_busy++;
+    int rc = -1;
     cp_task_hdr_t h = {0};
     h.job_id = job->id;
     h.timeout_ns = job->timeout_ns;
@@ -274,32 +282,36 @@ static int build_task(PoolCore *c, cp_state *st, PoolJob *job, int kind, uint32_
     h.nchunks = n;
     h.kind = (uint32_t)kind;
     h.func_len = (uint32_t)PyBytes_GET_SIZE(func_bytes);
-    c->scratch.len = 0;
-    if (buf_reserve(&c->scratch, sizeof h + h.func_len) < 0)
-        return -1;
-    c->scratch.len = sizeof h;
-    buf_append(&c->scratch, PyBytes_AS_STRING(func_bytes), h.func_len);
-    size_t args_at = c->scratch.len;
-    if (encode_to(st, &c->scratch, chunks, &h.flags) < 0)
-        return -1;
-    if (c->scratch.len - args_at > UINT32_MAX - 4096) {
+    b->len = 0;
+    if (buf_reserve(b, sizeof h + h.func_len) < 0)
+        goto done;
+    b->len = sizeof h;
+    buf_append(b, PyBytes_AS_STRING(func_bytes), h.func_len);
+    size_t args_at = b->len;
+    if (encode_to(st, b, chunks, &h.flags) < 0)
+        goto done;
+    if (b->len - args_at > UINT32_MAX - 4096) {
         PyErr_SetString(PyExc_OverflowError, "task arguments larger than 4 GiB");
-        return -1;
+        goto done;
     }
-    h.args_len = (uint32_t)(c->scratch.len - args_at);
+    h.args_len = (uint32_t)(b->len - args_at);
     h.task_seq = ++c->next_seq;
-    memcpy(c->scratch.buf, &h, sizeof h);
+    memcpy(b->buf, &h, sizeof h);
     if (n > 1) {
         PyObject *key = PyLong_FromUnsignedLongLong(h.task_seq);
-        PyObject *v = key ? Py_BuildValue("(y#IiII)", (const char *)c->scratch.buf + args_at,
+        PyObject *v = key ? Py_BuildValue("(y#IiII)", (const char *)b->buf + args_at,
                                           (Py_ssize_t)h.args_len, h.flags, kind, first, n) : NULL;
         int r = v ? PyDict_SetItem(c->batches, key, v) : -1;
         Py_XDECREF(key);
         Py_XDECREF(v);
         if (r < 0)
-            return -1;
+            goto done;
     }
-    return send_scratch(c);
+    rc = send_msg(c, b);
+done:
+    c->scratch_busy--;
+    PyMem_RawFree(local.buf);
+    return rc;
 }
 
 /* The function pickled once; plain functions are pickled by name, so the bytes of the last one
@@ -876,23 +888,12 @@ static void wake_parent_waiters(PoolCore *c)
         cp_ring_ring_bell(r);
 }
 
-/* Collect every result in the ring (one thread at a time; others return at once).
-   Returns how many messages were read, or -1 with an exception. */
-static int drain(PoolCore *c)
+/* Read every result in the ring; the caller holds drain_lock. Jobs completed go on
+   *finished. Returns how many messages were read. */
+static int drain_locked(PoolCore *c, cp_state *st, PyObject **finished)
 {
-    if (!c->is_parent)
-        return 0;
     cp_pool_shm_t *p = c->p;
     cp_ring_t *r = &p->results;
-    if (cp_ring_empty(r)) {
-        if (c->pend_head)
-            flush_pending(c);
-        return 0;
-    }
-    if (!PyThread_acquire_lock(c->drain_lock, NOWAIT_LOCK))
-        return 0;
-    cp_state *st = cp_get_state(module_of((PyObject *)c));
-    PyObject *finished = NULL;
     int n = 0;
     uint64_t len;
     uint32_t tag;
@@ -913,7 +914,7 @@ static int drain(PoolCore *c)
                     }
                 }
                 if (ptr)
-                    rc = process_result(c, st, w, ptr, len, &finished);
+                    rc = process_result(c, st, w, ptr, len, finished);
             }
             else {
                 bytebuf *b = &c->partial[w];
@@ -927,7 +928,7 @@ static int drain(PoolCore *c)
                     cp_ring_copy_out(p, r, 0, b->buf + b->len, len);
                     b->len += len;
                     if (tag & CP_PIECE_LAST) {
-                        rc = process_result(c, st, w, b->buf, b->len, &finished);
+                        rc = process_result(c, st, w, b->buf, b->len, finished);
                         b->len = 0;
                     }
                 }
@@ -938,11 +939,35 @@ static int drain(PoolCore *c)
             PyErr_WriteUnraisable((PyObject *)c);
         n++;
     }
-    PyThread_release_lock(c->drain_lock);
+    return n;
+}
+
+/* After a drain: feed waiting tasks, run callbacks of completed jobs, wake other waiters. */
+static void after_drain(PoolCore *c, PyObject *finished, int n)
+{
     flush_pending(c);
     finish_jobs(c, finished);
     if (n)
         wake_parent_waiters(c);
+}
+
+/* Collect every result in the ring (one thread at a time; others return at once).
+   Returns how many messages were read. */
+static int drain(PoolCore *c)
+{
+    if (!c->is_parent)
+        return 0;
+    if (cp_ring_empty(&c->p->results)) {
+        if (c->pend_head)
+            flush_pending(c);
+        return 0;
+    }
+    if (!PyThread_acquire_lock(c->drain_lock, NOWAIT_LOCK))
+        return 0;
+    PyObject *finished = NULL;
+    int n = drain_locked(c, cp_get_state(module_of((PyObject *)c)), &finished);
+    PyThread_release_lock(c->drain_lock);
+    after_drain(c, finished, n);
     return n;
 }
 
@@ -1073,22 +1098,20 @@ static PyObject *core_worker_lost(PoolCore *c, PyObject *const *args, Py_ssize_t
         PyErr_SetString(PyExc_IndexError, "worker index out of range");
         return NULL;
     }
-    /* Results it handed back before dying come first; wait for a concurrent drain. */
-    while (drain(c) > 0 || !cp_ring_empty(&c->p->results)) {
+    /* Under the drain lock, results it handed back before dying are read first. */
+    if (!PyThread_acquire_lock(c->drain_lock, NOWAIT_LOCK)) {
         Py_BEGIN_ALLOW_THREADS
         PyThread_acquire_lock(c->drain_lock, WAIT_LOCK);
-        PyThread_release_lock(c->drain_lock);
         Py_END_ALLOW_THREADS
-        if (cp_ring_empty(&c->p->results))
-            break;
     }
     cp_state *st = cp_get_state(module_of((PyObject *)c));
+    PyObject *finished = NULL;
+    int nread = drain_locked(c, st, &finished);
     cp_slot_t *s = cp_pool_slot(c->p, (uint32_t)w);
     uint64_t seq = atomic_load(&s->task_seq);
     uint32_t first = atomic_load(&s->first_chunk), n = atomic_load(&s->nchunks);
     uint32_t last = first + n - 1;
     int answered = c->last_done[w] == seq && c->last_chunk[w] == last;
-    PyObject *finished = NULL;
     int rc = 0;
     if (seq && !answered && c->state != POOL_TERMINATE &&
         atomic_load(&s->taken_pos) < atomic_load(&c->p->tasks.tail)) {
@@ -1126,8 +1149,8 @@ static PyObject *core_worker_lost(PoolCore *c, PyObject *const *args, Py_ssize_t
     if (c->pidfds[w] >= 0)
         c->pidfds[w] = -1; /* owned by the Process object, which closes it */
     c->pids[w] = 0;
-    finish_jobs(c, finished);
-    wake_parent_waiters(c);
+    PyThread_release_lock(c->drain_lock);
+    after_drain(c, finished, nread + 1);
     if (rc < 0)
         return NULL;
     Py_RETURN_NONE;
@@ -1164,7 +1187,9 @@ static void check_timeouts(PoolCore *c, int64_t now)
         if (t > 0 && seq && c->timed_out[w] != seq && now - atomic_load(&s->item_start_ns) > t &&
             c->pids[w] > 0) {
             c->timed_out[w] = seq;
-            kill(c->pids[w], SIGKILL);
+            /* Through the pidfd: a forkserver worker is not our child, its pid may be reused. */
+            if (c->pidfds[w] < 0 || syscall(SYS_pidfd_send_signal, c->pidfds[w], SIGKILL, NULL, 0) < 0)
+                kill(c->pids[w], SIGKILL);
         }
     }
 }
@@ -1263,19 +1288,26 @@ static PyObject *core_terminate(PoolCore *c, PyObject *unused)
 /* fail_all(exc): every job still waiting fails with exc (the pool was terminated). */
 static PyObject *core_fail_all(PoolCore *c, PyObject *exc)
 {
-    drain(c);
-    PyObject *jobs = PyDict_Values(c->jobs);
-    if (!jobs)
-        return NULL;
+    if (!PyThread_acquire_lock(c->drain_lock, NOWAIT_LOCK)) {
+        Py_BEGIN_ALLOW_THREADS
+        PyThread_acquire_lock(c->drain_lock, WAIT_LOCK);
+        Py_END_ALLOW_THREADS
+    }
     PyObject *finished = NULL;
+    int n = drain_locked(c, cp_get_state(module_of((PyObject *)c)), &finished);
+    PyObject *jobs = PyDict_Values(c->jobs);
+    if (!jobs) {
+        PyThread_release_lock(c->drain_lock);
+        after_drain(c, finished, n);
+        return NULL;
+    }
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(jobs); i++) {
         PoolJob *j = (PoolJob *)PyList_GET_ITEM(jobs, i);
         if (j->kind == JOB_IMAP) {
-            /* imap: next() raises exc once the chunks that did arrive are yielded */
-            if (!j->iter_exc)
-                j->iter_exc = Py_NewRef(exc);
+            /* imap: next() yields what did arrive in order, then raises exc */
+            Py_XSETREF(j->iter_exc, Py_NewRef(exc));
             j->exhausted = 1;
-            j->nsent = j->ndone;
+            j->aborted = 1;
             unregister_job(c, j);
             continue;
         }
@@ -1290,8 +1322,8 @@ static PyObject *core_fail_all(PoolCore *c, PyObject *exc)
         PyMem_RawFree(m);
     }
     c->pend_tail = NULL;
-    finish_jobs(c, finished);
-    wake_parent_waiters(c);
+    PyThread_release_lock(c->drain_lock);
+    after_drain(c, finished, 1);
     Py_RETURN_NONE;
 }
 
@@ -2053,7 +2085,7 @@ static int imap_ready(PoolJob *j)
     else if (j->store_pos < PyList_GET_SIZE(j->store)) {
         return 1;
     }
-    return j->exhausted && j->nyielded >= j->nsent;
+    return (j->exhausted && j->nyielded >= j->nsent) || j->aborted;
 }
 
 static PyObject *imap_next(PoolJob *j, int64_t deadline)
@@ -2113,7 +2145,7 @@ static PyObject *imap_next(PoolJob *j, int64_t deadline)
             Py_DECREF(pair);
             return NULL;
         }
-        if (j->exhausted && j->nyielded >= j->nsent) {
+        if ((j->exhausted && j->nyielded >= j->nsent) || j->aborted) {
             if (j->iter_exc) {
                 PyObject *e = j->iter_exc;
                 j->iter_exc = NULL;

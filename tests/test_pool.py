@@ -410,6 +410,23 @@ def test_terminate_fails_pending_results_and_leaves_nothing():
     assert not zombies()
 
 
+def test_terminate_ends_imap_with_error():
+    p = cpool.Pool(2)
+    it = p.imap(sleepy, [0.01, 0.01, 10, 0.01, 10], chunksize=1)
+    assert next(it) == 0.01
+    assert next(it) == 0.01
+    time.sleep(0.2)
+    p.terminate()
+    got = []
+    with pytest.raises(cpool.ProcessError):
+        for x in it:
+            got.append(x)
+    assert got == []  # chunk 2 never finished: what came after it is not yielded out of order
+    with pytest.raises(StopIteration):
+        next(it)
+    p.join()
+
+
 # ============================ bounded memory, big messages, rings ============================
 
 _MEM = textwrap.dedent('''
