@@ -427,6 +427,63 @@ def test_terminate_ends_imap_with_error():
     p.join()
 
 
+class Box(object):
+    # Pickled by pickle (not plain): its reduce runs Python code, so a thread switch can
+    # happen in the middle of a submission.
+    def __init__(self, v):
+        self.v = v
+
+    def __reduce__(self):
+        time.sleep(0)
+        return Box, (self.v,)
+
+    def __eq__(self, other):
+        return isinstance(other, Box) and other.v == self.v
+
+
+def unbox(b):
+    return Box(b.v * 2)
+
+
+def test_many_threads_submitting():
+    with cpool.Pool(2) as p:
+        errors = []
+
+        def client(k):
+            try:
+                for i in range(30):
+                    assert p.apply_async(unbox, (Box(i + k),)).get(20) == Box(2 * (i + k))
+                    assert p.map(unbox, [Box(j) for j in range(5)], chunksize=2) == \
+                        [Box(2 * j) for j in range(5)]
+                    assert list(p.imap(sq, range(k, k + 7))) == [x * x for x in range(k, k + 7)]
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+
+
+def test_callback_may_use_the_pool():
+    with cpool.Pool(2) as p:
+        got = []
+        done = threading.Event()
+
+        def cb(v):
+            got.append(v)
+            if len(got) < 5:
+                p.apply_async(add, (v, 1), callback=cb)
+            else:
+                done.set()
+
+        p.apply_async(add, (0, 1), callback=cb)
+        assert done.wait(10)
+        assert got == [1, 2, 3, 4, 5]
+
+
 # ============================ bounded memory, big messages, rings ============================
 
 _MEM = textwrap.dedent('''
