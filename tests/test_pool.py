@@ -301,7 +301,16 @@ def test_worker_death_fails_only_its_task(func, arg, code):
         assert [r.get(10) for r in others] == [0.2] * 3
         # replaced: the pool keeps serving with its full size
         assert p.map(sq, range(20), chunksize=1) == [x * x for x in range(20)]
-        assert len(p._pool) == 2 and all(w.is_alive() for w in p._pool)
+        _wait_full(p)
+        assert len(p._pool) == 2
+
+
+def _wait_full(p, timeout=10):
+    # A dead worker's replacement is started right after its task has been failed.
+    deadline = time.monotonic() + timeout
+    while not all(w is not None and w.exitcode is None for w in p._pool):
+        assert time.monotonic() < deadline, p._pool
+        time.sleep(0.02)
 
 
 def test_base_exceptions_fail_the_task():
@@ -615,6 +624,7 @@ def test_other_start_methods(method):
             p.apply(die, (4,))
         assert list(p.imap(sq, range(5))) == [0, 1, 4, 9, 16]
         # idle workers stay (under forkserver the pool is not their parent process)
+        _wait_full(p)
         before = sorted(w.pid for w in p._pool)
         time.sleep(0.5)
         assert sorted(w.pid for w in p._pool) == before
