@@ -308,6 +308,7 @@ class Pool(object):
             if not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0:
                 raise ValueError("maxtasksperchild must be a positive int or None")
         self._processes = processes
+        self._owner = os.getpid()
         self._initializer = initializer
         self._initargs = initargs
         self._maxtasksperchild = maxtasksperchild
@@ -411,6 +412,8 @@ class Pool(object):
         """Stop the workers now; results not yet in are lost (their get() raises)."""
         util.debug('terminating pool')
         self._state = TERMINATE
+        if os.getpid() != self._owner:
+            return  # a forked copy of the pool object: the workers are not ours to stop
         self._terminate()
 
     def join(self):
@@ -420,6 +423,8 @@ class Pool(object):
             raise ValueError("Pool is still running")
         elif self._state not in (CLOSE, TERMINATE):
             raise ValueError("In unknown state")
+        if os.getpid() != self._owner:
+            return
         self._handler.join()
         for p in list(self._pool):
             if p is not None:

@@ -12,6 +12,7 @@
 #include "module.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <poll.h>
 #include <signal.h>
 #include <string.h>
@@ -88,6 +89,7 @@ typedef struct PoolCore {
     PyObject *wrap_exc, *encoding_error;
     PyObject *cls[4];          /* ApplyResult, MapResult, IMapIterator, IMapUnorderedIterator */
     int64_t ncallbacks;        /* jobs with a callback not yet run */
+    uint64_t fork_gen;         /* fork_generation when made: a forked copy must not use it */
 } PoolCore;
 
 typedef struct PoolJob {
@@ -113,6 +115,20 @@ typedef struct PoolJob {
 } PoolJob;
 
 static int job_set_chunk(PoolJob *j, uint64_t idx, int ok, PyObject *value, PyObject **finished);
+
+/* Bumped in every forked child: a pool's parent side belongs to the process that made it
+   (a child writing into its rings, or reading its results, would break the parent's pool). */
+static uint64_t fork_generation;
+
+static void bump_fork_generation(void)
+{
+    fork_generation++;
+}
+
+static int foreign(PoolCore *c)
+{
+    return c->fork_gen != fork_generation;
+}
 
 static PyObject *module_of(PyObject *self)
 {
@@ -343,6 +359,10 @@ static PyObject *func_bytes_of(PoolCore *c, cp_state *st, PyObject *func)
 
 static int check_running(PoolCore *c)
 {
+    if (foreign(c)) {
+        PyErr_SetString(PyExc_ValueError, "a pool can only be used by the process that created it");
+        return -1;
+    }
     if (c->state != POOL_RUN) {
         PyErr_SetString(PyExc_ValueError, "Pool not running");
         return -1;
@@ -955,7 +975,7 @@ static void after_drain(PoolCore *c, PyObject *finished, int n)
    Returns how many messages were read. */
 static int drain(PoolCore *c)
 {
-    if (!c->is_parent)
+    if (!c->is_parent || foreign(c))
         return 0;
     if (cp_ring_empty(&c->p->results)) {
         if (c->pend_head)
@@ -978,6 +998,11 @@ static int job_wait(PoolJob *j, ready_fn ready, int64_t deadline)
 {
     PoolCore *c = j->core;
     cp_ring_t *r = &c->p->results;
+    if (foreign(c) && !ready(j)) {
+        PyErr_SetString(PyExc_ValueError, "a pool's results can only be waited for by the "
+                        "process that created the pool");
+        return -1;
+    }
     for (;;) {
         uint32_t seen = atomic_load(&r->bell);
         if (ready(j))
@@ -1266,6 +1291,10 @@ static PyObject *core_serve(PoolCore *c, PyObject *arg)
 
 static PyObject *core_close(PoolCore *c, PyObject *unused)
 {
+    if (foreign(c)) {
+        c->state = POOL_CLOSE; /* a forked copy: the pool itself is not ours to close */
+        Py_RETURN_NONE;
+    }
     if (c->state == POOL_RUN)
         c->state = POOL_CLOSE;
     flush_pending(c);
@@ -1276,6 +1305,10 @@ static PyObject *core_close(PoolCore *c, PyObject *unused)
 /* terminate(): workers leave at once; the handler thread stops serving. */
 static PyObject *core_terminate(PoolCore *c, PyObject *unused)
 {
+    if (foreign(c)) {
+        c->state = POOL_TERMINATE;
+        Py_RETURN_NONE;
+    }
     c->state = POOL_TERMINATE;
     atomic_store(&c->p->stop, 1);
     atomic_store(&c->p->closing, 1);
@@ -1288,6 +1321,8 @@ static PyObject *core_terminate(PoolCore *c, PyObject *unused)
 /* fail_all(exc): every job still waiting fails with exc (the pool was terminated). */
 static PyObject *core_fail_all(PoolCore *c, PyObject *exc)
 {
+    if (foreign(c))
+        Py_RETURN_NONE;
     if (!PyThread_acquire_lock(c->drain_lock, NOWAIT_LOCK)) {
         Py_BEGIN_ALLOW_THREADS
         PyThread_acquire_lock(c->drain_lock, WAIT_LOCK);
@@ -1772,6 +1807,7 @@ static PyObject *core_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
         return NULL;
     c->shm.fd = -1;
     c->is_parent = 1;
+    c->fork_gen = fork_generation;
     c->maxtasks = maxtasks;
     c->default_timeout_ns = t;
     if (core_alloc_arrays(c, n) < 0)
@@ -2284,6 +2320,15 @@ static PyType_Spec job_spec = {
 
 int cp_exec_pool(PyObject *module)
 {
+    static int atfork_done;
+    if (!atfork_done) {
+        int r = pthread_atfork(NULL, NULL, bump_fork_generation);
+        if (r) {
+            cp_err_errno(-r, "pthread_atfork");
+            return -1;
+        }
+        atfork_done = 1;
+    }
     if (cp_add_type(module, CP_TYPE_POOL, &core_spec, NULL) < 0)
         return -1;
     return cp_add_type(module, CP_TYPE_POOLJOB, &job_spec, NULL);

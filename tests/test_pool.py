@@ -493,6 +493,40 @@ def test_callback_may_use_the_pool():
         assert got == [1, 2, 3, 4, 5]
 
 
+def _use_inherited_pool(pool, q):
+    out = []
+    for call in (lambda: pool.apply(sq, (2,)), lambda: pool.map(sq, [1])):
+        try:
+            call()
+            out.append('ran')
+        except ValueError as e:
+            out.append(str(e))
+    pool.terminate()  # must not stop the parent's workers
+    q.put(out)
+
+
+def test_forked_child_cannot_use_the_parents_pool():
+    ctx = cpool.get_context('fork')
+    with ctx.Pool(2) as p:
+        assert p.apply(sq, (3,)) == 9
+        import queue as _queue
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                q = _queue.SimpleQueue()
+                _use_inherited_pool(p, q)
+                os.write(w, repr(q.get()).encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        with os.fdopen(r) as f:
+            got = f.read()
+        os.waitpid(pid, 0)
+        assert got.count('process that created it') == 2, got
+        assert p.map(sq, range(5)) == [0, 1, 4, 9, 16]  # the parent's pool still serves
+
+
 # ============================ bounded memory, big messages, rings ============================
 
 _MEM = textwrap.dedent('''
