@@ -390,11 +390,12 @@ _CTRL_C = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.parametrize('call', ['map(sleepy, [3] * 8, chunksize=1)',
-                                  'apply_async(sleepy, (3,)).get()',
-                                  'imap(sleepy, [3] * 4).__next__()'])
-def test_ctrl_c_in_parent(call):
-    code = _CTRL_C.format(root=ROOT, method='fork', call=call)
+@pytest.mark.parametrize('method,call', [('fork', 'map(sleepy, [3] * 8, chunksize=1)'),
+                                         ('fork', 'apply_async(sleepy, (3,)).get()'),
+                                         ('fork', 'imap(sleepy, [3] * 4).__next__()'),
+                                         ('spawn', 'map(sleepy, [3] * 8, chunksize=1)')])
+def test_ctrl_c_in_parent(method, call):
+    code = _CTRL_C.format(root=ROOT, method=method, call=call)
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=30)
     lines = r.stdout.split()
     assert lines[0] == 'KI', r.stdout + r.stderr
