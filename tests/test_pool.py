@@ -381,7 +381,7 @@ _CTRL_C = textwrap.dedent('''
             os.kill(os.getpid(), signal.SIGINT)
         try:
             with ctx.Pool(2) as p:
-                p.map(sleepy, [0.01] * 4)
+                p.map(time.sleep, [0.01] * 4)  # time.sleep: importable under spawn too
                 threading.Timer(0.3, fire).start()
                 p.{call}
         except KeyboardInterrupt:
@@ -393,7 +393,7 @@ _CTRL_C = textwrap.dedent('''
 @pytest.mark.parametrize('method,call', [('fork', 'map(sleepy, [3] * 8, chunksize=1)'),
                                          ('fork', 'apply_async(sleepy, (3,)).get()'),
                                          ('fork', 'imap(sleepy, [3] * 4).__next__()'),
-                                         ('spawn', 'map(sleepy, [3] * 8, chunksize=1)')])
+                                         ('spawn', 'map(time.sleep, [3] * 8, chunksize=1)')])
 def test_ctrl_c_in_parent(method, call):
     code = _CTRL_C.format(root=ROOT, method=method, call=call)
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=30)
