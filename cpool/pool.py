@@ -658,8 +658,9 @@ class _ThreadIMapIterator(object):
                 self._pool = None
 
 
-class ThreadPool(object):
-    """A pool of threads with Pool's API (nothing is pickled; functions may be lambdas)."""
+class ThreadPool(Pool):
+    """A pool of threads with Pool's API (nothing is pickled; functions may be lambdas).
+    A Pool subclass as in the standard library, with its own thread-based machinery."""
 
     def __init__(self, processes=None, initializer=None, initargs=()):
         self._state = INIT
