@@ -458,7 +458,7 @@ class Pool(object):
             chunksize = self._default_chunksize(len(iterable))
         elif chunksize < 1 and len(iterable):
             raise ValueError("Chunksize must be 1+, not {0:n}".format(chunksize))
-        if not isinstance(iterable, (list, tuple)):
+        if not isinstance(iterable, (list, tuple, range)):
             iterable = list(iterable)
         return self._core.map(func, iterable, chunksize, star, callback, error_callback,
                               task_timeout)

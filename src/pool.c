@@ -506,7 +506,10 @@ static PyObject *core_map(PoolCore *c, PyObject *const *args, Py_ssize_t nargs)
     if (check_running(c) < 0)
         return NULL;
     cp_state *st = cp_get_state(module_of((PyObject *)c));
-    PyObject *seq = PySequence_Fast(args[1], "map() needs a sequence");
+    /* A range is cut chunk by chunk: its numbers are made as they are sent, never all at
+       once (memory that is freed and reused at once instead of faulted in and out). */
+    int is_range = PyRange_Check(args[1]);
+    PyObject *seq = is_range ? Py_NewRef(args[1]) : PySequence_Fast(args[1], "map() needs a sequence");
     if (!seq)
         return NULL;
     Py_ssize_t chunksize = PyLong_AsSsize_t(args[2]);
@@ -517,7 +520,9 @@ static PyObject *core_map(PoolCore *c, PyObject *const *args, Py_ssize_t nargs)
     PyObject *batch = NULL;
     if ((chunksize == -1 && PyErr_Occurred()) || star < 0 || err)
         goto fail;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    Py_ssize_t n = is_range ? PyObject_Length(seq) : PySequence_Fast_GET_SIZE(seq);
+    if (n < 0)
+        goto fail;
     j = new_job(c, JOB_MAP, args[4], args[5]);
     if (!j)
         goto fail;
@@ -544,7 +549,7 @@ static PyObject *core_map(PoolCore *c, PyObject *const *args, Py_ssize_t nargs)
     if (register_job(c, j) < 0)
         goto fail;
     uint32_t per = batch_for(c, j->nchunks, chunksize);
-    PyObject **items = PySequence_Fast_ITEMS(seq);
+    PyObject **items = is_range ? NULL : PySequence_Fast_ITEMS(seq);
     for (uint64_t first = 0; first < j->nchunks; first += per) {
         uint64_t m = j->nchunks - first < per ? j->nchunks - first : per;
         batch = PyList_New((Py_ssize_t)m);
@@ -553,11 +558,18 @@ static PyObject *core_map(PoolCore *c, PyObject *const *args, Py_ssize_t nargs)
         for (uint64_t k = 0; k < m; k++) {
             Py_ssize_t lo = (Py_ssize_t)(first + k) * chunksize;
             Py_ssize_t hi = lo + chunksize < n ? lo + chunksize : n;
-            PyObject *t = PyTuple_New(hi - lo);
+            PyObject *t;
+            if (is_range) {
+                PyObject *part = PySequence_GetSlice(seq, lo, hi);
+                t = part ? PySequence_Tuple(part) : NULL;
+                Py_XDECREF(part);
+            }
+            else if ((t = PyTuple_New(hi - lo)) != NULL) {
+                for (Py_ssize_t i = lo; i < hi; i++)
+                    PyTuple_SET_ITEM(t, i - lo, Py_NewRef(items[i]));
+            }
             if (!t)
                 goto fail_registered;
-            for (Py_ssize_t i = lo; i < hi; i++)
-                PyTuple_SET_ITEM(t, i - lo, Py_NewRef(items[i]));
             PyList_SET_ITEM(batch, (Py_ssize_t)k, t);
         }
         if (send_chunks(c, st, j, (uint32_t)first, batch) < 0)
