@@ -260,6 +260,20 @@ class Server(object):
         send_bytes = conn.send_bytes
         id_to_obj = self.id_to_obj
         control = self._control
+        _serving.conn = conn
+        _serving.held = []
+        try:
+            self._serve_loop(conn, recv_bytes, send_bytes, id_to_obj, control)
+        except _PeerGone:
+            util.debug('peer gone during a blocking call -- exiting thread serving %r',
+                       threading.current_thread().name)
+        finally:
+            # Locks the dead client held are released, or they would be held for ever.
+            held, _serving.held, _serving.conn = _serving.held, None, None
+            for lock in reversed(held):
+                lock._release_for_dead_peer()
+
+    def _serve_loop(self, conn, recv_bytes, send_bytes, id_to_obj, control):
         while True:
             try:
                 data = recv_bytes()
@@ -1083,6 +1097,205 @@ def AutoProxy(token, serializer, manager=None, authkey=None, exposed=None, incre
     return proxy
 
 
+# ---- server-side objects whose blocking calls notice that their caller died ----
+#
+# A server thread blocked in q.get() for a client that was killed would otherwise wake up
+# later and take an item (or a lock) for nobody. Blocking waits run in slices; between
+# slices the thread checks its client's connection, which never has anything to read
+# during a call unless the client hung up.
+
+class _PeerGone(BaseException):
+    """The client whose call was blocked went away: the call is abandoned."""
+
+
+_serving = threading.local()
+_SLICE = 0.1
+
+
+def _check_peer():
+    conn = getattr(_serving, 'conn', None)
+    if conn is not None:
+        try:
+            gone = conn.poll(0)
+        except (OSError, EOFError, ValueError):
+            gone = True
+        if gone:
+            raise _PeerGone()
+
+
+def _sliced(wait, timeout, exc=None):
+    """wait(t) until it gives a true result, in slices of at most _SLICE with the client
+    checked between them; timeout None is for ever. With exc, wait signals "not yet" by
+    raising exc instead of returning a false value."""
+    if getattr(_serving, 'conn', None) is None:
+        return wait(timeout)
+    if timeout is not None and timeout < 0:
+        timeout = 0
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        t = _SLICE if deadline is None else max(0.0, min(_SLICE, deadline - time.monotonic()))
+        if exc is None:
+            r = wait(t)
+            if r:
+                return r
+        else:
+            try:
+                return wait(t)
+            except exc:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+                r = None
+        if deadline is not None and time.monotonic() >= deadline:
+            return r
+        _check_peer()
+
+
+class _Queue(queue.Queue):
+    def get(self, block=True, timeout=None):
+        if not block:
+            return super().get(False)
+        if timeout is not None and timeout < 0:
+            raise ValueError("'timeout' must be a non-negative number")
+        item = _sliced(lambda t: queue.Queue.get(self, True, t), timeout, queue.Empty)
+        try:
+            _check_peer()
+        except _PeerGone:
+            # Taken for a client that died while it waited: back at the front for the others.
+            with self.mutex:
+                self.queue.appendleft(item)
+                self.not_empty.notify()
+            raise
+        return item
+
+    def put(self, item, block=True, timeout=None):
+        if not block:
+            return super().put(item, False)
+        if timeout is not None and timeout < 0:
+            raise ValueError("'timeout' must be a non-negative number")
+        return _sliced(lambda t: queue.Queue.put(self, item, True, t), timeout, queue.Full)
+
+
+def _remove_identical(lst, x):
+    for i in range(len(lst) - 1, -1, -1):
+        if lst[i] is x:
+            del lst[i]
+            return True
+    return False
+
+
+class _Acquirer(object):
+    """A threading lock or semaphore; locks remember which client holds them, so that a
+    client that dies holding one does not lock everyone else out for ever."""
+    _factory = None
+    _owned = False
+
+    def __init__(self, *args):
+        self._lock = self._factory(*args)
+        self._holders = []  # the `held` lists of the serving threads holding the lock
+
+    def acquire(self, blocking=True, timeout=-1):
+        if not blocking:
+            if timeout not in (-1, None):
+                raise ValueError("can't specify a timeout for a non-blocking call")
+            ok = self._lock.acquire(False)
+        else:
+            wait = lambda t: self._lock.acquire(True, -1 if t is None else t)
+            ok = _sliced(wait, None if timeout in (-1, None) else timeout)
+            if ok:
+                try:
+                    _check_peer()
+                except _PeerGone:
+                    self._lock.release()  # got it for a client that died meanwhile
+                    raise
+        if ok and self._owned:
+            held = getattr(_serving, 'held', None)
+            if held is not None:
+                held.append(self)
+                self._holders.append(held)
+        return ok
+
+    def release(self):
+        if self._owned and self._holders:
+            mine = getattr(_serving, 'held', None)
+            if not _remove_identical(self._holders, mine):
+                if self._owner_checked():
+                    mine = self._holders.pop()
+            if mine is not None:
+                _remove_identical(mine, self)
+        self._lock.release()
+
+    def _owner_checked(self):
+        return True
+
+    def _release_for_dead_peer(self):
+        held = getattr(_serving, 'held', None)
+        _remove_identical(self._holders, held)
+        try:
+            self._lock.release()
+        except RuntimeError:
+            pass
+
+    __enter__ = acquire
+
+    def __exit__(self, *args):
+        self.release()
+
+    def __repr__(self):
+        return repr(self._lock)
+
+
+class _Lock(_Acquirer):
+    _factory = staticmethod(threading.Lock)
+    _owned = True
+
+    def locked(self):
+        return self._lock.locked()
+
+
+class _RLock(_Acquirer):
+    _factory = staticmethod(threading.RLock)
+    _owned = True
+
+    def _owner_checked(self):
+        # Only the owning thread may release an RLock: a stray release raises below.
+        return False
+
+    # What threading.Condition needs to wait on this lock.
+    def _is_owned(self):
+        return self._lock._is_owned()
+
+    def _release_save(self):
+        return self._lock._release_save()
+
+    def _acquire_restore(self, state):
+        self._lock._acquire_restore(state)
+
+
+class _Semaphore(_Acquirer):
+    _factory = staticmethod(threading.Semaphore)
+
+
+class _BoundedSemaphore(_Acquirer):
+    _factory = staticmethod(threading.BoundedSemaphore)
+
+
+class _Condition(threading.Condition):
+    def __init__(self, lock=None):
+        super().__init__(_RLock() if lock is None else lock)
+        if isinstance(self._lock, _Acquirer):
+            self.acquire = self._lock.acquire
+            self.release = self._lock.release
+
+    def wait(self, timeout=None):
+        # A notify cannot slip between two slices: the lock is held there.
+        return _sliced(super().wait, timeout)
+
+
+class _Event(threading.Event):
+    def wait(self, timeout=None):
+        return _sliced(super().wait, timeout)
+
+
 # ---- types registered with SyncManager ----
 
 class Namespace(object):
@@ -1327,14 +1540,14 @@ class SyncManager(BaseManager):
     `list`, `Namespace`, `Value`, `Array` and `Pool`. `cpool.Manager()` returns a started one."""
 
 
-SyncManager.register('Queue', queue.Queue)
-SyncManager.register('JoinableQueue', queue.Queue)
-SyncManager.register('Event', threading.Event, EventProxy)
-SyncManager.register('Lock', threading.Lock, AcquirerProxy)
-SyncManager.register('RLock', threading.RLock, AcquirerProxy)
-SyncManager.register('Semaphore', threading.Semaphore, AcquirerProxy)
-SyncManager.register('BoundedSemaphore', threading.BoundedSemaphore, AcquirerProxy)
-SyncManager.register('Condition', threading.Condition, ConditionProxy)
+SyncManager.register('Queue', _Queue)
+SyncManager.register('JoinableQueue', _Queue)
+SyncManager.register('Event', _Event, EventProxy)
+SyncManager.register('Lock', _Lock, AcquirerProxy)
+SyncManager.register('RLock', _RLock, AcquirerProxy)
+SyncManager.register('Semaphore', _Semaphore, AcquirerProxy)
+SyncManager.register('BoundedSemaphore', _BoundedSemaphore, AcquirerProxy)
+SyncManager.register('Condition', _Condition, ConditionProxy)
 SyncManager.register('Barrier', threading.Barrier, BarrierProxy)
 SyncManager.register('Pool', _Pool, PoolProxy)
 SyncManager.register('list', list, ListProxy)
