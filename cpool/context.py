@@ -298,4 +298,6 @@ def assert_spawning(obj):
 
 def _force_start_method(method):
     # In a child: objects it creates use the start method it was started with.
-    _default_context._actual_context = _concrete_contexts[method]
+    ctx = _concrete_contexts[method]
+    if _default_context._actual_context is not ctx:
+        _default_context._actual_context = ctx

@@ -26,6 +26,10 @@ def active_children():
 
 def parent_process():
     """The parent's Process object, or None in the main process."""
+    global _parent_process
+    if _parent_process is None and _parent_info is not None:
+        # Made on first use: a child that never asks saves the work (and its page faults).
+        _parent_process = _ParentProcess(*_parent_info)
     return _parent_process
 
 
@@ -60,7 +64,6 @@ class BaseProcess(object):
         self._name = name or type(self).__name__ + '-' + ':'.join(str(i) for i in self._identity)
         if daemon is not None:
             self.daemon = daemon
-        _dangling.add(self)
 
     def _check_closed(self):
         if self._closed:
@@ -215,18 +218,19 @@ class BaseProcess(object):
 
     def _bootstrap(self, parent_sentinel=None):
         """Run in the child: become the current process, run(), turn the outcome into an exit code."""
-        from . import util
-        global _current_process, _parent_process, _process_counter, _children
+        global _current_process, _parent_process, _parent_info, _process_counter, _children
+        util = sys.modules['cpool.util']  # imported by every Popen; no import machinery here
         try:
             if self._start_method is not None:
-                from . import context
-                context._force_start_method(self._start_method)
+                sys.modules['cpool.context']._force_start_method(self._start_method)
             _process_counter = itertools.count(1)
-            _children = set()
+            if _children:
+                _children = set()
             util._close_stdin()
             old_process = _current_process
             _current_process = self
-            _parent_process = _ParentProcess(self._parent_name, self._parent_pid, parent_sentinel)
+            _parent_process = None
+            _parent_info = (self._parent_name, self._parent_pid, parent_sentinel)
             if threading._HAVE_THREAD_NATIVE_ID:
                 threading.main_thread()._set_native_id()
             try:
@@ -235,8 +239,12 @@ class BaseProcess(object):
                 # The parent's finalizers belong to the parent.
                 del old_process
             util.info('child process calling self.run()')
-            self.run()
-            exitcode = 0
+            try:
+                self.run()
+                exitcode = 0
+            finally:
+                # The child's own children are joined and its finalizers run, as at any exit.
+                util._exit_function()
         except SystemExit as e:
             if e.code is None:
                 exitcode = 0
@@ -251,15 +259,17 @@ class BaseProcess(object):
             sys.stderr.write('Process %s:\n' % self.name)
             traceback.print_exc()
         finally:
-            threading._shutdown()
-            util.info('process exiting with exitcode %d' % exitcode)
+            if threading.active_count() > 1 or getattr(threading, '_threading_atexits', None):
+                threading._shutdown()  # joins the non-daemon threads run() left behind
+            util.info('process exiting with exitcode %d', exitcode)
             util._flush_std_streams()
         return exitcode
 
     @staticmethod
     def _after_fork():
         from . import util
-        util._finalizer_registry.clear()
+        if util._finalizer_registry:
+            util._finalizer_registry.clear()
         util._run_after_forkers()
 
 
@@ -294,25 +304,34 @@ class _ParentProcess(BaseProcess):
         return self._sentinel_fd
 
     def is_alive(self):
-        from .connection import wait
-        return not wait([self.sentinel], timeout=0)
+        return not _fd_readable(self.sentinel, 0)
 
     @property
     def ident(self):
         return self._pid
 
     def join(self, timeout=None):
-        from .connection import wait
-        wait([self.sentinel], timeout=timeout)
+        _fd_readable(self.sentinel, timeout)
 
     pid = ident
 
 
+def _fd_readable(fd, timeout):
+    import select
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(None if timeout is None else max(0.0, timeout) * 1000))
+
+
+# False in a child of the forkserver, whose OS parent is the server, not its Process parent.
+_parent_is_ppid = True
+
+
 def _parent_sentinel(pid):
-    # A pidfd of the parent, made on first use; if the parent is already gone (we were
-    # re-parented) an fd that is readable at once stands in for it.
+    # A pidfd of the parent, made on first use; if the parent is already gone (a fork or spawn
+    # child was re-parented) an fd that is readable at once stands in for it.
     from . import _core
-    if os.getppid() == pid:
+    if os.getppid() == pid or not _parent_is_ppid:
         try:
             return _core.pidfd_open(pid)
         except OSError:
@@ -337,6 +356,7 @@ class _MainProcess(BaseProcess):
 
 
 _parent_process = None
+_parent_info = None
 _current_process = _MainProcess()
 _process_counter = itertools.count(1)
 _children = set()
@@ -347,7 +367,3 @@ for name, signum in list(signal.__dict__.items()):
     if name[:3] == 'SIG' and '_' not in name:
         _exitcode_to_name[-signum] = f'-{name}'
 del name, signum
-
-# Process objects never started: kept weakly so tests can look for strays, as the stdlib does.
-import weakref  # noqa: E402
-_dangling = weakref.WeakSet()
