@@ -77,6 +77,8 @@ static int cp_exec(PyObject *m)
     if (!st->slot[CP_OBJ_PICKLE_DUMPS] || !st->slot[CP_OBJ_PICKLE_LOADS])
         return -1;
 
+    if (cp_exec_connection(m) < 0)
+        return -1;
     if (cp_exec_process(m) < 0)
         return -1;
     return 0;

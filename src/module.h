@@ -50,5 +50,6 @@ int cp_add_type(PyObject *module, int slot, PyType_Spec *spec, PyObject *base);
 
 /* Part initialisers, called from the module's exec slot; each returns 0 or -1. */
 int cp_exec_process(PyObject *module);
+int cp_exec_connection(PyObject *module);
 
 #endif
