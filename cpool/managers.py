@@ -21,7 +21,6 @@ import pickle
 import queue
 import signal
 import socket
-import struct
 import sys
 import threading
 import time
@@ -31,6 +30,7 @@ from traceback import format_exc
 from . import connection
 from . import process
 from . import util
+from .connection import _server_handshake
 from .context import ProcessError, get_spawning_popen
 
 __all__ = ['BaseManager', 'SyncManager', 'BaseProxy', 'Token']
@@ -40,7 +40,7 @@ _dumps = pickle.dumps
 _loads = pickle.loads
 
 # A client that has not finished the handshake within this many seconds is dropped.
-HANDSHAKE_TIMEOUT = 20.0
+HANDSHAKE_TIMEOUT = connection.CONNECTION_TIMEOUT
 
 _dict_view_types = tuple(type(getattr({}, name)()) for name in ('items', 'keys', 'values'))
 
@@ -107,22 +107,11 @@ def public_methods(obj):
     return [name for name in all_methods(obj) if name[0] != '_']
 
 
-def _set_socket_options(c, timeout=None, nodelay=False):
-    # Options on the socket under a Connection: a receive/send deadline for the handshake
-    # (0 = none) and TCP_NODELAY, without which a small request can wait 40 ms for an ACK.
+def _set_nodelay(c):
+    # Without TCP_NODELAY a small request can wait for the peer's delayed ACK (~40 ms).
+    s = socket.socket(fileno=os.dup(c.fileno()))
     try:
-        fd = c.fileno()
-    except (OSError, ValueError, AttributeError):
-        return
-    s = socket.socket(fileno=os.dup(fd))
-    try:
-        if timeout is not None:
-            sec = int(timeout)
-            tv = struct.pack('ll', sec, int((timeout - sec) * 1e6))
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-        if nodelay and s.family in (socket.AF_INET, socket.AF_INET6):
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError:
         pass
     finally:
@@ -155,6 +144,7 @@ class Server(object):
         # client that stalls in the handshake cannot block accept() for the others.
         self.listener = Listener(address=address, backlog=128)
         self.address = self.listener.address
+        self._inet = _is_inet(self.address)
         self.id_to_obj = {'0': (None, (), None)}
         self.id_to_refcount = {}
         self.id_to_local_proxy_obj = {}
@@ -207,12 +197,12 @@ class Server(object):
     def _handle_request(self, c):
         request = None
         try:
-            # Nothing from this peer is unpickled before both challenges pass; the handshake
-            # has a deadline so a silent or slow peer only costs a thread for a while.
-            _set_socket_options(c, HANDSHAKE_TIMEOUT, nodelay=True)
-            connection.deliver_challenge(c, self.authkey)
-            connection.answer_challenge(c, self.authkey)
-            _set_socket_options(c, 0)
+            # Nothing from this peer is unpickled before both challenges pass; every read of
+            # the handshake is bounded in size and has a deadline, so a silent or slow peer
+            # only costs a thread for a while.
+            if self._inet:
+                _set_nodelay(c)
+            _server_handshake(getattr(c, '_conn', c), self.authkey, HANDSHAKE_TIMEOUT)
             request = c.recv()
             ignore, funcname, args, kwds = request
             assert funcname in self.public, '%r unrecognized' % funcname
@@ -499,7 +489,6 @@ class State(object):
 
 class _XmlConnection(object):
     """A Connection whose messages are XML-RPC method calls (the 'xmlrpclib' serializer)."""
-    _xml_loads = None
 
     def __init__(self, conn):
         import xmlrpc.client as xmlrpclib
@@ -508,7 +497,7 @@ class _XmlConnection(object):
         self._xml_load = xmlrpclib.loads
 
     def send(self, obj):
-        self._conn.send_bytes(self._xml_dumps((obj,), None, 1).encode('utf-8'))
+        self._conn.send_bytes(self._xml_dumps((obj,), None, None, None, 1).encode('utf-8'))
 
     def recv(self):
         (obj,), method = self._xml_load(self._conn.recv_bytes().decode('utf-8'))
@@ -799,7 +788,8 @@ class _Peer(object):
             name += '|' + threading.current_thread().name
         conn = self.Client(self.address, authkey=self.authkey)
         try:
-            _set_socket_options(conn, nodelay=True)
+            if _is_inet(self.address):
+                _set_nodelay(conn)
             result = dispatch(conn, None, funcname, (name,) + args)
         except BaseException:
             conn.close()

@@ -562,3 +562,30 @@ def test_no_stdlib_multiprocessing_import():
             "m.shutdown()")
     subprocess.run([sys.executable, '-c', code], check=True, timeout=30,
                    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_xmlrpclib_serializer(mpmod):
+    importlib.import_module(mpmod.__name__ + '.managers')
+    m = mpmod.managers.SyncManager(serializer='xmlrpclib')
+    m.start()
+    try:
+        l = m.list([1])
+        l.append(2)
+        d = m.dict()
+        d['k'] = 'v'
+        assert (len(l), l[1], d['k']) == (2, 2, 'v')
+    finally:
+        m.shutdown()
+
+
+def _square(x):
+    return x * x
+
+
+def test_pool_through_manager(manager, mpmod):
+    if mpmod.__name__ == 'cpool':
+        pytest.importorskip('cpool.pool')
+    with manager.Pool(2) as p:
+        assert p.map(_square, range(5)) == [0, 1, 4, 9, 16]
+        assert p.apply_async(_square, (7,)).get(10) == 49
+        assert sorted(p.imap_unordered(_square, range(4))) == [0, 1, 4, 9]
