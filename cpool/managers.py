@@ -475,7 +475,9 @@ class Server(object):
             self.id_to_obj[ident] = (None, (), None)
             util.debug('disposing of obj with id %r', ident)
             with self.mutex:
-                del self.id_to_obj[ident]
+                # A create() in between may have reused the id for a new object: keep that.
+                if ident not in self.id_to_refcount:
+                    self.id_to_obj.pop(ident, None)
 
 
 class State(object):
@@ -830,8 +832,10 @@ class _Peer(object):
         try:
             conn.send_bytes(data)
             data = conn.recv_bytes()
-        except BaseException:
+        except BaseException as e:
             self.drop_connection(conn)
+            if type(e) is EOFError:
+                raise _manager_gone(self) from None
             raise
         kind, result = _loads(data)
         if kind == '#RETURN':
@@ -876,6 +880,11 @@ class _Peer(object):
                 conn.close()
             except Exception:
                 pass
+
+
+def _manager_gone(peer):
+    return EOFError('the manager at %r closed the connection: its process has exited or was '
+                    'killed' % (peer.address,))
 
 
 _peers_mutex = threading.Lock()
@@ -942,8 +951,10 @@ class BaseProxy(object):
         try:
             conn.send_bytes(data)
             data = conn.recv_bytes()
-        except BaseException:
+        except BaseException as e:
             peer.drop_connection(conn)
+            if type(e) is EOFError:
+                raise _manager_gone(peer) from None
             raise
         kind, result = _loads(data)
         if kind == '#RETURN':

@@ -589,3 +589,42 @@ def test_pool_through_manager(manager, mpmod):
         assert p.map(_square, range(5)) == [0, 1, 4, 9, 16]
         assert p.apply_async(_square, (7,)).get(10) == 49
         assert sorted(p.imap_unordered(_square, range(4))) == [0, 1, 4, 9]
+
+
+def _hold_locks(lock, rlock, ready):
+    lock.acquire()
+    rlock.acquire()
+    rlock.acquire()
+    ready.set()
+    time.sleep(60)
+
+
+def _wait_for_lock(lock, ready):
+    ready.set()
+    lock.acquire()
+    time.sleep(60)
+
+
+def test_locks_of_a_killed_client_are_released(cmanager):
+    import cpool
+    lock, rlock, ready = cmanager.Lock(), cmanager.RLock(), cmanager.Event()
+    p = cpool.Process(target=_hold_locks, args=(lock, rlock, ready))
+    p.start()
+    assert ready.wait(10)
+    assert not lock.acquire(timeout=0.1) and not rlock.acquire(timeout=0.1)
+    os.kill(p.pid, signal.SIGKILL)
+    p.join(5)
+    assert lock.acquire(timeout=5) and rlock.acquire(timeout=5)
+    # a client killed while waiting for the lock does not get it after its death
+    ready.clear()
+    p = cpool.Process(target=_wait_for_lock, args=(lock, ready))
+    p.start()
+    assert ready.wait(10)
+    time.sleep(0.2)
+    os.kill(p.pid, signal.SIGKILL)
+    p.join(5)
+    lock.release()
+    time.sleep(0.3)
+    assert lock.acquire(timeout=5)
+    lock.release()
+    rlock.release()
