@@ -801,8 +801,13 @@ class _Peer(object):
     def ensure_session(self):
         if self.anchor is None:
             with self.lock:
-                if self.anchor is None:
-                    self.anchor, self.session = self._open('open_session', ())
+                # A finalizer run by the GC in here must not wait for this lock (see decref).
+                self.lock_owner = threading.get_ident()
+                try:
+                    if self.anchor is None:
+                        self.anchor, self.session = self._open('open_session', ())
+                finally:
+                    self.lock_owner = None
         return self.session
 
     def connection(self):

@@ -628,3 +628,21 @@ def test_locks_of_a_killed_client_are_released(cmanager):
     assert lock.acquire(timeout=5)
     lock.release()
     rlock.release()
+
+
+def test_no_fd_or_zombie_left_behind():
+    from conftest import open_fds
+    import cpool
+    with cpool.Manager() as m:  # warm up: imports, temp dir
+        m.list()
+    before = open_fds()
+    for _ in range(2):
+        m = cpool.Manager()
+        l, d = m.list([1]), m.dict()
+        d['l'] = l
+        assert d['l'][:] == [1]
+        del l, d
+        m.shutdown()
+    gc.collect()
+    assert open_fds() - before == set()
+    assert zombies() == []
