@@ -744,7 +744,7 @@ def _create_proxy(manager, typeid, proxytype, args, kwds):
     # One round trip on this thread's connection: the server creates the object with one
     # reference, counted for this process's session, which the new proxy then owns.
     peer = _get_peer(manager._address, manager._authkey, manager._serializer)
-    ident, exposed = peer.call(None, 'create', (typeid,) + args, kwds)
+    ident, exposed = peer.control('create', (typeid,) + args, kwds)
     token = Token(typeid, manager._address, ident)
     return proxytype(token, manager._serializer, manager=manager, authkey=manager._authkey,
                      exposed=exposed, incref=_ADOPT)
@@ -773,6 +773,7 @@ class _Peer(object):
         anchor = getattr(self, 'anchor', None)
         self.anchor = None
         self.session = None
+        self.legacy = False  # the server is the standard library's: no sessions
         self.lock = threading.Lock()
         self.lock_owner = None
         self.tls = util.ForkAwareLocal()
@@ -799,13 +800,18 @@ class _Peer(object):
         return conn, result
 
     def ensure_session(self):
-        if self.anchor is None:
+        if self.anchor is None and not self.legacy:
             with self.lock:
                 # A finalizer run by the GC in here must not wait for this lock (see decref).
                 self.lock_owner = threading.get_ident()
                 try:
-                    if self.anchor is None:
-                        self.anchor, self.session = self._open('open_session', ())
+                    if self.anchor is None and not self.legacy:
+                        try:
+                            self.anchor, self.session = self._open('open_session', ())
+                        except RemoteError:
+                            # A standard library manager: references are counted the
+                            # standard library's way, over connections of their own.
+                            self.legacy = True
                 finally:
                     self.lock_owner = None
         return self.session
@@ -817,7 +823,7 @@ class _Peer(object):
             pass
         util.debug('thread %r does not own a connection', threading.current_thread().name)
         session = self.ensure_session()
-        conn, _ = self._open('accept_connection', (session,))
+        conn, _ = self._open('accept_connection', () if self.legacy else (session,))
         self.tls.connection = conn
         return conn
 
@@ -830,8 +836,16 @@ class _Peer(object):
         except Exception:
             pass
 
+    def control(self, funcname, args=(), kwds={}):
+        """A server function (create, incref...) for this process's session."""
+        self.ensure_session()
+        if self.legacy:
+            with self.Client(self.address, authkey=self.authkey) as conn:
+                return dispatch(conn, None, funcname, args, kwds)
+        return self.call(None, funcname, args, kwds)
+
     def call(self, ident, methodname, args=(), kwds={}):
-        """One request/reply on this thread's connection; returns (kind, result)."""
+        """One request/reply on this thread's connection; returns the result or raises."""
         conn = self.connection()
         data = _dumps((ident, methodname, args, kwds), _PROTOCOL)
         try:
@@ -869,7 +883,7 @@ class _Peer(object):
         # Re-entered from this thread's own exchange on the anchor (a finalizer run by the
         # GC in the middle of it), or no anchor: a connection of its own.
         with self.Client(self.address, authkey=self.authkey) as conn:
-            dispatch(conn, None, 'decref', (ident, self.session))
+            dispatch(conn, None, 'decref', (ident,) if self.legacy else (ident, self.session))
 
     def close(self):
         anchor, self.anchor = self.anchor, None
@@ -988,8 +1002,7 @@ class BaseProxy(object):
             util.debug('owned_by_manager skipped INCREF of %r', self._token.id)
             return
         peer = self._peer
-        peer.ensure_session()
-        peer.call(None, 'incref', (self._id,))
+        peer.control('incref', (self._id,))
         util.debug('INCREF %r', self._token.id)
         self._track()
 

@@ -646,3 +646,27 @@ def test_no_fd_or_zombie_left_behind():
     gc.collect()
     assert open_fds() - before == set()
     assert zombies() == []
+
+
+def test_interop_with_the_standard_library_managers():
+    """A cpool client uses a standard library manager and the other way round."""
+    import multiprocessing.managers as smm
+    import cpool.managers as cmm
+    for server_mod, client_mod in ((smm, cmm), (cmm, smm)):
+        server = server_mod.SyncManager(address=('127.0.0.1', 0), authkey=b'interop')
+        server.start()
+        try:
+            client = client_mod.SyncManager(address=server.address, authkey=b'interop')
+            client.connect()
+            l = client.list([1])
+            l.append(2)
+            d = client.dict(a=1)
+            assert (l[:], len(l), d['a'], sorted(d.keys())) == ([1, 2], 2, 1, ['a'])
+            before = client._number_of_objects()
+            del l
+            gc.collect()
+            assert client._number_of_objects() == before - 1
+            del d
+            gc.collect()
+        finally:
+            server.shutdown()
