@@ -844,9 +844,13 @@ class _Peer(object):
                 return dispatch(conn, None, funcname, args, kwds)
         return self.call(None, funcname, args, kwds)
 
-    def call(self, ident, methodname, args=(), kwds={}):
-        """One request/reply on this thread's connection; returns the result or raises."""
-        conn = self.connection()
+    def exchange(self, ident, methodname, args, kwds):
+        """One request/reply on this thread's connection; returns (kind, result)."""
+        try:
+            conn = self.tls.connection
+        except AttributeError:
+            conn = self.connection()
+        # Pickled before anything is written: an unpicklable argument leaves conn usable.
         data = _dumps((ident, methodname, args, kwds), _PROTOCOL)
         try:
             conn.send_bytes(data)
@@ -856,7 +860,12 @@ class _Peer(object):
             if type(e) is EOFError:
                 raise _manager_gone(self) from None
             raise
-        kind, result = _loads(data)
+        # Unpickled after the exchange: a proxy in the reply may use this connection.
+        return _loads(data)
+
+    def call(self, ident, methodname, args=(), kwds={}):
+        """One request/reply on this thread's connection; returns the result or raises."""
+        kind, result = self.exchange(ident, methodname, args, kwds)
         if kind == '#RETURN':
             return result
         try:
@@ -961,21 +970,7 @@ class BaseProxy(object):
 
     def _callmethod(self, methodname, args=(), kwds={}):
         """Call a method of the referent and return a copy of the result."""
-        peer = self._peer
-        try:
-            conn = peer.tls.connection
-        except AttributeError:
-            conn = peer.connection()
-        data = _dumps((self._id, methodname, args, kwds), _PROTOCOL)
-        try:
-            conn.send_bytes(data)
-            data = conn.recv_bytes()
-        except BaseException as e:
-            peer.drop_connection(conn)
-            if type(e) is EOFError:
-                raise _manager_gone(peer) from None
-            raise
-        kind, result = _loads(data)
+        kind, result = self._peer.exchange(self._id, methodname, args, kwds)
         if kind == '#RETURN':
             return result
         elif kind == '#PROXY':
