@@ -617,6 +617,11 @@ class BaseManager(object):
             self._process.join()
             raise ProcessError('the manager process died before serving (exit code %r)'
                                % self._process.exitcode) from None
+        except BaseException:
+            # Interrupted (Ctrl-C) before the shutdown finalizer exists: don't leave it behind.
+            self._process.terminate()
+            self._process.join()
+            raise
         finally:
             reader.close()
         self._state.value = State.STARTED
@@ -1187,6 +1192,15 @@ class _Queue(queue.Queue):
         if timeout is not None and timeout < 0:
             raise ValueError("'timeout' must be a non-negative number")
         return _sliced(lambda t: queue.Queue.put(self, item, True, t), timeout, queue.Full)
+
+    def join(self):
+        if getattr(_serving, 'conn', None) is None:
+            return super().join()
+        with self.all_tasks_done:
+            while self.unfinished_tasks:
+                self.all_tasks_done.wait(_SLICE)
+                if self.unfinished_tasks:
+                    _check_peer()
 
 
 def _remove_identical(lst, x):

@@ -670,3 +670,33 @@ def test_interop_with_the_standard_library_managers():
             gc.collect()
         finally:
             server.shutdown()
+
+
+def _join_queue(jq, ready):
+    ready.set()
+    jq.join()
+
+
+def test_joinable_queue_join_across_processes_and_a_killed_joiner(cmanager):
+    import cpool
+    jq, ready = cmanager.JoinableQueue(), cmanager.Event()
+    jq.put(1)
+    p = cpool.Process(target=_join_queue, args=(jq, ready))
+    p.start()
+    assert ready.wait(10)
+    time.sleep(0.2)
+    assert p.is_alive()  # waits for the task
+    jq.get()
+    jq.task_done()
+    p.join(10)
+    assert p.exitcode == 0
+    jq.put(2)
+    ready.clear()
+    p = cpool.Process(target=_join_queue, args=(jq, ready))
+    p.start()
+    assert ready.wait(10)
+    os.kill(p.pid, signal.SIGKILL)
+    p.join(5)
+    assert jq.get(timeout=5) == 2
+    jq.task_done()
+    jq.join()
