@@ -700,3 +700,20 @@ def test_joinable_queue_join_across_processes_and_a_killed_joiner(cmanager):
     assert jq.get(timeout=5) == 2
     jq.task_done()
     jq.join()
+
+
+def test_threads_share_proxies(manager):
+    lst = manager.list()
+    created = []
+
+    def work(k):
+        for i in range(100):
+            lst.append((k, i))
+        created.append(manager.dict(k=k))  # creation from a thread, on its own connection
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(lst[:]) == sorted((k, i) for k in range(4) for i in range(100))
+    assert sorted(d['k'] for d in created) == [0, 1, 2, 3]
