@@ -159,7 +159,6 @@ class Server(object):
 
     def serve_forever(self):
         """Serve until shutdown() is requested (or the starting process dies)."""
-        self.stop_event = threading.Event()
         process.current_process()._manager_server = self
         try:
             accepter = threading.Thread(target=self.accepter, name='cpool-manager-accepter')
@@ -205,7 +204,8 @@ class Server(object):
             _server_handshake(getattr(c, '_conn', c), self.authkey, HANDSHAKE_TIMEOUT)
             request = c.recv()
             ignore, funcname, args, kwds = request
-            assert funcname in self.public, '%r unrecognized' % funcname
+            if funcname not in self.public:  # not an assert: python -O must not open it up
+                raise AssertionError('%r unrecognized' % (funcname,))
             func = getattr(self, funcname)
         except Exception:
             msg = ('#TRACEBACK', format_exc())
