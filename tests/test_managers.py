@@ -717,3 +717,40 @@ def test_threads_share_proxies(manager):
         t.join(30)
     assert sorted(lst[:]) == sorted((k, i) for k in range(4) for i in range(100))
     assert sorted(d['k'] for d in created) == [0, 1, 2, 3]
+
+
+def _churn(m_address, authkey, lst, rounds):
+    import cpool.managers as cm
+    m = cm.SyncManager(address=m_address, authkey=authkey)
+    m.connect()
+    for i in range(rounds):
+        d = m.dict(i=i)
+        inner = m.list([i])
+        d['inner'] = inner
+        lst.append(d['inner'][0])
+        del d, inner
+
+
+@pytest.mark.stress
+@pytest.mark.timeout(120)
+def test_many_clients_creating_and_dropping_objects(cmanager):
+    import cpool
+    lst = cmanager.list()
+    base = cmanager._number_of_objects()
+    ps = [cpool.Process(target=_churn, args=(cmanager.address, bytes(cmanager._authkey), lst, 100))
+          for _ in range(4)]
+    for p in ps:
+        p.start()
+    victim = cpool.Process(target=_churn, args=(cmanager.address, bytes(cmanager._authkey),
+                                                 lst, 10 ** 6))
+    victim.start()
+    time.sleep(0.5)
+    victim.kill()
+    for p in ps + [victim]:
+        p.join(60)
+    assert [p.exitcode for p in ps] == [0] * 4
+    assert lst[:].count(99) >= 4
+    deadline = time.monotonic() + 10
+    while cmanager._number_of_objects() != base and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cmanager._number_of_objects() == base
