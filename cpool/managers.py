@@ -757,6 +757,16 @@ def _create_proxy(manager, typeid, proxytype, args, kwds):
 
 # ---- the client side: connections of this process to one manager ----
 
+class ProcessLocalSet(set):
+    """A set that is emptied in a forked child."""
+
+    def __init__(self):
+        util.register_after_fork(self, lambda obj: obj.clear())
+
+    def __reduce__(self):
+        return type(self), ()
+
+
 _ADOPT = 'adopt'  # incref= value: the reference was already taken for this proxy
 
 
