@@ -755,3 +755,50 @@ def test_many_clients_creating_and_dropping_objects(cmanager):
     while cmanager._number_of_objects() != base and time.monotonic() < deadline:
         time.sleep(0.05)
     assert cmanager._number_of_objects() == base
+
+
+def _count(pid, what):
+    return len(os.listdir('/proc/%d/%s' % (pid, what)))
+
+
+def _use_and_block(q, lst, ready):
+    lst.append(os.getpid())
+    ready.set()
+    q.get()
+
+
+def test_dead_clients_leave_no_thread_or_fd_in_the_manager(cmanager):
+    import cpool
+    q, lst, ready = cmanager.Queue(), cmanager.list(), cmanager.Event()
+    mpid = cmanager._process.pid
+    lst.append(0)
+    time.sleep(0.1)
+    threads0, fds0 = _count(mpid, 'task'), _count(mpid, 'fd')
+    for _ in range(3):
+        ready.clear()
+        p = cpool.Process(target=_use_and_block, args=(q, lst, ready))
+        p.start()
+        assert ready.wait(10)
+        assert _count(mpid, 'task') > threads0
+        os.kill(p.pid, signal.SIGKILL)
+        p.join(5)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if (_count(mpid, 'task'), _count(mpid, 'fd')) == (threads0, fds0):
+            break
+        time.sleep(0.05)
+    assert (_count(mpid, 'task'), _count(mpid, 'fd')) == (threads0, fds0)
+    assert len(lst) == 4
+
+
+def test_proxy_reprs_and_copies(manager, mpmod):
+    import copy
+    l = manager.list([1, [2]])
+    assert repr(l).startswith('<ListProxy object, typeid \'list\' at 0x')
+    assert str(l) == '[1, [2]]'
+    assert copy.deepcopy(l) == [1, [2]]
+    assert l._getvalue() == [1, [2]]
+    ns = manager.Namespace(a=1)
+    with pytest.raises(AttributeError):
+        ns.b
+    assert mpmod.managers.ValueProxy[int] is not None
