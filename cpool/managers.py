@@ -13,6 +13,8 @@ Where cpool differs (same results, fewer failure modes, fewer round trips):
   opens three fresh connections for create, incref and decref).
 - A call interrupted between request and reply (Ctrl-C) throws its connection away instead of
   leaving a stale reply to be read by the next call.
+- A server thread blocked for a client that dies (q.get(), lock.acquire(), event.wait()...)
+  gives up without taking the item or the lock; locks a dead client held are released.
 - A handshake that stalls is dropped after a deadline; a manager whose parent was killed exits.
 """
 import array
