@@ -19,6 +19,7 @@ enum {
     CP_TYPE_QUEUE,
     CP_TYPE_POOL,
     CP_TYPE_POOLJOB,
+    CP_TYPE_EVENT, CP_TYPE_SHAREDBLOCK, CP_WARN_OWNER_DIED, /* synchronize.c */
     CP_OBJ_PICKLE_DUMPS,   /* pickle.dumps / loads cached for the hot paths */
     CP_OBJ_PICKLE_LOADS,
     CP_NSLOTS = 32
@@ -53,5 +54,6 @@ int cp_add_type(PyObject *module, int slot, PyType_Spec *spec, PyObject *base);
 int cp_exec_process(PyObject *module);
 int cp_exec_pool(PyObject *module);
 int cp_exec_connection(PyObject *module);
+int cp_exec_synchronize(PyObject *module);
 
 #endif
