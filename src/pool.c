@@ -112,6 +112,7 @@ typedef struct PoolJob {
     uint64_t nsent, nyielded, next_chunk, window, batch;
     int exhausted;
     int aborted;               /* the pool was terminated: no more chunks will come */
+    int registered;            /* in core->jobs */
 } PoolJob;
 
 static int job_set_chunk(PoolJob *j, uint64_t idx, int ok, PyObject *value, PyObject **finished);
@@ -390,18 +391,34 @@ static PoolJob *new_job(PoolCore *c, int kind, PyObject *callback, PyObject *err
     return j;
 }
 
+/* The table holds apply and map jobs (their results must arrive even if the caller dropped
+   them: callbacks). An imap iterator is held by its caller only: the table keeps a capsule
+   of its address, which the iterator removes when it dies, so an imap left half-read is
+   freed, and its late results are dropped. */
 static int register_job(PoolCore *c, PoolJob *j)
 {
     PyObject *key = PyLong_FromUnsignedLongLong(j->id);
     if (!key)
         return -1;
-    int r = PyDict_SetItem(c->jobs, key, (PyObject *)j);
+    PyObject *v = j->kind == JOB_IMAP ? PyCapsule_New(j, NULL, NULL) : Py_NewRef(j);
+    int r = v ? PyDict_SetItem(c->jobs, key, v) : -1;
+    Py_XDECREF(v);
     Py_DECREF(key);
+    if (r == 0)
+        j->registered = 1;
     return r;
+}
+
+static PoolJob *job_of_entry(PyObject *v)
+{
+    return PyCapsule_CheckExact(v) ? (PoolJob *)PyCapsule_GetPointer(v, NULL) : (PoolJob *)v;
 }
 
 static void unregister_job(PoolCore *c, PoolJob *j)
 {
+    if (!j->registered)
+        return;
+    j->registered = 0;
     PyObject *key = PyLong_FromUnsignedLongLong(j->id);
     if (!key || PyDict_DelItem(c->jobs, key) < 0)
         PyErr_Clear();
@@ -806,7 +823,7 @@ static PoolJob *lookup_job(PoolCore *c, uint64_t id)
         return NULL;
     PyObject *j = PyDict_GetItemWithError(c->jobs, key);
     Py_DECREF(key);
-    return (PoolJob *)j; /* borrowed */
+    return j ? job_of_entry(j) : NULL; /* borrowed */
 }
 
 static int process_result(PoolCore *c, cp_state *st, uint32_t w, const uint8_t *msg, uint64_t len,
@@ -1349,7 +1366,7 @@ static PyObject *core_fail_all(PoolCore *c, PyObject *exc)
         return NULL;
     }
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(jobs); i++) {
-        PoolJob *j = (PoolJob *)PyList_GET_ITEM(jobs, i);
+        PoolJob *j = job_of_entry(PyList_GET_ITEM(jobs, i));
         if (j->kind == JOB_IMAP) {
             /* imap: next() yields what did arrive in order, then raises exc */
             Py_XSETREF(j->iter_exc, Py_NewRef(exc));
@@ -1980,6 +1997,11 @@ static PyObject *core_get_state(PoolCore *c, void *closure)
     return PyLong_FromLong(c->state);
 }
 
+static PyObject *core_get_njobs(PoolCore *c, void *closure)
+{
+    return PyLong_FromSsize_t(c->jobs ? PyDict_GET_SIZE(c->jobs) : 0);
+}
+
 static PyObject *core_get_busy(PoolCore *c, void *closure)
 {
     /* Slots of workers running a task (introspection and tests). */
@@ -2001,6 +2023,7 @@ static PyGetSetDef core_getset[] = {
     {"nworkers", (getter)core_get_nworkers, NULL, "number of worker slots", NULL},
     {"state", (getter)core_get_state, NULL, "0 running, 1 closed, 2 terminated", NULL},
     {"busy", (getter)core_get_busy, NULL, "slots of workers running a task", NULL},
+    {"njobs", (getter)core_get_njobs, NULL, "jobs whose results are still expected", NULL},
     {NULL},
 };
 
@@ -2269,6 +2292,19 @@ static int job_traverse(PoolJob *j, visitproc visit, void *arg)
 
 static int job_clear(PoolJob *j)
 {
+    if (j->core) {
+        if (j->has_cb) {
+            j->has_cb = 0;
+            j->core->ncallbacks--; /* dropped before it ran (it never reached a worker) */
+        }
+        if (j->registered) {
+            /* an imap iterator dropped before its end: its late results will be dropped */
+            PyObject *t, *v, *tb;
+            PyErr_Fetch(&t, &v, &tb);
+            unregister_job(j->core, j);
+            PyErr_Restore(t, v, tb);
+        }
+    }
     Py_CLEAR(j->core);
     Py_CLEAR(j->value);
     Py_CLEAR(j->callback);
@@ -2286,8 +2322,7 @@ static void job_dealloc(PoolJob *j)
 {
     PyTypeObject *tp = Py_TYPE(j);
     PyObject_GC_UnTrack(j);
-    if (j->has_cb && j->core)
-        j->core->ncallbacks--; /* dropped before it ran (it never reached a worker) */
+
     job_clear(j);
     tp->tp_free(j);
     Py_DECREF(tp);

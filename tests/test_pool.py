@@ -585,6 +585,20 @@ def test_imap_reads_input_lazily():
         assert sum(1 for _ in it) == 99999
 
 
+def test_abandoned_imap_is_freed():
+    import gc
+    with cpool.Pool(2) as p:
+        for _ in range(3):
+            it = p.imap(sq, range(10 ** 9), chunksize=10)
+            for x in it:
+                if x > 100:
+                    break
+            del it
+            gc.collect()
+        assert p._core.njobs == 0
+        assert p.map(sq, range(5)) == [0, 1, 4, 9, 16]
+
+
 def test_imap_input_error_raised_in_place():
     def gen():
         yield 1
