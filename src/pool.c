@@ -33,6 +33,7 @@
 #define PENDING_SLICE_NS 1000000  /* tasks wait outside the ring: feed them this often */
 #define WORKER_SLICE_NS 100000000
 #define MAX_BATCH_ITEMS 64        /* items per task message at most, when chunks are batched */
+#define RETURN_AFTER_NS 1000000   /* a batched chunk this slow: give the rest back if others idle */
 
 enum { POOL_RUN = 0, POOL_CLOSE = 1, POOL_TERMINATE = 2 };
 enum { JOB_APPLY = 0, JOB_MAP = 1, JOB_IMAP = 2 };
@@ -826,6 +827,36 @@ static PoolJob *lookup_job(PoolCore *c, uint64_t id)
     return j ? job_of_entry(j) : NULL; /* borrowed */
 }
 
+/* Send chunks [from, first+n) of a retained message again: in one message, or (split) one
+   message per chunk so idle workers can share them. */
+static int resend_rest(PoolCore *c, cp_state *st, PoolJob *j, PyObject *batch, uint32_t from,
+                       int split)
+{
+    PyObject *args_bytes;
+    unsigned int enc, first, n;
+    int kind;
+    if (!PyArg_ParseTuple(batch, "OIiII", &args_bytes, &enc, &kind, &first, &n))
+        return -1;
+    PyObject *chunks = decode(st, (const uint8_t *)PyBytes_AS_STRING(args_bytes),
+                              (uint64_t)PyBytes_GET_SIZE(args_bytes), enc);
+    if (!chunks)
+        return -1;
+    int r = 0;
+    Py_ssize_t lo = (Py_ssize_t)(from - first), step = split ? 1 : (Py_ssize_t)n;
+    for (; r == 0 && lo < (Py_ssize_t)n; lo += step) {
+        PyObject *rest = PyTuple_GetSlice(chunks, lo, lo + step);
+        if (!rest) {
+            r = -1;
+            break;
+        }
+        r = build_task(c, st, j, kind, first + (uint32_t)lo, (uint32_t)PyTuple_GET_SIZE(rest),
+                       j->func_bytes, rest);
+        Py_DECREF(rest);
+    }
+    Py_DECREF(chunks);
+    return r;
+}
+
 static int process_result(PoolCore *c, cp_state *st, uint32_t w, const uint8_t *msg, uint64_t len,
                           PyObject **finished)
 {
@@ -839,9 +870,23 @@ static int process_result(PoolCore *c, cp_state *st, uint32_t w, const uint8_t *
         c->outstanding--;
         if (h.status & CP_RES_BATCH) {
             PyObject *key = PyLong_FromUnsignedLongLong(h.task_seq);
+            PyObject *batch = key ? PyDict_GetItemWithError(c->batches, key) : NULL;
+            int rc = 0;
+            if (batch && (h.status & CP_RES_RETURN)) {
+                /* The worker found its chunks slow while others had nothing to do: it gave
+                   back those it had not started, and they go out one by one. */
+                PoolJob *j = lookup_job(c, h.job_id);
+                if (j && !j->complete) {
+                    Py_INCREF(j);
+                    rc = resend_rest(c, st, j, batch, h.first_chunk, 1);
+                    Py_DECREF(j);
+                }
+            }
             if (!key || PyDict_DelItem(c->batches, key) < 0)
                 PyErr_Clear();
             Py_XDECREF(key);
+            if (h.status & CP_RES_RETURN)
+                return rc;
         }
     }
     h.status &= CP_RES_STATUS;
@@ -1116,26 +1161,6 @@ static PyObject *make_worker_lost(PoolCore *c, cp_state *st, uint32_t w, int exi
 }
 
 /* Send chunks [from, first+n) of a retained message again, in a message of their own. */
-static int resend_rest(PoolCore *c, cp_state *st, PoolJob *j, PyObject *batch, uint32_t from)
-{
-    PyObject *args_bytes;
-    unsigned int enc, first, n;
-    int kind;
-    if (!PyArg_ParseTuple(batch, "OIiII", &args_bytes, &enc, &kind, &first, &n))
-        return -1;
-    PyObject *chunks = decode(st, (const uint8_t *)PyBytes_AS_STRING(args_bytes),
-                              (uint64_t)PyBytes_GET_SIZE(args_bytes), enc);
-    if (!chunks)
-        return -1;
-    PyObject *rest = PyTuple_GetSlice(chunks, (Py_ssize_t)(from - first), (Py_ssize_t)n);
-    Py_DECREF(chunks);
-    if (!rest)
-        return -1;
-    int r = build_task(c, st, j, kind, from, (uint32_t)PyTuple_GET_SIZE(rest), j->func_bytes, rest);
-    Py_DECREF(rest);
-    return r;
-}
-
 /* worker_lost(index, exitcode): the worker in slot index has exited. Its results are
    collected, then the task it was running (if it took one) fails. */
 static PyObject *core_worker_lost(PoolCore *c, PyObject *const *args, Py_ssize_t nargs)
@@ -1187,7 +1212,7 @@ static PyObject *core_worker_lost(PoolCore *c, PyObject *const *args, Py_ssize_t
             rc = exc ? job_set_chunk(j, cur, 0, exc, &finished) : -1;
             Py_XDECREF(exc);
             if (rc == 0 && batch && cur < last && !j->complete)
-                rc = resend_rest(c, st, j, batch, cur + 1);
+                rc = resend_rest(c, st, j, batch, cur + 1, 0);
             Py_DECREF(j);
         }
         Py_XDECREF(batch);
@@ -1727,9 +1752,11 @@ static PyObject *core_worker_loop(PoolCore *c, PyObject *const *args, Py_ssize_t
         PyObject *setup_err = chunks ? NULL : wrapped_exc(c);
         /* Results go back chunk by chunk, so a worker that dies in the middle of a message
            of several chunks loses only the one it was running. */
+        uint32_t ran = h.nchunks;
         for (uint32_t i = 0; i < h.nchunks; i++) {
             PyObject *r;
             char ok = 0;
+            int64_t chunk_start = cp_now_ns();
             if (setup_err) {
                 r = Py_NewRef(setup_err);
             }
@@ -1770,12 +1797,28 @@ static PyObject *core_worker_loop(PoolCore *c, PyObject *const *args, Py_ssize_t
                 Py_XDECREF(setup_err);
                 goto done;
             }
+            if (i + 1 < h.nchunks && !setup_err && cp_ring_empty(&c->p->tasks) &&
+                cp_now_ns() - chunk_start > RETURN_AFTER_NS) {
+                /* Slow chunks and an empty ring: other workers may be idle. Give the chunks
+                   not started back to the parent, which sends them out one by one. */
+                cp_res_hdr_t back = {h.job_id, h.task_seq, h.first_chunk + i + 1,
+                                     h.nchunks - i - 1, CP_RES_RETURN | CP_RES_LAST | CP_RES_BATCH,
+                                     CP_ENC_PLAIN};
+                out.len = 0;
+                if (buf_append(&out, &back, sizeof back) < 0 ||
+                    worker_publish(c, (uint32_t)w, &out, &pw) < 0) {
+                    Py_XDECREF(chunks);
+                    goto done;
+                }
+                ran = i + 1;
+                break;
+            }
         }
         Py_XDECREF(chunks);
         Py_XDECREF(setup_err);
         atomic_store(&slot->busy, 0);
         atomic_store(&slot->task_seq, 0);
-        ntasks += h.nchunks;
+        ntasks += ran;
     }
     result = Py_NewRef(Py_None);
     /* Leaving (maxtasksperchild, close): the parent replaces or reaps us sooner if told. */

@@ -626,6 +626,22 @@ def test_large_messages_and_tiny_rings():
         assert p.apply(identity, (big,)) == big
 
 
+def test_slow_batched_chunks_are_shared():
+    # Many small chunks go out several to a message; when they turn out slow and the other
+    # worker has nothing to do, the unstarted ones are given back and shared.
+    with cpool.Pool(2) as p:
+        ts = [0.002] * 100 + [0.05] * 30
+        assert p.map(sleepy, ts, chunksize=1) == ts
+        assert list(p.imap(sleepy, ts)) == ts
+        pids = p.map(sleep_pid, [0.005] * 64, chunksize=1)
+        assert len(set(pids)) == 2
+
+
+def sleep_pid(t):
+    time.sleep(t)
+    return os.getpid()
+
+
 def test_maxtasksperchild_replaces_workers():
     with cpool.Pool(2, maxtasksperchild=1) as p:
         pids = p.map(getpid, range(60), chunksize=1)
