@@ -189,27 +189,30 @@ def _start_worker(ctx, channel, initializer, initargs, maxtasks, workers, core, 
 def _serve(core, workers, respawn, lock):
     """The handler thread: collect results nobody waits for (callbacks), feed tasks that did
     not fit, enforce task timeouts, reap and replace workers that exit."""
+    missing = set()  # slots whose replacement could not be started yet (fork failed...)
     while True:
         try:
             dead = core.serve(0.1)
+            for i in dead:
+                with lock:
+                    w = workers[i]
+                    if w is None:
+                        continue
+                    w.join()
+                    core.worker_lost(i, w.exitcode)
+                    util.debug('worker %s exited with %s', w.name, w.exitcode)
+                    workers[i] = None
+                    missing.add(i)
+            state = core.state
+            for i in sorted(missing):
+                if state == 0 or (state == 1 and not core.idle()):
+                    with lock:
+                        respawn(i)
+                missing.discard(i)
         except Exception:
-            traceback.print_exc()
+            traceback.print_exc()  # the pool must keep being served: try again shortly
             time.sleep(0.1)
             continue
-        for i in dead:
-            with lock:
-                w = workers[i]
-                if w is None:
-                    continue
-                w.join()
-                core.worker_lost(i, w.exitcode)
-                util.debug('worker %s exited with %s', w.name, w.exitcode)
-                state = core.state
-                if state == 0 or (state == 1 and not core.idle()):
-                    respawn(i)
-                else:
-                    workers[i] = None
-        state = core.state
         if state == 2:
             break
         if state == 1 and all(w is None for w in workers):
