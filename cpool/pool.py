@@ -25,6 +25,7 @@ import threading
 import time
 import traceback
 import warnings
+import weakref
 from functools import partial
 
 from . import _core, context, reduction, util
@@ -318,6 +319,7 @@ class Pool(object):
         self._core = core = _core.PoolCore(processes, task_ring_bytes, result_ring_bytes,
                                            maxtasksperchild or 0, task_timeout)
         _set_helpers(core)
+        core._set_owner(weakref.ref(self))
         self._lock = threading.Lock()
         self._pool = [None] * processes
         channel = _Channel(core)

@@ -91,6 +91,7 @@ typedef struct PoolCore {
     PyObject *cls[4];          /* ApplyResult, MapResult, IMapIterator, IMapUnorderedIterator */
     int64_t ncallbacks;        /* jobs with a callback not yet run */
     uint64_t fork_gen;         /* fork_generation when made: a forked copy must not use it */
+    PyObject *owner;           /* weak reference to the Python Pool */
 } PoolCore;
 
 typedef struct PoolJob {
@@ -104,6 +105,8 @@ typedef struct PoolJob {
     int has_cb;                /* counted in core->ncallbacks until its callbacks ran */
     PyObject *value;
     PyObject *callback, *error_callback;
+    PyObject *pool;            /* the Python Pool, kept alive until the outcome is in (as the
+                                  standard library's results do) */
     Py_ssize_t chunksize, length;
     uint64_t nchunks, ndone;
     int64_t timeout_ns;
@@ -385,6 +388,11 @@ static PoolJob *new_job(PoolCore *c, int kind, PyObject *callback, PyObject *err
     j->callback = (callback && callback != Py_None) ? Py_NewRef(callback) : NULL;
     j->error_callback = (error_callback && error_callback != Py_None) ? Py_NewRef(error_callback) : NULL;
     j->timeout_ns = c->default_timeout_ns;
+    if (c->owner) {
+        PyObject *pool = PyWeakref_GetObject(c->owner); /* borrowed; None once it died */
+        if (pool && pool != Py_None)
+            j->pool = Py_NewRef(pool);
+    }
     if (j->callback || j->error_callback) {
         j->has_cb = 1;
         c->ncallbacks++;
@@ -969,6 +977,7 @@ static void finish_jobs(PoolCore *c, PyObject *finished)
             j->has_cb = 0;
             c->ncallbacks--;
         }
+        Py_CLEAR(j->pool); /* may be the Pool's last reference: its finalizer runs here */
         Py_CLEAR(j->callback);
         Py_CLEAR(j->error_callback);
     }
@@ -1946,6 +1955,17 @@ static PyObject *core_attach(PyObject *cls, PyObject *const *args, Py_ssize_t na
     return (PyObject *)c;
 }
 
+/* _set_owner(weakref to the Pool): results keep the Pool alive until they are in. */
+static PyObject *core_set_owner(PoolCore *c, PyObject *ref)
+{
+    if (!PyWeakref_CheckRef(ref)) {
+        PyErr_SetString(PyExc_TypeError, "_set_owner needs a weak reference");
+        return NULL;
+    }
+    Py_XSETREF(c->owner, Py_NewRef(ref));
+    Py_RETURN_NONE;
+}
+
 /* _set_helpers(wrap_exc, encoding_error, ApplyResult, MapResult, IMapIterator, IMapUnorderedIterator) */
 static PyObject *core_set_helpers(PoolCore *c, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1974,6 +1994,7 @@ static int core_traverse(PoolCore *c, visitproc visit, void *arg)
     Py_VISIT(c->last_func_bytes);
     Py_VISIT(c->wrap_exc);
     Py_VISIT(c->encoding_error);
+    Py_VISIT(c->owner);
     for (int i = 0; i < 4; i++)
         Py_VISIT(c->cls[i]);
     return 0;
@@ -1987,6 +2008,7 @@ static int core_clear(PoolCore *c)
     Py_CLEAR(c->last_func_bytes);
     Py_CLEAR(c->wrap_exc);
     Py_CLEAR(c->encoding_error);
+    Py_CLEAR(c->owner);
     for (int i = 0; i < 4; i++)
         Py_CLEAR(c->cls[i]);
     return 0;
@@ -2085,6 +2107,7 @@ static PyMethodDef core_methods[] = {
     {"idle", (PyCFunction)core_idle, METH_NOARGS, "whether no task is in flight"},
     FASTM("worker_loop", core_worker_loop, "worker_loop(index, maxtasks, parent_pid)"),
     FASTM("_set_helpers", core_set_helpers, "_set_helpers(wrap_exc, encoding_error, classes...)"),
+    {"_set_owner", (PyCFunction)core_set_owner, METH_O, "_set_owner(weakref to the Pool)"},
     {"_attach", (PyCFunction)(void (*)(void))core_attach, METH_FASTCALL | METH_CLASS,
      "_attach(fd, size) -> PoolCore of a worker"},
     {NULL},
@@ -2271,6 +2294,7 @@ static PyObject *imap_next(PoolJob *j, int64_t deadline)
                 j->complete = 1;
                 unregister_job(j->core, j);
                 Py_CLEAR(j->iter);
+                Py_CLEAR(j->pool);
             }
             PyErr_SetNone(PyExc_StopIteration);
             return NULL;
@@ -2324,6 +2348,7 @@ static int job_traverse(PoolJob *j, visitproc visit, void *arg)
     Py_VISIT(j->value);
     Py_VISIT(j->callback);
     Py_VISIT(j->error_callback);
+    Py_VISIT(j->pool);
     Py_VISIT(j->func);
     Py_VISIT(j->func_bytes);
     Py_VISIT(j->iter);
@@ -2352,6 +2377,7 @@ static int job_clear(PoolJob *j)
     Py_CLEAR(j->value);
     Py_CLEAR(j->callback);
     Py_CLEAR(j->error_callback);
+    Py_CLEAR(j->pool);
     Py_CLEAR(j->func);
     Py_CLEAR(j->func_bytes);
     Py_CLEAR(j->iter);

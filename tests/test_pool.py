@@ -420,6 +420,16 @@ def test_terminate_fails_pending_results_and_leaves_nothing():
     assert not zombies()
 
 
+def test_pending_result_keeps_an_unreferenced_pool_alive(fmp):
+    import gc
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', ResourceWarning)
+        r = fmp.Pool(2).apply_async(sleepy, (0.2,))
+        gc.collect()
+        assert r.get(10) == 0.2
+
+
 def test_terminate_ends_imap_with_error():
     p = cpool.Pool(2)
     it = p.imap(sleepy, [0.01, 0.01, 10, 0.01, 10], chunksize=1)
