@@ -389,9 +389,16 @@ static PoolJob *new_job(PoolCore *c, int kind, PyObject *callback, PyObject *err
     j->error_callback = (error_callback && error_callback != Py_None) ? Py_NewRef(error_callback) : NULL;
     j->timeout_ns = c->default_timeout_ns;
     if (c->owner) {
+#if PY_VERSION_HEX >= 0x030D0000
+        PyObject *pool = NULL;
+        if (PyWeakref_GetRef(c->owner, &pool) < 0)
+            PyErr_Clear();
+        j->pool = pool; /* a new reference, or NULL once the Pool died */
+#else
         PyObject *pool = PyWeakref_GetObject(c->owner); /* borrowed; None once it died */
         if (pool && pool != Py_None)
             j->pool = Py_NewRef(pool);
+#endif
     }
     if (j->callback || j->error_callback) {
         j->has_cb = 1;
