@@ -313,6 +313,50 @@ def _wait_full(p, timeout=10):
         time.sleep(0.02)
 
 
+def slow_sq(x):
+    time.sleep(0.001)
+    return x * x
+
+
+@pytest.mark.timeout(60)
+def test_killing_workers_during_imap_never_hangs():
+    # Workers are SIGKILLed at random while an imap runs: every item comes back, either its
+    # result or WorkerLostError in its place, and the pool keeps serving.
+    import random
+    rnd = random.Random(3)
+    with cpool.Pool(2) as p:
+        stop = threading.Event()
+
+        def killer():
+            while not stop.wait(rnd.uniform(0.02, 0.08)):
+                w = rnd.choice(list(p._pool))
+                if w is not None and w.pid:
+                    try:
+                        os.kill(w.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+
+        t = threading.Thread(target=killer)
+        t.start()
+        try:
+            n, out = 600, []
+            it = p.imap(slow_sq, range(n))
+            for _ in range(n):
+                try:
+                    out.append(next(it))
+                except cpool.WorkerLostError:
+                    out.append(None)
+            with pytest.raises(StopIteration):
+                next(it)
+        finally:
+            stop.set()
+            t.join()
+        assert len(out) == n
+        assert all(v is None or v == i * i for i, v in enumerate(out))
+        assert 0 < out.count(None) < n // 2
+        assert p.map(sq, range(10)) == [x * x for x in range(10)]
+
+
 def test_base_exceptions_fail_the_task():
     with cpool.Pool(1) as p:
         with pytest.raises(SystemExit):
