@@ -243,13 +243,21 @@ def test_challenge_functions_over_a_pipe_with_stdlib():
 @pytest.mark.skipif(sys.version_info < (3, 12), reason='3.12+ digest negotiation')
 def test_modern_challenge_has_digest_prefix():
     a, b = cc.Pipe()
-    t = threading.Thread(target=cc.deliver_challenge, args=(a, b'k', 'sha384'), daemon=True)
+    errs = []
+
+    def server():
+        try:
+            cc.deliver_challenge(a, b'k', 'sha384')
+        except cpool.AuthenticationError as e:
+            errs.append(e)
+    t = threading.Thread(target=server, daemon=True)
     t.start()
     msg = b.recv_bytes(256)
     assert msg.startswith(b'#CHALLENGE#{sha384}')
     b.send_bytes(b'{md5}' + b'x' * 16)  # a wrong MAC: refused
     assert b.recv_bytes(256) == b'#FAILURE#'
     t.join(10)
+    assert len(errs) == 1
 
 
 def _serve_one(address, authkey, n):
