@@ -319,7 +319,6 @@ def test_large_message_64mb():
     t.join()
 
 
-@pytest.mark.stress
 @pytest.mark.timeout(120)
 def test_huge_message_300mb():
     a, b = cpool.Pipe()
