@@ -336,3 +336,42 @@ def answer_challenge(connection, authkey):
 def _server_handshake(connection, authkey, timeout):
     _deliver(connection, authkey, 'sha256', timeout)
     _answer(connection, authkey, timeout)
+
+
+# ---- xmlrpc serialization (the managers' serializer='xmlrpclib') ----
+
+class ConnectionWrapper(object):
+    """A Connection whose send/recv use other dumps/loads functions."""
+
+    def __init__(self, conn, dumps, loads):
+        self._conn = conn
+        self._dumps = dumps
+        self._loads = loads
+        for attr in ('fileno', 'close', 'poll', 'recv_bytes', 'send_bytes'):
+            setattr(self, attr, getattr(conn, attr))
+
+    def send(self, obj):
+        self._conn.send_bytes(self._dumps(obj))
+
+    def recv(self):
+        return self._loads(self._conn.recv_bytes())
+
+
+def _xml_dumps(obj):
+    import xmlrpc.client
+    return xmlrpc.client.dumps((obj,), None, None, None, 1).encode('utf-8')
+
+
+def _xml_loads(s):
+    import xmlrpc.client
+    (obj,), method = xmlrpc.client.loads(s.decode('utf-8'))
+    return obj
+
+
+class XmlListener(Listener):
+    def accept(self):
+        return ConnectionWrapper(Listener.accept(self), _xml_dumps, _xml_loads)
+
+
+def XmlClient(*args, **kwds):
+    return ConnectionWrapper(Client(*args, **kwds), _xml_dumps, _xml_loads)

@@ -278,3 +278,21 @@ def test_listener_with_processes(cctx):
         assert x == 3
         p.join(30)
         assert p.exitcode == 0
+
+
+def test_xml_listener_client():
+    with cc.XmlListener(authkey=b'x') as listener:
+        results = []
+
+        def client():
+            c = cc.XmlClient(listener.address, authkey=b'x')
+            c.send({'a': [1, 2.5, 'three']})
+            results.append(c.recv())
+        t = threading.Thread(target=client, daemon=True)
+        t.start()
+        c = listener.accept()
+        got = c.recv()
+        c.send(got['a'])
+        t.join(10)
+        assert got == {'a': [1, 2.5, 'three']}
+        assert results == [[1, 2.5, 'three']]
