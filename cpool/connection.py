@@ -262,7 +262,8 @@ def _split_digest(message):
                               'or unsupported digest: message=%r' % (message,))
 
 
-def _answer_for(authkey, message):
+def _create_response(authkey, message):
+    """The answer to a challenge message: an HMAC of it keyed by authkey."""
     import hmac
     if not _MODERN:
         return hmac.new(authkey, message, 'md5').digest()
@@ -276,11 +277,14 @@ def _answer_for(authkey, message):
     return b'{%s}%s' % (name.encode('ascii'), hmac.new(authkey, message, name).digest())
 
 
-def _answer_is_right(authkey, message, answer):
+def _verify_challenge(authkey, message, response):
+    """Raise AuthenticationError unless response is the right answer to message."""
     import hmac
     if not _MODERN:
-        return hmac.compare_digest(hmac.new(authkey, message, 'md5').digest(), answer)
-    name, mac = _split_digest(answer)
+        if not hmac.compare_digest(hmac.new(authkey, message, 'md5').digest(), response):
+            raise AuthenticationError('digest received was wrong')
+        return
+    name, mac = _split_digest(response)
     name = name or 'md5'
     try:
         expected = hmac.new(authkey, message, name).digest()
@@ -289,7 +293,8 @@ def _answer_is_right(authkey, message, answer):
     if len(expected) != len(mac):
         raise AuthenticationError('expected %r of length %d got %d'
                                   % (name, len(expected), len(mac)))
-    return hmac.compare_digest(expected, mac)
+    if not hmac.compare_digest(expected, mac):
+        raise AuthenticationError('digest received was wrong')
 
 
 def _deliver(connection, authkey, digest_name, timeout):
@@ -300,13 +305,10 @@ def _deliver(connection, authkey, digest_name, timeout):
     connection.send_bytes(_CHALLENGE + message)
     answer = _recv_small(connection, timeout)
     try:
-        ok = _answer_is_right(authkey, message, answer)
+        _verify_challenge(authkey, message, answer)
     except AuthenticationError:
         connection.send_bytes(_FAILURE)
         raise
-    if not ok:
-        connection.send_bytes(_FAILURE)
-        raise AuthenticationError('digest received was wrong')
     connection.send_bytes(_WELCOME)
 
 
@@ -318,7 +320,7 @@ def _answer(connection, authkey, timeout):
     message = message[len(_CHALLENGE):]
     if len(message) < _MD5ONLY_MESSAGE_LENGTH:
         raise AuthenticationError('challenge too short: %d bytes' % len(message))
-    connection.send_bytes(_answer_for(authkey, message))
+    connection.send_bytes(_create_response(authkey, message))
     if _recv_small(connection, timeout) != _WELCOME:
         raise AuthenticationError('digest sent was rejected')
 

@@ -669,6 +669,35 @@ static PyObject *conn_get_writable(PyObject *op, void *c)
     return PyBool_FromLong(((ConnObject *)op)->writable);
 }
 
+/* The standard library's private attribute, kept for code that reads it (or sets it to None
+   to give the fd up without closing it). */
+static PyObject *conn_get_handle(PyObject *op, void *c)
+{
+    ConnObject *self = (ConnObject *)op;
+    if (self->fd < 0)
+        Py_RETURN_NONE;
+    return PyLong_FromLong(self->fd);
+}
+
+static int conn_set_handle(PyObject *op, PyObject *value, void *c)
+{
+    ConnObject *self = (ConnObject *)op;
+    if (value == NULL || value == Py_None) {
+        self->fd = -1;
+        return 0;
+    }
+    long fd = PyLong_AsLong(value);
+    if (fd == -1 && PyErr_Occurred())
+        return -1;
+    if (fd < 0 || fd > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "invalid handle");
+        return -1;
+    }
+    self->fd = (int)fd;
+    self->is_sock = cp_fd_is_socket((int)fd) == 1;
+    return 0;
+}
+
 static PyObject *conn_repr(PyObject *op)
 {
     ConnObject *self = (ConnObject *)op;
@@ -709,6 +738,7 @@ static PyGetSetDef conn_getset[] = {
     {"closed", conn_get_closed, NULL, "True if the connection is closed", NULL},
     {"readable", conn_get_readable, NULL, "True if the connection is readable", NULL},
     {"writable", conn_get_writable, NULL, "True if the connection is writable", NULL},
+    {"_handle", conn_get_handle, conn_set_handle, "The fd, None once closed", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

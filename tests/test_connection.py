@@ -571,3 +571,51 @@ def test_weakref_and_subclass():
     gc.collect()
     assert r() is None
     s2.close()
+
+
+def test_handle_attribute_like_stdlib():
+    a, b = cpool.Pipe()
+    fd = a.fileno()
+    assert a._handle == fd
+    a._handle = None  # gives the fd up without closing it
+    assert a.closed
+    os.fstat(fd)
+    os.close(fd)
+    b.close()
+    assert b._handle is None
+
+
+def _recv_fd_and_write(conn, data):
+    from cpool import reduction
+    assert conn.recv() == 'fd follows'
+    fd = reduction.recv_handle(conn)
+    os.write(fd, data)
+    os.close(fd)
+    conn.send('written')
+
+
+def test_send_handle_after_messages(cctx, tmp_path):
+    """Messages and an fd (SCM_RIGHTS) on one connection: reads never take more than one
+    message, so the fd's byte is left for recv_handle."""
+    from cpool import reduction
+    a, b = cctx.Pipe()
+    p = cctx.Process(target=_recv_fd_and_write, args=(b, b'via fd'))
+    p.start()
+    b.close()
+    path = tmp_path / 'out'
+    with open(path, 'wb') as f:
+        a.send('fd follows')
+        reduction.send_handle(a, f.fileno(), p.pid)
+        assert a.recv() == 'written'
+    p.join(30)
+    assert path.read_bytes() == b'via fd'
+
+
+def test_invalid_handle_does_not_crash():
+    c = cconn.Connection(44977608)
+    try:
+        assert c.poll() in (True, False)
+        with pytest.raises(OSError):
+            c.recv_bytes()
+    finally:
+        c._handle = None

@@ -296,3 +296,39 @@ def test_xml_listener_client():
         t.join(10)
         assert got == {'a': [1, 2.5, 'three']}
         assert results == [[1, 2.5, 'three']]
+
+
+class _FakeConnection:
+    def __init__(self, replies):
+        self.replies = list(replies)
+        self.sent = []
+
+    def recv_bytes(self, size=None):
+        return self.replies.pop(0) if self.replies else b''
+
+    def send_bytes(self, data):
+        self.sent.append(data)
+
+
+@pytest.mark.parametrize('mod', [cc, mc])
+def test_challenge_failures_with_fake_connections(mod):
+    """As CPython's own tests: bogus answers give AuthenticationError, never another error."""
+    with pytest.raises(mod.AuthenticationError):
+        mod.deliver_challenge(_FakeConnection([b'something bogus']), b'abc')
+    with pytest.raises(mod.AuthenticationError):
+        mod.answer_challenge(_FakeConnection([b'#CHALLENGE#', b'something bogus']), b'abc')
+    fake = _FakeConnection([b'#CHALLENGE#' + b'm' * 48, b'#FAILURE#'])
+    with pytest.raises(mod.AuthenticationError):
+        mod.answer_challenge(fake, b'abc')
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason='3.12+ digest negotiation')
+def test_create_and_verify_match_stdlib():
+    key = b'supadupasecretkey'
+    for msg in [b'is-twenty-bytes-long', b'{sha256}' + b'x' * 40, b'{md5}' + b'y' * 40]:
+        ours = cc._create_response(key, msg)
+        assert ours == mc._create_response(key, msg)
+        cc._verify_challenge(key, msg, ours)
+        mc._verify_challenge(key, msg, ours)
+        with pytest.raises(cpool.AuthenticationError):
+            cc._verify_challenge(key, msg, ours[:-1] + bytes([ours[-1] ^ 1]))
