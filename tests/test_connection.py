@@ -619,3 +619,26 @@ def test_invalid_handle_does_not_crash():
             c.recv_bytes()
     finally:
         c._handle = None
+
+
+@pytest.mark.parametrize('seed', [1, 2, 3])
+def test_interop_random_stream(seed):
+    """Many messages of random sizes (around the 16 KiB and buffer boundaries) in a row, each
+    side writing while the other reads: cpool -> stdlib and stdlib -> cpool."""
+    import random
+    rnd = random.Random(seed)
+    sizes = [rnd.choice([0, 1, 3, 4, 5, 16383, 16384, 16385, 65536, 212993,
+                         rnd.randrange(1, 1 << 20)]) for _ in range(60)]
+    msgs = [rnd.randbytes(n) for n in sizes]
+    ours, theirs = cpool.Pipe()
+    theirs = stdlib_end(theirs)
+
+    def pump(conn):
+        for m in msgs:
+            conn.send_bytes(m)
+
+    for writer, reader in [(ours, theirs), (theirs, ours)]:
+        t = in_thread(pump, writer)
+        got = [reader.recv_bytes() for _ in msgs]
+        t.join()
+        assert got == msgs
