@@ -19,6 +19,7 @@ BufferTooShort = _core.BufferTooShort
 TimeoutError = _core.TimeoutError
 AuthenticationError = _core.AuthenticationError
 WorkerLostError = _core.WorkerLostError
+OwnerDiedWarning = _core.OwnerDiedWarning
 
 
 class BaseContext(object):
@@ -27,6 +28,7 @@ class BaseContext(object):
     TimeoutError = TimeoutError
     AuthenticationError = AuthenticationError
     WorkerLostError = WorkerLostError
+    OwnerDiedWarning = OwnerDiedWarning
 
     current_process = staticmethod(process.current_process)
     parent_process = staticmethod(process.parent_process)

@@ -81,6 +81,8 @@ static int cp_exec(PyObject *m)
         return -1;
     if (cp_exec_process(m) < 0)
         return -1;
+    if (cp_exec_synchronize(m) < 0)
+        return -1;
     return 0;
 }
 
