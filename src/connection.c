@@ -840,10 +840,11 @@ static PyObject *cp_wait(PyObject *module, PyObject *const *args, Py_ssize_t nar
     int64_t deadline;
     if (parse_deadline(a[1], &deadline) < 0)
         return NULL;
-    PyObject *seq = PySequence_Fast(a[0], "wait() needs an iterable of objects");
+    /* A tuple copy: a fileno() method cannot change the list under us. */
+    PyObject *seq = PySequence_Tuple(a[0]);
     if (!seq)
         return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    Py_ssize_t n = PyTuple_GET_SIZE(seq);
     PyTypeObject *conn_type = (PyTypeObject *)cp_get_state(module)->slot[CP_TYPE_CONNECTION];
     struct pollfd stackfds[16];
     struct pollfd *pfds = n <= 16 ? stackfds : PyMem_Calloc((size_t)n, sizeof *pfds);
@@ -853,7 +854,7 @@ static PyObject *cp_wait(PyObject *module, PyObject *const *args, Py_ssize_t nar
         goto done;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        int fd = fd_of(conn_type, PySequence_Fast_GET_ITEM(seq, i));
+        int fd = fd_of(conn_type, PyTuple_GET_ITEM(seq, i));
         if (fd < 0)
             goto done;
         pfds[i].fd = fd;
@@ -876,7 +877,7 @@ static PyObject *cp_wait(PyObject *module, PyObject *const *args, Py_ssize_t nar
     }
     result = PyList_New(0);
     for (Py_ssize_t i = 0; result && i < n; i++) {
-        if (pfds[i].revents && PyList_Append(result, PySequence_Fast_GET_ITEM(seq, i)) < 0)
+        if (pfds[i].revents && PyList_Append(result, PyTuple_GET_ITEM(seq, i)) < 0)
             Py_CLEAR(result);
     }
 done:

@@ -642,3 +642,20 @@ def test_interop_random_stream(seed):
         got = [reader.recv_bytes() for _ in msgs]
         t.join()
         assert got == msgs
+
+
+def test_wait_survives_list_mutation_in_fileno():
+    lst = []
+
+    class Evil:
+        def fileno(self):
+            lst.clear()
+            return r_fd
+
+    r_fd, w_fd = os.pipe()
+    os.write(w_fd, b'x')
+    lst.extend([Evil(), Evil(), Evil()])
+    ready = cconn.wait(lst, 1)
+    assert len(ready) == 3 and all(isinstance(x, Evil) for x in ready)
+    os.close(r_fd)
+    os.close(w_fd)
