@@ -659,3 +659,30 @@ def test_wait_survives_list_mutation_in_fileno():
     assert len(ready) == 3 and all(isinstance(x, Evil) for x in ready)
     os.close(r_fd)
     os.close(w_fd)
+
+
+def test_fuzz_frames():
+    """Random and mutated frames: only clean Python errors, never a crash or a big allocation."""
+    import random
+    rnd = random.Random(7)
+    good = struct.pack('!i', 5) + b'hello' + struct.pack('!i', -1) + struct.pack('!Q', 3) + b'abc'
+    for i in range(300):
+        if i % 2:
+            raw = bytearray(good)
+            for _ in range(rnd.randrange(1, 4)):
+                raw[rnd.randrange(len(raw))] = rnd.randrange(256)
+            raw = bytes(raw[:rnd.randrange(len(raw) + 1)])
+        else:
+            raw = rnd.randbytes(rnd.randrange(0, 40))
+        s, c = raw_pair()
+        s.sendall(raw)
+        s.close()
+        call = rnd.choice([lambda: c.recv_bytes(64), c.recv, lambda: c.recv_bytes_into(
+            bytearray(8)), lambda: c.recv_bytes(1 << 20)])
+        for _ in range(3):
+            try:
+                call()
+            except Exception as e:  # whatever garbage unpickles to; never an internal error
+                assert not isinstance(e, (SystemError, MemoryError)), e
+                break
+        c.close()
