@@ -21,6 +21,8 @@ __all__ = ['Client', 'Listener', 'Pipe', 'wait']
 Connection = _core.Connection
 Pipe = _core.Pipe
 wait = _core.wait
+_ConnectionBase = Connection  # the standard library's base class name, for isinstance checks
+_ForkingPickler = reduction.ForkingPickler
 
 BUFSIZE = 8192
 # A very generous bound for the handshake on a local connection (the standard library's value);
