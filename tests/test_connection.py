@@ -394,10 +394,32 @@ def _echo_oneway(r, w):
     w.send(r.recv())
 
 
-def test_pickling_outside_spawning_refused():
-    a, b = cpool.Pipe()
-    with pytest.raises(RuntimeError):
-        pickle.dumps(a)
+def _use_received_connection(channel):
+    conn = channel.recv()  # a Connection sent through another Connection
+    conn.send(conn.recv() + 1)
+    sock = channel.recv()  # and a socket
+    sock.sendall(b'from child')
+    sock.close()
+
+
+@pytest.mark.timeout(60)
+def test_send_connection_and_socket_through_pipe(ctx):
+    """Connections and sockets pickled outside a child's start reach another process (the
+    fd is served on demand), as in the standard library."""
+    channel, child_channel = ctx.Pipe()
+    p = ctx.Process(target=_use_received_connection, args=(child_channel,))
+    p.start()
+    a, b = ctx.Pipe()
+    channel.send(b)
+    b.close()
+    a.send(41)
+    assert a.recv() == 42
+    s1, s2 = socket.socketpair()
+    channel.send(s2)
+    s2.close()
+    assert s1.recv(100) == b'from child'
+    p.join(30)
+    assert p.exitcode == 0
 
 
 def _sleep_forever(conn):
