@@ -420,6 +420,10 @@ def test_send_connection_and_socket_through_pipe(ctx):
     assert s1.recv(100) == b'from child'
     p.join(30)
     assert p.exitcode == 0
+    # The serving thread would make later forks warn about threads (3.12+): stop it.
+    sharer = 'cpool.resource_sharer' if ctx.Process.__module__.startswith('cpool') else \
+        'multiprocessing.resource_sharer'
+    __import__(sharer, fromlist=['stop']).stop(timeout=10)
 
 
 def _sleep_forever(conn):
