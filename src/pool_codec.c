@@ -1,18 +1,27 @@
-/* A compact encoding of plain values (None, bool, int64, float, str, bytes, tuples, unshared
-   lists) for pool tasks and results: several times cheaper than pickle for the small and
+/* A compact encoding of plain values (None, bool, int64, float, str, bytes, tuples, lists,
+   dicts) for pool tasks and results: several times cheaper than pickle for the small and
    string-heavy payloads of fine-grained tasks, and exact (only exact builtin types qualify,
-   so the decoded value is equal and of the same type). Anything else falls back to pickle. */
+   so the decoded value is equal and of the same type; a list or dict that appears twice in
+   one payload sends it to pickle, which keeps the two references one object). Anything else
+   falls back to pickle. */
 #include "pool_codec.h"
 
 #include <string.h>
 
 enum {
-    T_NONE = 0, T_FALSE, T_TRUE, T_INT, T_FLOAT, T_ASCII, T_UTF8, T_BYTES, T_TUPLE, T_LIST
+    T_NONE = 0, T_FALSE, T_TRUE, T_INT, T_FLOAT, T_ASCII, T_UTF8, T_BYTES, T_TUPLE, T_LIST, T_DICT
 };
 
 #define MAX_DEPTH 16
+#define MAX_SHARED 32   /* mutable containers held elsewhere too, checked for aliasing */
 
 typedef cp_buf wbuf;
+
+typedef struct {
+    wbuf *w;
+    PyObject *seen[MAX_SHARED]; /* lists and dicts with other references, met so far */
+    int nseen;
+} encoder;
 
 int cp_buf_reserve(cp_buf *b, size_t n)
 {
@@ -58,9 +67,25 @@ static int put_tag_len(wbuf *w, uint8_t tag, size_t n)
     return 0;
 }
 
-/* 0 written, 1 not plain, -1 out of memory (MemoryError set). */
-static int enc(wbuf *w, PyObject *o, int depth)
+/* A list or dict that someone else holds may appear twice in the payload: then it is not
+   plain (pickle keeps the two references one object). 0 fine, 1 not plain. */
+static int check_alias(encoder *e, PyObject *o)
 {
+    if (Py_REFCNT(o) == 1)
+        return 0; /* held by its container only: it cannot appear anywhere else */
+    for (int i = 0; i < e->nseen; i++)
+        if (e->seen[i] == o)
+            return 1;
+    if (e->nseen == MAX_SHARED)
+        return 1;
+    e->seen[e->nseen++] = o;
+    return 0;
+}
+
+/* 0 written, 1 not plain, -1 out of memory (MemoryError set). */
+static int enc(encoder *e, PyObject *o, int depth)
+{
+    wbuf *w = e->w;
     PyTypeObject *t = Py_TYPE(o);
     uint8_t tag;
     if (o == Py_None) {
@@ -120,25 +145,40 @@ static int enc(wbuf *w, PyObject *o, int depth)
         items = ((PyTupleObject *)o)->ob_item;
         n = PyTuple_GET_SIZE(o);
     }
-    else if (t == &PyList_Type && (Py_REFCNT(o) == 1 || depth == 0)) {
-        /* Only a list nobody else holds: a shared one must arrive shared, as pickle does it. */
+    else if (t == &PyList_Type) {
+        if (check_alias(e, o))
+            return 1;
         tag = T_LIST;
         items = ((PyListObject *)o)->ob_item;
         n = PyList_GET_SIZE(o);
+    }
+    else if (t == &PyDict_Type) {
+        if (check_alias(e, o))
+            return 1;
+        int r = put_tag_len(w, T_DICT, (size_t)PyDict_GET_SIZE(o));
+        Py_ssize_t pos = 0;
+        PyObject *k, *v;
+        while (r == 0 && PyDict_Next(o, &pos, &k, &v)) {
+            r = enc(e, k, depth + 1);
+            if (r == 0)
+                r = enc(e, v, depth + 1);
+        }
+        return r;
     }
     else {
         return 1;
     }
     int r = put_tag_len(w, tag, (size_t)n);
     for (Py_ssize_t i = 0; r == 0 && i < n; i++)
-        r = enc(w, items[i], depth + 1);
+        r = enc(e, items[i], depth + 1);
     return r;
 }
 
 int cp_plain_encode_to(cp_buf *b, PyObject *o)
 {
     size_t mark = b->len;
-    int r = enc(b, o, 0);
+    encoder e = {b, {NULL}, 0};
+    int r = enc(&e, o, 0);
     if (r != 0)
         b->len = mark;
     return r;
@@ -227,6 +267,20 @@ static PyObject *dec(rbuf *r, int depth)
                 PyList_SET_ITEM(c, i, it);
         }
         return c;
+    }
+    case T_DICT: {
+        if (get_len(r, &n) < 0 || (uint64_t)(r->end - r->p) / 2 < n)
+            return corrupt();
+        PyObject *d = PyDict_New();
+        for (uint32_t i = 0; d && i < n; i++) {
+            PyObject *k = dec(r, depth + 1);
+            PyObject *v = k ? dec(r, depth + 1) : NULL;
+            if (!v || PyDict_SetItem(d, k, v) < 0)
+                Py_CLEAR(d);
+            Py_XDECREF(k);
+            Py_XDECREF(v);
+        }
+        return d;
     }
     default:
         return corrupt();

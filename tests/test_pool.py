@@ -152,6 +152,29 @@ def test_map_family_matches(fmp):
     }
 
 
+def same(a, b):
+    return a is b, a == b
+
+
+def twice(x):
+    v = [x]
+    return (v, v)
+
+
+def test_shared_references_survive_like_pickle(fmp):
+    l, d = [1, 2], {'k': [3]}
+    with fmp.Pool(1) as p:
+        assert p.apply(same, (l, l)) == (True, True)
+        assert p.apply(same, (d, d)) == (True, True)
+        assert p.apply(same, (l, [1, 2])) == (False, True)
+        assert p.apply(same, ({'a': 1}, {'a': 1})) == (False, True)
+        a, b = p.apply(twice, (5,))
+        assert a is b and a == [5]
+        assert p.apply(identity, ({'x': [1, {'y': (2, 3.5, None, b'z', 'é')}]},)) == \
+            {'x': [1, {'y': (2, 3.5, None, b'z', 'é')}]}
+        assert p.starmap(same, [(l, l)] * 3, chunksize=2) == [(True, True)] * 3
+
+
 def test_callbacks_and_async_result_api(fmp):
     got, errs = [], []
     with fmp.Pool(2) as p:
