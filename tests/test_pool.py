@@ -175,6 +175,35 @@ def test_shared_references_survive_like_pickle(fmp):
         assert p.starmap(same, [(l, l)] * 3, chunksize=2) == [(True, True)] * 3
 
 
+def _typed(v):
+    # the value with the exact type of every part, so 1 == 1.0 == True does not hide a change
+    if isinstance(v, (list, tuple)):
+        return (type(v).__name__, [_typed(x) for x in v])
+    if isinstance(v, dict):
+        return ('dict', [(_typed(k), _typed(x)) for k, x in v.items()])
+    if isinstance(v, float) and v != v:
+        return ('float', 'nan')
+    return (type(v).__name__, v)
+
+
+def test_codec_round_trip_is_exact():
+    hypothesis = pytest.importorskip('hypothesis')
+    st = hypothesis.strategies
+    scalars = (st.none() | st.booleans() | st.integers() | st.floats() | st.text() |
+               st.binary() | st.integers(min_value=-2 ** 70, max_value=2 ** 70))
+    values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=5) |
+                          st.tuples(inner, inner) |
+                          st.dictionaries(st.text(max_size=3) | st.integers(), inner, max_size=4),
+                          max_leaves=20)
+    with cpool.Pool(1) as p:
+        @hypothesis.settings(max_examples=150, deadline=None)
+        @hypothesis.given(values)
+        def check(v):
+            assert _typed(p.apply(identity, (v,))) == _typed(v)
+            assert _typed(p.map(identity, [v, v], chunksize=2)) == _typed([v, v])
+        check()
+
+
 def test_callbacks_and_async_result_api(fmp):
     got, errs = [], []
     with fmp.Pool(2) as p:
