@@ -1322,9 +1322,14 @@ static PyObject *core_serve(PoolCore *c, PyObject *arg)
         return NULL;
     int64_t now = cp_now_ns();
     check_timeouts(c, now);
-    struct pollfd pf[256];
-    uint32_t idx[256], np = 0;
-    for (uint32_t w = 0; w < c->nworkers && np < 256; w++) {
+    struct pollfd *pf = PyMem_RawMalloc(c->nworkers * sizeof(struct pollfd));
+    uint32_t *idx = PyMem_RawMalloc(c->nworkers * sizeof(uint32_t)), np = 0;
+    if (!pf || !idx) {
+        PyMem_RawFree(pf);
+        PyMem_RawFree(idx);
+        return PyErr_NoMemory();
+    }
+    for (uint32_t w = 0; w < c->nworkers; w++) {
         if (c->pidfds[w] >= 0) {
             pf[np].fd = c->pidfds[w];
             pf[np].events = POLLIN;
@@ -1343,19 +1348,16 @@ static PyObject *core_serve(PoolCore *c, PyObject *arg)
         Py_END_ALLOW_THREADS
     }
     PyObject *dead = PyList_New(0);
-    if (!dead)
-        return NULL;
-    for (uint32_t i = 0; pr > 0 && i < np; i++) {
+    for (uint32_t i = 0; dead && pr > 0 && i < np; i++) {
         if (pf[i].revents) {
             PyObject *v = PyLong_FromUnsignedLong(idx[i]);
-            if (!v || PyList_Append(dead, v) < 0) {
-                Py_XDECREF(v);
-                Py_DECREF(dead);
-                return NULL;
-            }
-            Py_DECREF(v);
+            if (!v || PyList_Append(dead, v) < 0)
+                Py_CLEAR(dead);
+            Py_XDECREF(v);
         }
     }
+    PyMem_RawFree(pf);
+    PyMem_RawFree(idx);
     return dead;
 }
 
