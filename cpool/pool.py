@@ -6,14 +6,22 @@ whoever waits for them. This module shapes the API, starts and replaces workers,
 handler thread that collects results nobody waits for (callbacks), feeds tasks that did not fit
 in the ring, enforces task timeouts and replaces workers that exit.
 
-Beyond the standard library (all opt-in):
-  - a worker that dies mid-task (killed, segfault, os._exit) fails that task with
-    cpool.WorkerLostError (its .exitcode says how) and is replaced; nothing hangs;
-  - task_timeout=seconds, on the Pool (every task) or per call (apply_async, map, imap, ...):
-    a task running longer fails with cpool.TimeoutError and its worker is replaced;
-  - imap/imap_unordered read their input lazily, at most `buffersize` chunks ahead;
-  - progress=True on map/starmap/imap/imap_unordered shows a progress bar (tqdm when installed,
-    else a line on stderr).
+Beyond the standard library:
+  - a worker that dies mid-task (killed, segfault, os._exit) fails that task (one chunk) with
+    cpool.WorkerLostError (its .exitcode says how) and is replaced; nothing hangs. A task that
+    raises SystemExit or KeyboardInterrupt fails like any other.
+  - task_timeout=seconds (opt-in), on the Pool (every task) or per call (apply_async, map,
+    imap, ...): an item running longer fails with cpool.TimeoutError and its worker is killed
+    and replaced.
+  - imap/imap_unordered read their input lazily, at most `buffersize` chunks ahead (default
+    max(256, 64 * processes)), so a generator of any length runs in constant memory.
+  - progress=True (or a label) on map/starmap/imap/imap_unordered shows a progress bar: tqdm
+    when installed, else a line on stderr.
+  - Ctrl-C in the parent interrupts map/get/next at once; workers ignore SIGINT and are
+    stopped by terminate() (the with block) without tracebacks.
+  - results are sent in a compact form when they are plain builtin values and pickled
+    otherwise; several small chunks may share one task message, but each chunk's result comes
+    back on its own and a worker that finds them slow gives back the ones it has not started.
 """
 import collections
 import itertools
