@@ -79,6 +79,8 @@ static int cp_exec(PyObject *m)
 
     if (cp_exec_process(m) < 0)
         return -1;
+    if (cp_exec_queue(m) < 0)
+        return -1;
     return 0;
 }
 

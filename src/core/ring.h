@@ -1,0 +1,174 @@
+/* A multi-producer multi-consumer ring of byte records in one shared memfd segment, with a
+   robust process-shared lock, futex waits and crash recovery. Plain C: no Python.h.
+
+   Layout. One memfd: a header page, then a data area of `capacity` bytes addressed by 64-bit
+   positions that only grow (offset = position % capacity). A record is an 8-byte header
+   (length << 8 | kind) followed by the payload padded to 8 bytes; a record may wrap at the end
+   of the data area and is then copied in two pieces.
+
+   Hot and cold space. The data area is large and sparse (16 GiB of address space by default,
+   memory only where written): only its first `hot` bytes are used in the common case where the
+   readers keep up. A writer that reaches the end of the hot zone wraps back to its start when
+   the readers have freed it; when they have not (a backlog), it writes on into the cold zone
+   instead of blocking, so an unbounded queue's put() returns at once even when nobody reads.
+   Readers give consumed cold pages back to the kernel (fallocate PUNCH_HOLE), so memory tracks
+   the backlog, not its high-water mark. A writer blocks (or gets -EAGAIN) only when `capacity`
+   bytes are waiting.
+
+   Locking. One pthread mutex, PTHREAD_PROCESS_SHARED and PTHREAD_MUTEX_ROBUST: when its owner
+   dies the kernel hands it to the next locker with EOWNERDEAD. Every operation copies under
+   the lock and changes the shared counters only at its end, through a redo record (new values
+   written, marked valid, applied, unmarked): a holder killed before marking changed nothing
+   (its half-written bytes lie beyond `head` and are overwritten later), one killed after is
+   finished by the next locker. So a SIGKILL mid-put or mid-get leaves the queue consistent:
+   the message was put (got) entirely or not at all.
+
+   Waiting. Sleepers count themselves in the header and wait on a sequence word with a futex;
+   a writer (reader) bumps and wakes it only when that count is non-zero, so a busy queue makes
+   no system call per message. Waits spin briefly first (a peer on another core usually answers
+   within microseconds) and return -EINTR on a signal so callers can check for Ctrl-C.
+
+   All functions return 0 (or a count) or a negative errno. */
+#ifndef CPOOL_RING_H
+#define CPOOL_RING_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "shm.h"
+
+#define CP_RING_MAGIC 0x676e6972706375ULL /* "ucpring" */
+#define CP_RING_VERSION 1
+
+/* Defaults: the hot zone stays resident; the capacity is address space, not memory. */
+#define CP_RING_DEFAULT_HOT (4ULL << 20)
+#define CP_RING_DEFAULT_CAPACITY (16ULL << 30)
+
+/* Record kinds 0..CP_RING_KIND_MAX are the caller's (the ring never looks inside a payload). */
+#define CP_RING_KIND_MAX 254
+
+/* Counters changed together by one operation; see the redo record above. */
+typedef struct {
+    uint64_t head;       /* position after the last committed record */
+    uint64_t tail;       /* position of the first record not yet consumed */
+    uint64_t count;      /* records between tail and head */
+    uint64_t unfinished; /* put() minus task_done() (JoinableQueue) */
+    uint64_t released;   /* cold pages below this position were given back to the kernel */
+} cp_ring_counters;
+
+#define CP_CACHELINE 64
+
+typedef struct {
+    uint64_t magic;
+    uint32_t version;
+    uint32_t header_size;
+    uint64_t capacity; /* bytes of data area, a multiple of the page size */
+    uint64_t hot;      /* bytes at the start of the data area used when readers keep up */
+    uint64_t maxsize;  /* most records at once, 0 = unbounded */
+
+    _Alignas(CP_CACHELINE) pthread_mutex_t lock;
+    cp_ring_counters redo;
+    _Atomic uint32_t redo_valid;
+
+    /* Read without the lock by sleepers and by qsize()/empty(): written (under the lock)
+       with atomic stores. Producer-side and consumer-side words live on separate lines. */
+    _Alignas(CP_CACHELINE) _Atomic uint64_t head;
+    _Atomic uint64_t count;
+    _Atomic uint64_t unfinished;
+    _Atomic uint32_t get_seq;     /* bumped when records arrive and someone sleeps in get */
+    _Atomic uint32_t get_waiters;
+
+    _Alignas(CP_CACHELINE) _Atomic uint64_t tail;
+    _Atomic uint64_t released;
+    _Atomic uint32_t put_seq;     /* bumped when space frees and someone sleeps in put */
+    _Atomic uint32_t put_waiters;
+
+    _Alignas(CP_CACHELINE) _Atomic uint32_t join_seq; /* bumped when unfinished reaches 0 */
+    _Atomic uint32_t join_waiters;
+} cp_ring_header;
+
+/* A process's handle on a ring (not shared: each process maps the segment itself). */
+typedef struct {
+    cp_shm_t shm;
+    cp_ring_header *h;
+    unsigned char *data;
+} cp_ring_t;
+
+/* One message to put: its kind and the pieces its payload is gathered from. */
+typedef struct {
+    const void *base;
+    size_t len;
+} cp_ring_piece;
+
+typedef struct {
+    uint32_t kind;
+    uint32_t npieces;
+    const cp_ring_piece *pieces;
+    uint64_t len; /* sum of the pieces' lengths */
+} cp_ring_msg;
+
+/* One message got: where its payload was copied in the caller's buffer. */
+typedef struct {
+    uint32_t kind;
+    uint64_t len;
+    size_t offset; /* in dst */
+} cp_ring_got;
+
+/* Flags for put/get. */
+#define CP_RING_TRYLOCK 1 /* return -EBUSY instead of sleeping on a held lock */
+#define CP_RING_TASK 2    /* put: count each record as an unfinished task (JoinableQueue) */
+
+/* Create a ring; capacity and hot 0 mean the defaults (rounded up to pages; hot <= capacity).
+   maxsize 0 = unbounded. */
+int cp_ring_create(cp_ring_t *r, uint64_t capacity, uint64_t hot, uint64_t maxsize);
+
+/* Map the ring in memfd fd (which is dup'ed; the caller keeps its own). Checks magic/version. */
+int cp_ring_attach(cp_ring_t *r, int fd);
+
+/* Unmap and close this process's handle; safe twice. */
+void cp_ring_close(cp_ring_t *r);
+
+/* Append msgs[0..n) in order, as many as fit, under one lock hold; *done says how many.
+   Returns 0 when all went in, -EAGAIN when the ring was full (maxsize records, or capacity
+   bytes) before all did, -EMSGSIZE when msgs[*done] can never fit, -EBUSY (TRYLOCK).
+   Wakes sleeping readers. */
+int cp_ring_put(cp_ring_t *r, const cp_ring_msg *msgs, size_t n, int flags, size_t *done);
+
+/* Take up to maxn records, copying their payloads into dst[0..cap) at 8-byte aligned offsets
+   (described in got[]); stops at the first that does not fit. Returns how many (>= 1), -EAGAIN
+   when empty, -EMSGSIZE when the first record alone does not fit: nothing is taken and
+   got[0].kind/len describe it, so the caller can retry with a buffer of that size.
+   Wakes sleeping writers. */
+long cp_ring_get(cp_ring_t *r, void *dst, size_t cap, size_t maxn, cp_ring_got *got, int flags);
+
+/* Sleep until a record may be available, the deadline (CLOCK_MONOTONIC ns, CP_NO_DEADLINE)
+   passes or a signal arrives: 0, -ETIMEDOUT or -EINTR. Spurious returns happen: retry get. */
+int cp_ring_wait_readable(cp_ring_t *r, int64_t deadline);
+
+/* Sleep until space may have been freed since the caller saw tail == seen_tail. */
+int cp_ring_wait_writable(cp_ring_t *r, uint64_t seen_tail, int64_t deadline);
+
+/* JoinableQueue: one task done. -ERANGE when there was none unfinished. Wakes joiners at 0. */
+int cp_ring_task_done(cp_ring_t *r);
+
+/* Sleep until no task is unfinished: 0, -ETIMEDOUT or -EINTR. */
+int cp_ring_wait_joined(cp_ring_t *r, int64_t deadline);
+
+static inline uint64_t cp_ring_count(const cp_ring_t *r)
+{
+    return atomic_load(&r->h->count);
+}
+
+static inline uint64_t cp_ring_tail(const cp_ring_t *r)
+{
+    return atomic_load(&r->h->tail);
+}
+
+static inline uint64_t cp_ring_unfinished(const cp_ring_t *r)
+{
+    return atomic_load(&r->h->unfinished);
+}
+
+#endif
