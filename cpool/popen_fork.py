@@ -3,6 +3,7 @@ import os
 import signal
 
 from . import _core
+from . import util  # noqa: F401  (registers the exit-time join of children)
 
 __all__ = ['Popen']
 
@@ -12,7 +13,7 @@ class Popen(object):
 
     def __init__(self, process_obj):
         self.returncode = None
-        self.sentinel = None
+        self.sentinel = self._pidfd = None
         self._launch(process_obj)
 
     def duplicate_for_child(self, fd):
@@ -27,7 +28,7 @@ class Popen(object):
             finally:
                 os._exit(code)
         self.pid = pid
-        self.sentinel = _core.pidfd_open(pid)
+        self.sentinel = self._pidfd = _core.pidfd_open(pid)
 
     def poll(self, flag=os.WNOHANG):
         if self.returncode is None:
@@ -41,10 +42,10 @@ class Popen(object):
         return self.returncode
 
     def _send_signal(self, sig):
-        if self.returncode is None:
+        if self.returncode is None and self._pidfd is not None:
             try:
                 # Through the pidfd: never signals an unrelated process that reused the pid.
-                signal.pidfd_send_signal(self.sentinel, sig)
+                signal.pidfd_send_signal(self._pidfd, sig)
             except ProcessLookupError:
                 pass
             except OSError:
@@ -63,10 +64,12 @@ class Popen(object):
     def close(self):
         if self.sentinel is not None:
             os.close(self.sentinel)
+            if self._pidfd == self.sentinel:
+                self._pidfd = None
             self.sentinel = None
 
     def __del__(self):
-        if self.sentinel is not None:
+        if getattr(self, 'sentinel', None) is not None:
             try:
                 os.close(self.sentinel)
             except OSError:

@@ -235,8 +235,12 @@ class BaseProcess(object):
                 # The parent's finalizers belong to the parent.
                 del old_process
             util.info('child process calling self.run()')
-            self.run()
-            exitcode = 0
+            try:
+                self.run()
+                exitcode = 0
+            finally:
+                # The child's own children are joined and its finalizers run, as at any exit.
+                util._exit_function()
         except SystemExit as e:
             if e.code is None:
                 exitcode = 0
@@ -294,25 +298,34 @@ class _ParentProcess(BaseProcess):
         return self._sentinel_fd
 
     def is_alive(self):
-        from .connection import wait
-        return not wait([self.sentinel], timeout=0)
+        return not _fd_readable(self.sentinel, 0)
 
     @property
     def ident(self):
         return self._pid
 
     def join(self, timeout=None):
-        from .connection import wait
-        wait([self.sentinel], timeout=timeout)
+        _fd_readable(self.sentinel, timeout)
 
     pid = ident
 
 
+def _fd_readable(fd, timeout):
+    import select
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(None if timeout is None else max(0.0, timeout) * 1000))
+
+
+# False in a child of the forkserver, whose OS parent is the server, not its Process parent.
+_parent_is_ppid = True
+
+
 def _parent_sentinel(pid):
-    # A pidfd of the parent, made on first use; if the parent is already gone (we were
-    # re-parented) an fd that is readable at once stands in for it.
+    # A pidfd of the parent, made on first use; if the parent is already gone (a fork or spawn
+    # child was re-parented) an fd that is readable at once stands in for it.
     from . import _core
-    if os.getppid() == pid:
+    if os.getppid() == pid or not _parent_is_ppid:
         try:
             return _core.pidfd_open(pid)
         except OSError:

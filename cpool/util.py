@@ -272,6 +272,17 @@ def close_all_fds_except(fds):
         os.closerange(fds[i] + 1, fds[i + 1])
 
 
+def is_abstract_socket_namespace(address):
+    """Whether an AF_UNIX address lives in Linux's abstract namespace (starts with a NUL)."""
+    if not address:
+        return False
+    if isinstance(address, bytes):
+        return address[0] == 0
+    elif isinstance(address, str):
+        return address[0] == "\0"
+    raise TypeError(f'address type of {address!r} unrecognized')
+
+
 def close_fds(*fds):
     """Close each fd."""
     for fd in fds:

@@ -1,0 +1,267 @@
+"""The forkserver start method: a small server process, started once, that forks a child per
+request; the parent sends it the child's fds over a Unix socket (SCM_RIGHTS)."""
+import errno
+import os
+import selectors
+import signal
+import socket
+import struct
+import sys
+import threading
+
+from . import _core, process, reduction, spawn, util
+
+__all__ = ['ensure_running', 'get_inherited_fds', 'connect_to_new_process',
+           'set_forkserver_preload']
+
+MAXFDS_TO_SEND = 256
+SIGNED_STRUCT = struct.Struct('q')  # large enough for pid_t
+
+
+class ForkServer(object):
+
+    def __init__(self):
+        self._forkserver_address = None
+        self._forkserver_alive_fd = None
+        self._forkserver_pid = None
+        self._inherited_fds = None
+        self._lock = threading.Lock()
+        self._preload_modules = ['__main__']
+
+    def _stop(self):
+        # For tests: stop the server and forget it.
+        with self._lock:
+            if self._forkserver_pid is None:
+                return
+            os.close(self._forkserver_alive_fd)
+            self._forkserver_alive_fd = None
+            os.waitpid(self._forkserver_pid, 0)
+            self._forkserver_pid = None
+            if not util.is_abstract_socket_namespace(self._forkserver_address):
+                try:
+                    os.unlink(self._forkserver_address)
+                except OSError:
+                    pass
+            self._forkserver_address = None
+
+    def set_forkserver_preload(self, modules_names):
+        """Modules the server imports once, so forked children start with them loaded."""
+        if not all(type(mod) is str for mod in modules_names):
+            raise TypeError('module_names must be a list of strings')
+        self._preload_modules = modules_names
+
+    def get_inherited_fds(self):
+        """In a child of the server: the fds its parent handed over, in DupFd index order."""
+        return self._inherited_fds
+
+    def connect_to_new_process(self, fds):
+        """Ask the server for a new child; returns (status_r, data_w).
+
+        The child's pickled data is written to data_w; status_r yields the child's pid, then
+        its exit code, and turns readable-at-EOF if the server dies."""
+        self.ensure_running()
+        if len(fds) + 2 >= MAXFDS_TO_SEND:
+            raise ValueError('too many fds')
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as client:
+            client.connect(self._forkserver_address)
+            parent_r, child_w = os.pipe2(os.O_CLOEXEC)
+            child_r, parent_w = os.pipe2(os.O_CLOEXEC)
+            allfds = [child_r, child_w] + list(fds)
+            try:
+                reduction.sendfds(client, allfds)
+                return parent_r, parent_w
+            except:
+                os.close(parent_r)
+                os.close(parent_w)
+                raise
+            finally:
+                os.close(child_r)
+                os.close(child_w)
+
+    def ensure_running(self):
+        """Start the server unless it runs already (restarted if it died)."""
+        with self._lock:
+            if self._forkserver_pid is not None:
+                pid, status = os.waitpid(self._forkserver_pid, os.WNOHANG)
+                if not pid:
+                    return
+                os.close(self._forkserver_alive_fd)
+                self._forkserver_address = None
+                self._forkserver_alive_fd = None
+                self._forkserver_pid = None
+
+            cmd = ('import sys; sys.path.insert(0, %r); from cpool.forkserver import main; '
+                   'main(%d, %d, %r, **%r)')
+            if self._preload_modules:
+                prep = spawn.get_preparation_data('ignore')
+                data = {'sys_path': prep['sys_path']}
+                if 'init_main_from_path' in prep:
+                    data['main_path'] = prep['init_main_from_path']
+            else:
+                data = {}
+
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as listener:
+                address = os.path.join(util.get_temp_dir(), 'fs-%d-%s' % (os.getpid(),
+                                                                          os.urandom(6).hex()))
+                listener.bind(address)
+                os.chmod(address, 0o600)
+                listener.listen()
+                # The server exits when alive_w closes, i.e. when this process (and every
+                # process that inherited alive_w) has exited.
+                alive_r, alive_w = os.pipe2(os.O_CLOEXEC)
+                try:
+                    fds_to_pass = [listener.fileno(), alive_r]
+                    cmd %= (spawn._CPOOL_PARENT_DIR, listener.fileno(), alive_r,
+                            self._preload_modules, data)
+                    exe = spawn.get_executable()
+                    import subprocess
+                    args = [exe] + subprocess._args_from_interpreter_flags() + ['-c', cmd]
+                    pid = util.spawnv_passfds(exe, args, fds_to_pass)
+                except:
+                    os.close(alive_w)
+                    raise
+                finally:
+                    os.close(alive_r)
+                self._forkserver_address = address
+                self._forkserver_alive_fd = alive_w
+                self._forkserver_pid = pid
+
+
+def main(listener_fd, alive_r, preload, main_path=None, sys_path=None):
+    """The server's loop: fork a child per request, report each child's exit code."""
+    if preload:
+        if sys_path is not None:
+            sys.path[:] = sys_path
+        if '__main__' in preload and main_path is not None:
+            process.current_process()._inheriting = True
+            try:
+                spawn.import_main_path(main_path)
+            finally:
+                del process.current_process()._inheriting
+        for modname in preload:
+            try:
+                __import__(modname)
+            except ImportError:
+                pass
+
+    util._close_stdin()
+    sig_r, sig_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+
+    def sigchld_handler(*_unused):
+        pass  # the wake-up fd does the work
+
+    handlers = {
+        signal.SIGCHLD: sigchld_handler,
+        # Ctrl-C goes to the whole process group: the user's program decides, not the server.
+        signal.SIGINT: signal.SIG_IGN,
+    }
+    old_handlers = {sig: signal.signal(sig, val) for (sig, val) in handlers.items()}
+    signal.set_wakeup_fd(sig_w)
+    pid_to_fd = {}
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=listener_fd) as listener, \
+            selectors.DefaultSelector() as selector:
+        _forkserver._forkserver_address = listener.getsockname()
+        selector.register(listener, selectors.EVENT_READ)
+        selector.register(alive_r, selectors.EVENT_READ)
+        selector.register(sig_r, selectors.EVENT_READ)
+        while True:
+            try:
+                while True:
+                    rfds = [key.fileobj for (key, events) in selector.select()]
+                    if rfds:
+                        break
+                if alive_r in rfds:
+                    # EOF: the process that started us is gone.
+                    raise SystemExit
+                if sig_r in rfds:
+                    os.read(sig_r, 65536)
+                    while True:
+                        try:
+                            pid, sts = os.waitpid(-1, os.WNOHANG)
+                        except ChildProcessError:
+                            break
+                        if pid == 0:
+                            break
+                        child_w = pid_to_fd.pop(pid, None)
+                        if child_w is not None:
+                            returncode = os.waitstatus_to_exitcode(sts)
+                            try:
+                                write_signed(child_w, returncode)
+                            except BrokenPipeError:
+                                pass  # the parent is gone
+                            os.close(child_w)
+                if listener in rfds:
+                    with listener.accept()[0] as s:
+                        fds = reduction.recvfds(s, MAXFDS_TO_SEND + 1)
+                        if len(fds) > MAXFDS_TO_SEND:
+                            raise RuntimeError('Too many ({0:n}) fds to send'.format(len(fds)))
+                        child_r, child_w, *fds = fds
+                        s.close()
+                        pid = _core.fork()
+                        if pid == 0:
+                            code = 1
+                            try:
+                                listener.close()
+                                selector.close()
+                                unused_fds = [alive_r, child_w, sig_r, sig_w]
+                                unused_fds.extend(pid_to_fd.values())
+                                code = _serve_one(child_r, fds, unused_fds, old_handlers)
+                            except Exception:
+                                sys.excepthook(*sys.exc_info())
+                                sys.stderr.flush()
+                            finally:
+                                os._exit(code)
+                        else:
+                            try:
+                                write_signed(child_w, pid)
+                            except BrokenPipeError:
+                                pass
+                            pid_to_fd[pid] = child_w
+                            os.close(child_r)
+                            for fd in fds:
+                                os.close(fd)
+            except OSError as e:
+                if e.errno != errno.ECONNABORTED:
+                    raise
+
+
+def _serve_one(child_r, fds, unused_fds, handlers):
+    # In a fresh child of the server: back to default signal handling, then run as spawn does.
+    signal.set_wakeup_fd(-1)
+    for sig, val in handlers.items():
+        signal.signal(sig, val)
+    for fd in unused_fds:
+        os.close(fd)
+    _forkserver._inherited_fds = fds
+    _forkserver._forkserver_pid = None
+    _forkserver._forkserver_alive_fd = None
+    process._parent_is_ppid = False
+    return spawn._main(child_r, None)
+
+
+def read_signed(fd):
+    data = b''
+    length = SIGNED_STRUCT.size
+    while len(data) < length:
+        s = os.read(fd, length - len(data))
+        if not s:
+            raise EOFError('unexpected EOF')
+        data += s
+    return SIGNED_STRUCT.unpack(data)[0]
+
+
+def write_signed(fd, n):
+    msg = SIGNED_STRUCT.pack(n)
+    while msg:
+        nbytes = os.write(fd, msg)
+        if nbytes == 0:
+            raise RuntimeError('should not get here')
+        msg = msg[nbytes:]
+
+
+_forkserver = ForkServer()
+ensure_running = _forkserver.ensure_running
+get_inherited_fds = _forkserver.get_inherited_fds
+connect_to_new_process = _forkserver.connect_to_new_process
+set_forkserver_preload = _forkserver.set_forkserver_preload

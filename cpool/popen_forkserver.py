@@ -1,0 +1,85 @@
+"""Starting a child through the forkserver: the child is the server's, so its exit code comes
+back over a status pipe, which is also the sentinel."""
+import io
+import os
+import select
+
+from . import _core, context, forkserver, popen_fork, reduction, spawn
+
+__all__ = ['Popen']
+
+
+class _DupFd(object):
+    def __init__(self, ind):
+        self.ind = ind
+
+    def detach(self):
+        return forkserver.get_inherited_fds()[self.ind]
+
+
+class Popen(popen_fork.Popen):
+    method = 'forkserver'
+    DupFd = _DupFd
+
+    def __init__(self, process_obj):
+        self._fds = []
+        super().__init__(process_obj)
+
+    def duplicate_for_child(self, fd):
+        self._fds.append(fd)
+        return len(self._fds) - 1
+
+    def _launch(self, process_obj):
+        prep_data = spawn.get_preparation_data(process_obj._name)
+        buf = io.BytesIO()
+        context.set_spawning_popen(self)
+        try:
+            reduction.dump(prep_data, buf)
+            reduction.dump(process_obj, buf)
+        finally:
+            context.set_spawning_popen(None)
+
+        self.sentinel, w = forkserver.connect_to_new_process(self._fds)
+        with open(w, 'wb', closefd=True) as f:
+            f.write(buf.getbuffer())
+        self.pid = forkserver.read_signed(self.sentinel)
+        try:
+            # Signals go through a pidfd (this child is the server's, not ours).
+            self._pidfd = _core.pidfd_open(self.pid)
+        except ProcessLookupError:
+            self._pidfd = None
+
+    def _wait_ready(self, timeout):
+        p = select.poll()
+        p.register(self.sentinel, select.POLLIN)
+        # poll() is retried after signals by Python (PEP 475), running handlers: Ctrl-C raises.
+        return bool(p.poll(None if timeout is None else max(0, timeout) * 1000))
+
+    def poll(self, flag=os.WNOHANG):
+        return self.wait(0 if flag & os.WNOHANG else None)
+
+    def wait(self, timeout=None):
+        if self.returncode is None:
+            if not self._wait_ready(timeout):
+                return None
+            try:
+                self.returncode = forkserver.read_signed(self.sentinel)
+            except (OSError, EOFError):
+                # The server died before reporting: the code is unknown, but the child is gone
+                # or orphaned; the standard library reports 255 here too.
+                self.returncode = 255
+        return self.returncode
+
+    def close(self):
+        super().close()
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    def __del__(self):
+        super().__del__()
+        if getattr(self, '_pidfd', None) is not None:
+            try:
+                os.close(self._pidfd)
+            except OSError:
+                pass

@@ -1,0 +1,57 @@
+"""Starting a child as a fresh interpreter (spawn): the pickled Process goes through a pipe, the
+fds it needs are inherited through exec under their own numbers."""
+import io
+import os
+
+from . import _core, context, popen_fork, reduction, spawn, util
+
+__all__ = ['Popen']
+
+
+class _DupFd(object):
+    def __init__(self, fd):
+        self.fd = fd
+
+    def detach(self):
+        return self.fd
+
+
+class Popen(popen_fork.Popen):
+    method = 'spawn'
+    DupFd = _DupFd
+
+    def __init__(self, process_obj):
+        self._fds = []
+        super().__init__(process_obj)
+
+    def duplicate_for_child(self, fd):
+        self._fds.append(fd)
+        return fd
+
+    def _launch(self, process_obj):
+        prep_data = spawn.get_preparation_data(process_obj._name)
+        fp = io.BytesIO()
+        context.set_spawning_popen(self)
+        try:
+            reduction.dump(prep_data, fp)
+            reduction.dump(process_obj, fp)
+        finally:
+            context.set_spawning_popen(None)
+
+        child_r, parent_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            cmd = spawn.get_command_line(pipe_handle=child_r)
+            self._fds.append(child_r)
+            self.pid = util.spawnv_passfds(spawn.get_executable(), cmd, self._fds)
+            self.sentinel = self._pidfd = _core.pidfd_open(self.pid)
+            os.close(child_r)
+            child_r = None
+            # The child reads while we write, so a large pickle cannot fill the pipe for ever;
+            # if the child dies first we get BrokenPipeError instead of hanging.
+            with open(parent_w, 'wb', closefd=True) as f:
+                parent_w = None
+                f.write(fp.getbuffer())
+        finally:
+            for fd in (child_r, parent_w):
+                if fd is not None:
+                    os.close(fd)
