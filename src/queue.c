@@ -25,6 +25,12 @@ enum {
 
 /* Copies above this size run with the GIL released. */
 #define BIG_COPY (64 * 1024)
+/* A blocking put of at least this many bytes that finds the hot ring full waits a little for a
+   reader that is taking records, rather than spill into the cold ring (first-touch page faults
+   there cost more than the copy). It spills as soon as readers stall. */
+#define FLOW_MIN (64 * 1024)
+#define FLOW_STEP_NS 2000000LL
+#define FLOW_MAX_NS 20000000LL
 #define STACK_GET 1024
 #define MANY_CHUNK (256 * 1024)
 
@@ -439,16 +445,18 @@ static int put_msgs(QueueObject *q, cp_ring_msg *msgs, size_t n, uint64_t bytes,
 {
     int flags = q->joinable ? CP_RING_TASK : 0;
     int big = bytes > BIG_COPY;
+    int hot_only = blocking && bytes >= FLOW_MIN;
+    int64_t flow_end = 0;
     *done_total = 0;
     for (;;) {
-        uint64_t seen_tail = cp_ring_tail(&q->ring);
+        uint64_t seen = cp_ring_consumed(&q->ring);
         size_t done = 0;
-        int rc = -EBUSY;
+        int rc = -EBUSY, fl = flags | (hot_only ? CP_RING_HOT_ONLY : 0);
         if (!big)
-            rc = cp_ring_put(&q->ring, msgs + *done_total, n - *done_total, flags | CP_RING_TRYLOCK, &done);
+            rc = cp_ring_put(&q->ring, msgs + *done_total, n - *done_total, fl | CP_RING_TRYLOCK, &done);
         if (rc == -EBUSY) {
             Py_BEGIN_ALLOW_THREADS
-            rc = cp_ring_put(&q->ring, msgs + *done_total, n - *done_total, flags, &done);
+            rc = cp_ring_put(&q->ring, msgs + *done_total, n - *done_total, fl, &done);
             Py_END_ALLOW_THREADS
         }
         *done_total += done;
@@ -459,6 +467,25 @@ static int put_msgs(QueueObject *q, cp_ring_msg *msgs, size_t n, uint64_t bytes,
                          (unsigned long long)msgs[*done_total].len);
             return -1;
         }
+        if (rc == -ENOSPC) {
+            /* Hot ring full: worth a short wait only while a reader is taking records. */
+            int64_t now = cp_now_ns();
+            if (!flow_end)
+                flow_end = now + FLOW_MAX_NS;
+            int64_t d = now + FLOW_STEP_NS;
+            if (d > flow_end)
+                d = flow_end;
+            if (d > deadline)
+                d = deadline;
+            Py_BEGIN_ALLOW_THREADS
+            rc = cp_ring_wait_writable(&q->ring, seen, d);
+            Py_END_ALLOW_THREADS
+            if (rc == -EINTR && PyErr_CheckSignals() < 0)
+                return -1;
+            if (rc == -ETIMEDOUT || cp_now_ns() >= flow_end)
+                hot_only = 0;
+            continue;
+        }
         if (rc != -EAGAIN) {
             cp_err_errno(rc, "queue put");
             return -1;
@@ -468,7 +495,7 @@ static int put_msgs(QueueObject *q, cp_ring_msg *msgs, size_t n, uint64_t bytes,
             return -1;
         }
         Py_BEGIN_ALLOW_THREADS
-        rc = cp_ring_wait_writable(&q->ring, seen_tail, deadline);
+        rc = cp_ring_wait_writable(&q->ring, seen, deadline);
         Py_END_ALLOW_THREADS
         if (after_wait(rc, q->full_exc) < 0)
             return -1;
@@ -848,16 +875,16 @@ static PyObject *Queue_get_unfinished(QueueObject *q, void *unused)
 
 /* ---- life cycle ---- */
 
-/* Queue(maxsize=0, *, joinable=False, fd=-1, capacity=0, hot=0): a new ring, or the one in
-   memfd fd (a child attaching to its parent's queue). */
+/* Queue(maxsize=0, *, joinable=False, fd=-1, hot=0, cold=0): a new ring (sizes 0 = defaults),
+   or the one in memfd fd (a child attaching to its parent's queue). */
 static int Queue_init(QueueObject *q, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"maxsize", "joinable", "fd", "capacity", "hot", NULL};
+    static char *kwlist[] = {"maxsize", "joinable", "fd", "hot", "cold", NULL};
     Py_ssize_t maxsize = 0;
     int joinable = 0, fd = -1;
-    unsigned long long capacity = 0, hot = 0;
+    unsigned long long hot = 0, cold = 0;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "|n$piKK:Queue", kwlist, &maxsize, &joinable, &fd,
-                                     &capacity, &hot))
+                                     &hot, &cold))
         return -1;
     if (q->attached) {
         PyErr_SetString(PyExc_RuntimeError, "Queue already initialized");
@@ -870,7 +897,7 @@ static int Queue_init(QueueObject *q, PyObject *args, PyObject *kwds)
     if (fd >= 0)
         rc = cp_ring_attach(&q->ring, fd);
     else
-        rc = cp_ring_create(&q->ring, capacity, hot, maxsize > 0 ? (uint64_t)maxsize : 0);
+        rc = cp_ring_create(&q->ring, hot, cold, maxsize > 0 ? (uint64_t)maxsize : 0);
     if (rc < 0) {
         cp_err_errno(rc, fd >= 0 ? "queue attach" : "queue create");
         return -1;
@@ -925,7 +952,14 @@ static PyMethodDef Queue_methods[] = {
     {NULL},
 };
 
+static PyObject *Queue_get_recoveries(QueueObject *q, void *unused)
+{
+    return PyLong_FromUnsignedLongLong(q->attached ? atomic_load(&q->ring.h->recoveries) : 0);
+}
+
 static PyGetSetDef Queue_getset[] = {
+    {"_recoveries", (getter)Queue_get_recoveries, NULL,
+     "times the lock was taken over from a process that died holding it", NULL},
     {"_maxsize", (getter)Queue_get_maxsize, NULL, "maxsize, 0 for unbounded", NULL},
     {"_closed", (getter)Queue_get_closed, NULL, "close() was called in this process", NULL},
     {"_joinable", (getter)Queue_get_joinable, NULL, "put() counts tasks", NULL},

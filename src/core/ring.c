@@ -1,4 +1,5 @@
-/* The shared-memory MPMC ring of byte records (see ring.h for the layout and the protocol). */
+/* The shared-memory MPMC queue of byte records: hot and cold rings under one robust lock
+   (see ring.h for the layout and the protocol). */
 #define _GNU_SOURCE
 #include "ring.h"
 
@@ -13,7 +14,6 @@
 
 #define PAGE 4096ULL
 #define HEADER_BYTES PAGE
-#define KIND_SKIP 255U             /* "the rest of this lap is unused": readers jump over it */
 #define PUNCH_BATCH (1ULL << 20)   /* cold bytes consumed before they are given back */
 #define SPIN_ROUNDS 2000           /* ~10-40 us of polling before a futex sleep */
 #define MAX_SLEEP_NS 500000000LL   /* re-check at least this often: a woken peer may have died */
@@ -51,11 +51,10 @@ static inline void cpu_relax(void)
 
 static void apply_counters(cp_ring_header *h, const cp_ring_counters *c)
 {
-    /* seq_cst stores: a sleeper's "count still 0?" check must not miss them (see wake_*). */
-    atomic_store(&h->tail, c->tail);
-    atomic_store(&h->released, c->released);
+    h->live = *c;
+    /* seq_cst stores: a sleeper's "still nothing?" check must not miss them (see wake()). */
     atomic_store(&h->unfinished, c->unfinished);
-    atomic_store(&h->head, c->head);
+    atomic_store(&h->consumed, c->consumed);
     atomic_store(&h->count, c->count);
 }
 
@@ -65,15 +64,6 @@ static void commit(cp_ring_header *h, const cp_ring_counters *c)
     atomic_store_explicit(&h->redo_valid, 1, memory_order_release);
     apply_counters(h, c);
     atomic_store_explicit(&h->redo_valid, 0, memory_order_release);
-}
-
-static void snapshot(cp_ring_header *h, cp_ring_counters *c)
-{
-    c->head = atomic_load_explicit(&h->head, memory_order_relaxed);
-    c->tail = atomic_load_explicit(&h->tail, memory_order_relaxed);
-    c->count = atomic_load_explicit(&h->count, memory_order_relaxed);
-    c->unfinished = atomic_load_explicit(&h->unfinished, memory_order_relaxed);
-    c->released = atomic_load_explicit(&h->released, memory_order_relaxed);
 }
 
 static int ring_lock(cp_ring_header *h, int flags)
@@ -90,6 +80,7 @@ static int ring_lock(cp_ring_header *h, int flags)
             apply_counters(h, &c);
             atomic_store_explicit(&h->redo_valid, 0, memory_order_release);
         }
+        atomic_fetch_add(&h->recoveries, 1);
         pthread_mutex_consistent(&h->lock);
         return 0;
     }
@@ -101,109 +92,102 @@ static inline void ring_unlock(cp_ring_header *h)
     pthread_mutex_unlock(&h->lock);
 }
 
-/* ---- copying at a position, in two pieces where the data area wraps ---- */
+/* ---- copying at a position of one circular area, in two pieces where it wraps ---- */
 
-static void copy_in(cp_ring_t *r, uint64_t pos, const void *src, uint64_t len)
+static void copy_in(unsigned char *area, uint64_t size, uint64_t pos, const void *src, uint64_t len)
 {
-    uint64_t cap = r->h->capacity, off = pos & (cap - 1);
-    uint64_t first = len < cap - off ? len : cap - off;
-    memcpy(r->data + off, src, first);
+    uint64_t off = pos & (size - 1);
+    uint64_t first = len < size - off ? len : size - off;
+    memcpy(area + off, src, first);
     if (len > first)
-        memcpy(r->data, (const unsigned char *)src + first, len - first);
+        memcpy(area, (const unsigned char *)src + first, len - first);
 }
 
-static void copy_out(cp_ring_t *r, uint64_t pos, void *dst, uint64_t len)
+static void copy_out(const unsigned char *area, uint64_t size, uint64_t pos, void *dst, uint64_t len)
 {
-    uint64_t cap = r->h->capacity, off = pos & (cap - 1);
-    uint64_t first = len < cap - off ? len : cap - off;
-    memcpy(dst, r->data + off, first);
+    uint64_t off = pos & (size - 1);
+    uint64_t first = len < size - off ? len : size - off;
+    memcpy(dst, area + off, first);
     if (len > first)
-        memcpy((unsigned char *)dst + first, r->data, len - first);
+        memcpy((unsigned char *)dst + first, area, len - first);
 }
 
-/* Headers are 8-aligned and capacity is a multiple of 8, so a header never wraps. */
-static inline void put_header(cp_ring_t *r, uint64_t pos, uint64_t len, uint32_t kind)
+/* Headers are 8-aligned and sizes multiples of 8, so a header never wraps. */
+static void write_record(unsigned char *area, uint64_t size, uint64_t pos, const cp_ring_msg *m)
 {
-    uint64_t word = (len << 8) | kind;
-    memcpy(r->data + (pos & (r->h->capacity - 1)), &word, 8);
-}
-
-static inline uint64_t get_header(cp_ring_t *r, uint64_t pos)
-{
-    uint64_t word;
-    memcpy(&word, r->data + (pos & (r->h->capacity - 1)), 8);
-    return word;
+    uint64_t word = (m->len << 8) | m->kind;
+    memcpy(area + (pos & (size - 1)), &word, 8);
+    uint64_t at = pos + 8;
+    for (uint32_t k = 0; k < m->npieces; k++) {
+        copy_in(area, size, at, m->pieces[k].base, m->pieces[k].len);
+        at += m->pieces[k].len;
+    }
 }
 
 /* ---- giving consumed cold pages back ---- */
 
 /* Punch out the cold pages wholly inside positions [a, b). Called under the lock with b at
-   most the tail, so no writer can be using them (writers stay below released + capacity). */
-static int punch_cold(cp_ring_t *r, uint64_t a, uint64_t b, int dry_run)
+   most the cold tail, and writers stay below creleased + cold size: nobody uses them. */
+static void punch_cold(cp_ring_t *r, uint64_t a, uint64_t b)
 {
-    uint64_t cap = r->h->capacity, hot = r->h->hot;
-    int touched = 0;
+    uint64_t size = r->h->cold;
+    off_t base = (off_t)(HEADER_BYTES + r->h->hot);
+    a = page_up(a);
+    b = page_down(b);
     while (a < b) {
-        uint64_t off = a & (cap - 1);
-        uint64_t n = b - a < cap - off ? b - a : cap - off;
-        uint64_t s = off > hot ? off : hot, e = off + n;
-        if (s < e) {
-            touched = 1;
-            s = page_up(s);
-            e = page_down(e);
-            if (!dry_run && s < e)
-                fallocate(r->shm.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                          (off_t)(HEADER_BYTES + s), (off_t)(e - s));
-        }
+        uint64_t off = a & (size - 1);
+        uint64_t n = b - a < size - off ? b - a : size - off;
+        fallocate(r->shm.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, base + (off_t)off, (off_t)n);
         a += n;
     }
-    return touched;
 }
 
-/* Move `released` up to the consumed pages: at once when they are hot (nothing to give back),
-   in batches of PUNCH_BATCH when cold, and always when the reader is done with the cold run. */
-static void release_consumed(cp_ring_t *r, cp_ring_counters *c)
+/* Which consumed cold pages to give back now: in batches, and all of them once the cold ring
+   is empty. Sets c->creleased; the caller punches [*from, c->creleased) after its commit (a
+   punch before it would zero records that a holder killed in between never consumed). */
+static int release_cold(cp_ring_counters *c, uint64_t *from)
 {
-    uint64_t target = page_down(c->tail);
-    if (target <= c->released)
-        return;
-    if (punch_cold(r, c->released, target, 1)) {
-        int cold_run_over = c->count == 0 || (c->tail & (r->h->capacity - 1)) < r->h->hot;
-        if (!cold_run_over && target - c->released < PUNCH_BATCH)
-            return;
-        punch_cold(r, c->released, target, 0);
-    }
-    c->released = target;
+    uint64_t target = page_down(c->ctail);
+    if (target <= c->creleased)
+        return 0;
+    if (target - c->creleased < PUNCH_BATCH && c->ctail != c->chead)
+        return 0;
+    *from = c->creleased;
+    c->creleased = target;
+    return 1;
 }
 
 /* ---- create / attach ---- */
 
-int cp_ring_create(cp_ring_t *r, uint64_t capacity, uint64_t hot, uint64_t maxsize)
+static uint64_t pow2_pages(uint64_t n)
+{
+    uint64_t p = PAGE;
+    while (p < n)
+        p <<= 1;
+    return p;
+}
+
+int cp_ring_create(cp_ring_t *r, uint64_t hot, uint64_t cold, uint64_t maxsize)
 {
     memset(r, 0, sizeof *r);
     r->shm.fd = -1;
-    if (capacity == 0)
-        capacity = CP_RING_DEFAULT_CAPACITY;
     if (hot == 0)
         hot = CP_RING_DEFAULT_HOT;
-    if (capacity > (1ULL << 46))
+    if (cold == 0)
+        cold = CP_RING_DEFAULT_COLD;
+    if (hot > (1ULL << 40) || cold > (1ULL << 46))
         return -EINVAL;
-    /* A power of two, so position -> offset is a mask. */
-    uint64_t cap = PAGE;
-    while (cap < capacity)
-        cap <<= 1;
-    hot = page_up(hot);
-    if (hot > cap)
-        hot = cap;
+    hot = pow2_pages(hot);
+    cold = pow2_pages(cold);
 
-    int rc = cp_shm_create(&r->shm, HEADER_BYTES + cap, "cpool-queue");
+    int rc = cp_shm_create(&r->shm, HEADER_BYTES + hot + cold, "cpool-queue");
     if (rc < 0)
         return rc;
     cp_ring_header *h = r->shm.addr;
     h->version = CP_RING_VERSION;
     h->header_size = HEADER_BYTES;
-    h->capacity = cap;
     h->hot = hot;
+    h->cold = cold;
     h->maxsize = maxsize;
 
     pthread_mutexattr_t a;
@@ -223,7 +207,8 @@ int cp_ring_create(cp_ring_t *r, uint64_t capacity, uint64_t hot, uint64_t maxsi
     atomic_thread_fence(memory_order_release);
     h->magic = CP_RING_MAGIC;
     r->h = h;
-    r->data = (unsigned char *)r->shm.addr + HEADER_BYTES;
+    r->hot = (unsigned char *)r->shm.addr + HEADER_BYTES;
+    r->cold = r->hot + hot;
     return 0;
 }
 
@@ -236,12 +221,13 @@ int cp_ring_attach(cp_ring_t *r, int fd)
         return rc;
     cp_ring_header *h = r->shm.addr;
     if (r->shm.size < HEADER_BYTES || h->magic != CP_RING_MAGIC || h->version != CP_RING_VERSION ||
-        h->header_size != HEADER_BYTES || h->capacity + HEADER_BYTES != r->shm.size) {
+        h->header_size != HEADER_BYTES || HEADER_BYTES + h->hot + h->cold != r->shm.size) {
         cp_shm_close(&r->shm);
         return -EINVAL;
     }
     r->h = h;
-    r->data = (unsigned char *)r->shm.addr + HEADER_BYTES;
+    r->hot = (unsigned char *)r->shm.addr + HEADER_BYTES;
+    r->cold = r->hot + h->hot;
     return 0;
 }
 
@@ -249,28 +235,10 @@ void cp_ring_close(cp_ring_t *r)
 {
     cp_shm_close(&r->shm);
     r->h = NULL;
-    r->data = NULL;
+    r->hot = r->cold = NULL;
 }
 
 /* ---- put / get ---- */
-
-/* Where a record of `need` bytes goes, or UINT64_MAX when there is no room. May lay down a
-   skip record to go back to the start of the data area (the hot zone) when that is free. */
-static uint64_t place(cp_ring_t *r, cp_ring_counters *c, uint64_t need)
-{
-    uint64_t cap = r->h->capacity, off = c->head & (cap - 1);
-    if (off != 0 && off + need > r->h->hot) {
-        uint64_t skip = cap - off;
-        if (c->head + skip + need - c->released <= cap) {
-            put_header(r, c->head, 0, KIND_SKIP);
-            c->head += skip;
-            return c->head;
-        }
-    }
-    if (c->head + need - c->released <= cap)
-        return c->head;
-    return UINT64_MAX;
-}
 
 static void wake(_Atomic uint32_t *waiters, _Atomic uint32_t *seq, int n)
 {
@@ -287,8 +255,8 @@ int cp_ring_put(cp_ring_t *r, const cp_ring_msg *msgs, size_t n, int flags, size
     int rc = ring_lock(h, flags);
     if (rc < 0)
         return rc;
-    cp_ring_counters c;
-    snapshot(h, &c);
+    cp_ring_counters c = h->live;
+    uint64_t hot = h->hot, cold = h->cold;
     size_t i = 0;
     for (; i < n; i++) {
         const cp_ring_msg *m = &msgs[i];
@@ -297,22 +265,27 @@ int cp_ring_put(cp_ring_t *r, const cp_ring_msg *msgs, size_t n, int flags, size
             break;
         }
         uint64_t need = record_bytes(m->len);
-        if (m->len >= (1ULL << 56) || need > h->capacity - PAGE) {
+        if (m->len >= (1ULL << 56) || (need > hot && need > cold - PAGE)) {
             rc = -EMSGSIZE;
             break;
         }
-        uint64_t pos = place(r, &c, need);
-        if (pos == UINT64_MAX) {
+        int cold_empty = c.chead == c.ctail;
+        if (cold_empty && c.hhead + need - c.htail <= hot) {
+            write_record(r->hot, hot, c.hhead, m);
+            c.hhead += need;
+        }
+        else if (cold_empty && need <= hot && (flags & CP_RING_HOT_ONLY)) {
+            rc = -ENOSPC;
+            break;
+        }
+        else if (c.chead + need - c.creleased <= cold) {
+            write_record(r->cold, cold, c.chead, m);
+            c.chead += need;
+        }
+        else {
             rc = -EAGAIN;
             break;
         }
-        put_header(r, pos, m->len, m->kind);
-        uint64_t at = pos + 8;
-        for (uint32_t k = 0; k < m->npieces; k++) {
-            copy_in(r, at, m->pieces[k].base, m->pieces[k].len);
-            at += m->pieces[k].len;
-        }
-        c.head = pos + need;
         c.count++;
         if (flags & CP_RING_TASK)
             c.unfinished++;
@@ -332,28 +305,22 @@ long cp_ring_get(cp_ring_t *r, void *dst, size_t cap, size_t maxn, cp_ring_got *
     int rc = ring_lock(h, flags);
     if (rc < 0)
         return rc;
-    cp_ring_counters c;
-    snapshot(h, &c);
-    uint64_t rcap = h->capacity;
-    int changed = 0;
+    cp_ring_counters c = h->live;
     long n = 0;
     size_t used = 0;
+    int took_cold = 0;
     while ((size_t)n < maxn && c.count > 0) {
-        uint64_t word = get_header(r, c.tail);
+        /* Hot first: while the cold ring holds records, every hot one is older. */
+        int from_hot = c.hhead != c.htail;
+        unsigned char *area = from_hot ? r->hot : r->cold;
+        uint64_t size = from_hot ? h->hot : h->cold;
+        uint64_t *tail = from_hot ? &c.htail : &c.ctail;
+        uint64_t avail = from_hot ? c.hhead - c.htail : c.chead - c.ctail;
+        uint64_t word;
+        memcpy(&word, area + (*tail & (size - 1)), 8);
         uint32_t kind = (uint32_t)(word & 0xff);
         uint64_t len = word >> 8;
-        if (kind == KIND_SKIP) {
-            uint64_t lap_end = (c.tail | (rcap - 1)) + 1;
-            /* The page holding the skip marker is free too: writers are still below
-               released + capacity, which is at most that page's start in the next lap. */
-            if (page_up(c.tail) > c.released)
-                punch_cold(r, c.released, page_up(c.tail), 0);
-            c.tail = c.released = lap_end;
-            changed = 1;
-            continue;
-        }
-        uint64_t sz = align8(len);
-        if (8 + sz > c.head - c.tail) {
+        if (avail < 8 || record_bytes(len) > avail) {
             rc = -EIO; /* cannot happen unless someone scribbled on the segment */
             break;
         }
@@ -366,19 +333,25 @@ long cp_ring_get(cp_ring_t *r, void *dst, size_t cap, size_t maxn, cp_ring_got *
             }
             break;
         }
-        copy_out(r, c.tail + 8, (unsigned char *)dst + used, len);
+        copy_out(area, size, *tail + 8, (unsigned char *)dst + used, len);
         got[n].kind = kind;
         got[n].len = len;
         got[n].offset = used;
-        used += sz;
+        used += align8(len);
         n++;
-        c.tail += 8 + sz;
+        *tail += record_bytes(len);
+        took_cold |= !from_hot;
         c.count--;
-        changed = 1;
+        c.consumed++;
     }
-    if (changed) {
-        release_consumed(r, &c);
+    if (n > 0) {
+        uint64_t from = 0;
+        int punch = took_cold && release_cold(&c, &from);
         commit(h, &c);
+        /* Still under the lock: writers stay below creleased + cold, so none is there yet. A
+           holder killed before this only leaves the pages allocated until they are reused. */
+        if (punch)
+            punch_cold(r, from, c.creleased);
     }
     ring_unlock(h);
     if (n > 0) {
@@ -419,9 +392,9 @@ static int readable(cp_ring_t *r, uint64_t unused)
     return atomic_load(&r->h->count) != 0;
 }
 
-static int writable(cp_ring_t *r, uint64_t seen_tail)
+static int writable(cp_ring_t *r, uint64_t seen)
 {
-    return atomic_load(&r->h->tail) != seen_tail;
+    return atomic_load(&r->h->consumed) != seen;
 }
 
 static int joined(cp_ring_t *r, uint64_t unused)
@@ -434,9 +407,9 @@ int cp_ring_wait_readable(cp_ring_t *r, int64_t deadline)
     return wait_on(&r->h->get_waiters, &r->h->get_seq, deadline, readable, r, 0);
 }
 
-int cp_ring_wait_writable(cp_ring_t *r, uint64_t seen_tail, int64_t deadline)
+int cp_ring_wait_writable(cp_ring_t *r, uint64_t seen, int64_t deadline)
 {
-    return wait_on(&r->h->put_waiters, &r->h->put_seq, deadline, writable, r, seen_tail);
+    return wait_on(&r->h->put_waiters, &r->h->put_seq, deadline, writable, r, seen);
 }
 
 int cp_ring_wait_joined(cp_ring_t *r, int64_t deadline)
@@ -450,9 +423,12 @@ int cp_ring_task_done(cp_ring_t *r)
     int rc = ring_lock(h, 0);
     if (rc < 0)
         return rc;
-    uint64_t u = atomic_load_explicit(&h->unfinished, memory_order_relaxed);
-    if (u > 0)
-        atomic_store(&h->unfinished, u - 1); /* one store: its own commit */
+    uint64_t u = h->live.unfinished;
+    if (u > 0) {
+        cp_ring_counters c = h->live;
+        c.unfinished = u - 1;
+        commit(h, &c);
+    }
     ring_unlock(h);
     if (u == 0)
         return -ERANGE;

@@ -1,19 +1,21 @@
-/* A multi-producer multi-consumer ring of byte records in one shared memfd segment, with a
+/* A multi-producer multi-consumer queue of byte records in one shared memfd segment, with a
    robust process-shared lock, futex waits and crash recovery. Plain C: no Python.h.
 
-   Layout. One memfd: a header page, then a data area of `capacity` bytes addressed by 64-bit
-   positions that only grow (offset = position % capacity). A record is an 8-byte header
-   (length << 8 | kind) followed by the payload padded to 8 bytes; a record may wrap at the end
-   of the data area and is then copied in two pieces.
+   Layout. One memfd: a header page, then two circular data areas addressed by 64-bit positions
+   that only grow (offset = position % size, sizes are powers of two). A record is an 8-byte
+   header (length << 8 | kind) then the payload padded to 8 bytes; a record that reaches the end
+   of its area wraps to the start and is copied in two pieces.
 
-   Hot and cold space. The data area is large and sparse (16 GiB of address space by default,
-   memory only where written): only its first `hot` bytes are used in the common case where the
-   readers keep up. A writer that reaches the end of the hot zone wraps back to its start when
-   the readers have freed it; when they have not (a backlog), it writes on into the cold zone
-   instead of blocking, so an unbounded queue's put() returns at once even when nobody reads.
-   Readers give consumed cold pages back to the kernel (fallocate PUNCH_HOLE), so memory tracks
-   the backlog, not its high-water mark. A writer blocks (or gets -EAGAIN) only when `capacity`
-   bytes are waiting.
+   Hot and cold. The hot ring (4 MiB by default) is where records go while readers keep up: its
+   pages stay resident, so a busy queue never takes a page fault. When it is full, or for a
+   record bigger than it, records go to the cold ring instead: a large sparse area (16 GiB of
+   address space by default; memory only where written) whose consumed pages readers give back
+   to the kernel (fallocate PUNCH_HOLE), so memory follows the backlog, not its high-water mark.
+   An unbounded queue's put() therefore returns at once even when nobody reads, and a message
+   of hundreds of MB needs no reader to be there. Order stays FIFO: writers use the hot ring only
+   while the cold one is empty, and readers empty the hot ring before the cold one, so every
+   cold record is younger than every hot one. A writer blocks (or gets -EAGAIN) only when the
+   cold ring too is full, or at maxsize records.
 
    Locking. One pthread mutex, PTHREAD_PROCESS_SHARED and PTHREAD_MUTEX_ROBUST: when its owner
    dies the kernel hands it to the next locker with EOWNERDEAD. Every operation copies under
@@ -42,20 +44,20 @@
 #define CP_RING_MAGIC 0x676e6972706375ULL /* "ucpring" */
 #define CP_RING_VERSION 1
 
-/* Defaults: the hot zone stays resident; the capacity is address space, not memory. */
+/* Defaults: the hot ring stays resident; the cold ring is address space, not memory. */
 #define CP_RING_DEFAULT_HOT (4ULL << 20)
-#define CP_RING_DEFAULT_CAPACITY (16ULL << 30)
+#define CP_RING_DEFAULT_COLD (16ULL << 30)
 
-/* Record kinds 0..CP_RING_KIND_MAX are the caller's (the ring never looks inside a payload). */
-#define CP_RING_KIND_MAX 254
+/* Record kinds (0..255) are the caller's: the ring never looks inside a payload. */
 
 /* Counters changed together by one operation; see the redo record above. */
 typedef struct {
-    uint64_t head;       /* position after the last committed record */
-    uint64_t tail;       /* position of the first record not yet consumed */
-    uint64_t count;      /* records between tail and head */
-    uint64_t unfinished; /* put() minus task_done() (JoinableQueue) */
-    uint64_t released;   /* cold pages below this position were given back to the kernel */
+    uint64_t hhead, htail; /* hot ring: after the last committed record / first unconsumed */
+    uint64_t chead, ctail; /* cold ring: the same */
+    uint64_t creleased;    /* cold pages below this position were given back to the kernel */
+    uint64_t count;        /* records in both rings */
+    uint64_t consumed;     /* records ever taken (sleeping writers watch it) */
+    uint64_t unfinished;   /* put() minus task_done() (JoinableQueue) */
 } cp_ring_counters;
 
 #define CP_CACHELINE 64
@@ -64,25 +66,25 @@ typedef struct {
     uint64_t magic;
     uint32_t version;
     uint32_t header_size;
-    uint64_t capacity; /* bytes of data area, a multiple of the page size */
-    uint64_t hot;      /* bytes at the start of the data area used when readers keep up */
+    uint64_t hot;      /* bytes of the hot ring (a power of two) */
+    uint64_t cold;     /* bytes of the cold ring (a power of two) */
     uint64_t maxsize;  /* most records at once, 0 = unbounded */
+    _Atomic uint64_t recoveries; /* times a dead holder's lock was taken over (for tests) */
 
     _Alignas(CP_CACHELINE) pthread_mutex_t lock;
     cp_ring_counters redo;
     _Atomic uint32_t redo_valid;
+    cp_ring_counters live; /* only under the lock */
 
     /* Read without the lock by sleepers and by qsize()/empty(): written (under the lock)
        with atomic stores. Producer-side and consumer-side words live on separate lines. */
-    _Alignas(CP_CACHELINE) _Atomic uint64_t head;
-    _Atomic uint64_t count;
+    _Alignas(CP_CACHELINE) _Atomic uint64_t count;
     _Atomic uint64_t unfinished;
     _Atomic uint32_t get_seq;     /* bumped when records arrive and someone sleeps in get */
     _Atomic uint32_t get_waiters;
 
-    _Alignas(CP_CACHELINE) _Atomic uint64_t tail;
-    _Atomic uint64_t released;
-    _Atomic uint32_t put_seq;     /* bumped when space frees and someone sleeps in put */
+    _Alignas(CP_CACHELINE) _Atomic uint64_t consumed;
+    _Atomic uint32_t put_seq;     /* bumped when records go and someone sleeps in put */
     _Atomic uint32_t put_waiters;
 
     _Alignas(CP_CACHELINE) _Atomic uint32_t join_seq; /* bumped when unfinished reaches 0 */
@@ -93,7 +95,8 @@ typedef struct {
 typedef struct {
     cp_shm_t shm;
     cp_ring_header *h;
-    unsigned char *data;
+    unsigned char *hot;  /* the hot ring's bytes */
+    unsigned char *cold; /* the cold ring's bytes */
 } cp_ring_t;
 
 /* One message to put: its kind and the pieces its payload is gathered from. */
@@ -119,10 +122,12 @@ typedef struct {
 /* Flags for put/get. */
 #define CP_RING_TRYLOCK 1 /* return -EBUSY instead of sleeping on a held lock */
 #define CP_RING_TASK 2    /* put: count each record as an unfinished task (JoinableQueue) */
+#define CP_RING_HOT_ONLY 4 /* put: -ENOSPC rather than spilling a record that fits the hot ring
+                              into the cold one (the caller may wait a little for a reader) */
 
-/* Create a ring; capacity and hot 0 mean the defaults (rounded up to pages; hot <= capacity).
+/* Create a ring; hot and cold 0 mean the defaults (rounded up to powers of two >= a page).
    maxsize 0 = unbounded. */
-int cp_ring_create(cp_ring_t *r, uint64_t capacity, uint64_t hot, uint64_t maxsize);
+int cp_ring_create(cp_ring_t *r, uint64_t hot, uint64_t cold, uint64_t maxsize);
 
 /* Map the ring in memfd fd (which is dup'ed; the caller keeps its own). Checks magic/version. */
 int cp_ring_attach(cp_ring_t *r, int fd);
@@ -131,8 +136,9 @@ int cp_ring_attach(cp_ring_t *r, int fd);
 void cp_ring_close(cp_ring_t *r);
 
 /* Append msgs[0..n) in order, as many as fit, under one lock hold; *done says how many.
-   Returns 0 when all went in, -EAGAIN when the ring was full (maxsize records, or capacity
-   bytes) before all did, -EMSGSIZE when msgs[*done] can never fit, -EBUSY (TRYLOCK).
+   Returns 0 when all went in, -EAGAIN when the ring was full (maxsize records, or both rings'
+   bytes) before all did, -ENOSPC (HOT_ONLY), -EMSGSIZE when msgs[*done] can never fit, -EBUSY
+   (TRYLOCK).
    Wakes sleeping readers. */
 int cp_ring_put(cp_ring_t *r, const cp_ring_msg *msgs, size_t n, int flags, size_t *done);
 
@@ -147,8 +153,8 @@ long cp_ring_get(cp_ring_t *r, void *dst, size_t cap, size_t maxn, cp_ring_got *
    passes or a signal arrives: 0, -ETIMEDOUT or -EINTR. Spurious returns happen: retry get. */
 int cp_ring_wait_readable(cp_ring_t *r, int64_t deadline);
 
-/* Sleep until space may have been freed since the caller saw tail == seen_tail. */
-int cp_ring_wait_writable(cp_ring_t *r, uint64_t seen_tail, int64_t deadline);
+/* Sleep until a record has been taken since the caller saw cp_ring_consumed() == seen. */
+int cp_ring_wait_writable(cp_ring_t *r, uint64_t seen, int64_t deadline);
 
 /* JoinableQueue: one task done. -ERANGE when there was none unfinished. Wakes joiners at 0. */
 int cp_ring_task_done(cp_ring_t *r);
@@ -161,9 +167,9 @@ static inline uint64_t cp_ring_count(const cp_ring_t *r)
     return atomic_load(&r->h->count);
 }
 
-static inline uint64_t cp_ring_tail(const cp_ring_t *r)
+static inline uint64_t cp_ring_consumed(const cp_ring_t *r)
 {
-    return atomic_load(&r->h->tail);
+    return atomic_load(&r->h->consumed);
 }
 
 static inline uint64_t cp_ring_unfinished(const cp_ring_t *r)
