@@ -47,23 +47,20 @@ static inline void cpu_relax(void)
 #endif
 }
 
-/* ---- the lock and the redo record ---- */
+/* ---- the lock and the counter slots ---- */
 
-static void apply_counters(cp_ring_header *h, const cp_ring_counters *c)
+static inline cp_ring_counters *live(cp_ring_header *h)
 {
-    h->live = *c;
-    /* seq_cst stores: a sleeper's "still nothing?" check must not miss them (see wake()). */
-    atomic_store(&h->unfinished, c->unfinished);
-    atomic_store(&h->consumed, c->consumed);
-    atomic_store(&h->count, c->count);
+    return &h->slot[atomic_load_explicit(&h->cur, memory_order_relaxed) & 1];
 }
 
+/* Publish c: fill the other slot, then one seq_cst store flips to it. The store is also what a
+   sleeper's "still nothing?" check pairs with (see wake()). */
 static void commit(cp_ring_header *h, const cp_ring_counters *c)
 {
-    h->redo = *c;
-    atomic_store_explicit(&h->redo_valid, 1, memory_order_release);
-    apply_counters(h, c);
-    atomic_store_explicit(&h->redo_valid, 0, memory_order_release);
+    uint32_t cur = atomic_load_explicit(&h->cur, memory_order_relaxed);
+    h->slot[(cur + 1) & 1] = *c;
+    atomic_store(&h->cur, cur + 1);
 }
 
 static int ring_lock(cp_ring_header *h, int flags)
@@ -73,13 +70,8 @@ static int ring_lock(cp_ring_header *h, int flags)
     if (e == 0)
         return 0;
     if (e == EOWNERDEAD) {
-        /* The previous holder died inside put/get/task_done. Either it never marked its redo
-           record (nothing it did is visible) or it did (finish its commit for it). */
-        if (atomic_load_explicit(&h->redo_valid, memory_order_acquire)) {
-            cp_ring_counters c = h->redo;
-            apply_counters(h, &c);
-            atomic_store_explicit(&h->redo_valid, 0, memory_order_release);
-        }
+        /* The previous holder died inside put/get/task_done: it flipped cur or it did not, so
+           the committed slot is whole either way. Nothing to repair. */
         atomic_fetch_add(&h->recoveries, 1);
         pthread_mutex_consistent(&h->lock);
         return 0;
@@ -255,7 +247,7 @@ int cp_ring_put(cp_ring_t *r, const cp_ring_msg *msgs, size_t n, int flags, size
     int rc = ring_lock(h, flags);
     if (rc < 0)
         return rc;
-    cp_ring_counters c = h->live;
+    cp_ring_counters c = *live(h);
     uint64_t hot = h->hot, cold = h->cold;
     size_t i = 0;
     for (; i < n; i++) {
@@ -305,7 +297,7 @@ long cp_ring_get(cp_ring_t *r, void *dst, size_t cap, size_t maxn, cp_ring_got *
     int rc = ring_lock(h, flags);
     if (rc < 0)
         return rc;
-    cp_ring_counters c = h->live;
+    cp_ring_counters c = *live(h);
     long n = 0;
     size_t used = 0;
     int took_cold = 0;
@@ -389,17 +381,17 @@ static int wait_on(_Atomic uint32_t *waiters, _Atomic uint32_t *seq, int64_t dea
 
 static int readable(cp_ring_t *r, uint64_t unused)
 {
-    return atomic_load(&r->h->count) != 0;
+    return cp_ring_count(r) != 0;
 }
 
 static int writable(cp_ring_t *r, uint64_t seen)
 {
-    return atomic_load(&r->h->consumed) != seen;
+    return cp_ring_consumed(r) != seen;
 }
 
 static int joined(cp_ring_t *r, uint64_t unused)
 {
-    return atomic_load(&r->h->unfinished) == 0;
+    return cp_ring_unfinished(r) == 0;
 }
 
 int cp_ring_wait_readable(cp_ring_t *r, int64_t deadline)
@@ -423,9 +415,9 @@ int cp_ring_task_done(cp_ring_t *r)
     int rc = ring_lock(h, 0);
     if (rc < 0)
         return rc;
-    uint64_t u = h->live.unfinished;
+    uint64_t u = live(h)->unfinished;
     if (u > 0) {
-        cp_ring_counters c = h->live;
+        cp_ring_counters c = *live(h);
         c.unfinished = u - 1;
         commit(h, &c);
     }

@@ -19,11 +19,13 @@
 
    Locking. One pthread mutex, PTHREAD_PROCESS_SHARED and PTHREAD_MUTEX_ROBUST: when its owner
    dies the kernel hands it to the next locker with EOWNERDEAD. Every operation copies under
-   the lock and changes the shared counters only at its end, through a redo record (new values
-   written, marked valid, applied, unmarked): a holder killed before marking changed nothing
-   (its half-written bytes lie beyond `head` and are overwritten later), one killed after is
-   finished by the next locker. So a SIGKILL mid-put or mid-get leaves the queue consistent:
-   the message was put (got) entirely or not at all.
+   the lock and publishes all its counter changes at its end with one store: the counters live
+   in two slots, an operation fills the slot not in use and then flips `cur` to it. A holder
+   killed before the flip changed nothing (its half-written bytes lie beyond the head and are
+   overwritten later); after it, everything. So a SIGKILL mid-put or mid-get leaves the queue
+   consistent: the message was put (got) entirely or not at all. The lock, `cur` and the
+   waiter counts share one cache line, so an operation touches few lines: that line, the
+   counter slots and the data.
 
    Waiting. Sleepers count themselves in the header and wait on a sequence word with a futex;
    a writer (reader) bumps and wakes it only when that count is non-zero, so a busy queue makes
@@ -50,7 +52,7 @@
 
 /* Record kinds (0..255) are the caller's: the ring never looks inside a payload. */
 
-/* Counters changed together by one operation; see the redo record above. */
+/* Counters changed together by one operation (one cache line); see the slots above. */
 typedef struct {
     uint64_t hhead, htail; /* hot ring: after the last committed record / first unconsumed */
     uint64_t chead, ctail; /* cold ring: the same */
@@ -58,7 +60,7 @@ typedef struct {
     uint64_t count;        /* records in both rings */
     uint64_t consumed;     /* records ever taken (sleeping writers watch it) */
     uint64_t unfinished;   /* put() minus task_done() (JoinableQueue) */
-} cp_ring_counters;
+} __attribute__((aligned(64))) cp_ring_counters;
 
 #define CP_CACHELINE 64
 
@@ -71,21 +73,15 @@ typedef struct {
     uint64_t maxsize;  /* most records at once, 0 = unbounded */
     _Atomic uint64_t recoveries; /* times a dead holder's lock was taken over (for tests) */
 
+    /* The line every operation takes: the lock, the committed slot, who sleeps. */
     _Alignas(CP_CACHELINE) pthread_mutex_t lock;
-    cp_ring_counters redo;
-    _Atomic uint32_t redo_valid;
-    cp_ring_counters live; /* only under the lock */
+    _Atomic uint32_t cur;         /* slot[cur & 1] holds the committed counters */
+    _Atomic uint32_t get_waiters; /* sleeping in get (writers wake them) */
+    _Atomic uint32_t put_waiters; /* sleeping in put (readers wake them) */
+    _Atomic uint32_t get_seq;     /* futex words, bumped on such a wake */
+    _Atomic uint32_t put_seq;
 
-    /* Read without the lock by sleepers and by qsize()/empty(): written (under the lock)
-       with atomic stores. Producer-side and consumer-side words live on separate lines. */
-    _Alignas(CP_CACHELINE) _Atomic uint64_t count;
-    _Atomic uint64_t unfinished;
-    _Atomic uint32_t get_seq;     /* bumped when records arrive and someone sleeps in get */
-    _Atomic uint32_t get_waiters;
-
-    _Alignas(CP_CACHELINE) _Atomic uint64_t consumed;
-    _Atomic uint32_t put_seq;     /* bumped when records go and someone sleeps in put */
-    _Atomic uint32_t put_waiters;
+    cp_ring_counters slot[2];     /* written under the lock; read lock-free through cur */
 
     _Alignas(CP_CACHELINE) _Atomic uint32_t join_seq; /* bumped when unfinished reaches 0 */
     _Atomic uint32_t join_waiters;
@@ -162,19 +158,25 @@ int cp_ring_task_done(cp_ring_t *r);
 /* Sleep until no task is unfinished: 0, -ETIMEDOUT or -EINTR. */
 int cp_ring_wait_joined(cp_ring_t *r, int64_t deadline);
 
+/* The committed counters, read without the lock (each field is current or newer). */
+static inline const cp_ring_counters *cp_ring_committed(const cp_ring_t *r)
+{
+    return &r->h->slot[atomic_load(&r->h->cur) & 1];
+}
+
 static inline uint64_t cp_ring_count(const cp_ring_t *r)
 {
-    return atomic_load(&r->h->count);
+    return __atomic_load_n(&cp_ring_committed(r)->count, __ATOMIC_RELAXED);
 }
 
 static inline uint64_t cp_ring_consumed(const cp_ring_t *r)
 {
-    return atomic_load(&r->h->consumed);
+    return __atomic_load_n(&cp_ring_committed(r)->consumed, __ATOMIC_RELAXED);
 }
 
 static inline uint64_t cp_ring_unfinished(const cp_ring_t *r)
 {
-    return atomic_load(&r->h->unfinished);
+    return __atomic_load_n(&cp_ring_committed(r)->unfinished, __ATOMIC_RELAXED);
 }
 
 #endif
