@@ -483,14 +483,14 @@ static int put_msgs(QueueObject *q, cp_ring_msg *msgs, size_t n, uint64_t bytes,
     int64_t flow_end = 0;
     *done_total = 0;
     for (;;) {
-        uint64_t seen = cp_ring_consumed(&q->ring);
+        uint64_t seen = 0;
         size_t done = 0;
         int rc = -EBUSY, fl = flags | (hot_only ? CP_RING_HOT_ONLY : 0);
         if (!big)
-            rc = cp_ring_put(&q->ring, msgs + *done_total, n - *done_total, fl | CP_RING_TRYLOCK, &done);
+            rc = cp_ring_put(&q->ring, msgs + *done_total, n - *done_total, fl | CP_RING_TRYLOCK, &done, &seen);
         if (rc == -EBUSY) {
             Py_BEGIN_ALLOW_THREADS
-            rc = cp_ring_put(&q->ring, msgs + *done_total, n - *done_total, fl, &done);
+            rc = cp_ring_put(&q->ring, msgs + *done_total, n - *done_total, fl, &done, &seen);
             Py_END_ALLOW_THREADS
         }
         *done_total += done;

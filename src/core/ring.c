@@ -240,7 +240,8 @@ static void wake(_Atomic uint32_t *waiters, _Atomic uint32_t *seq, int n)
     }
 }
 
-int cp_ring_put(cp_ring_t *r, const cp_ring_msg *msgs, size_t n, int flags, size_t *done)
+int cp_ring_put(cp_ring_t *r, const cp_ring_msg *msgs, size_t n, int flags, size_t *done,
+                uint64_t *seen)
 {
     cp_ring_header *h = r->h;
     *done = 0;
@@ -284,6 +285,8 @@ int cp_ring_put(cp_ring_t *r, const cp_ring_msg *msgs, size_t n, int flags, size
     }
     if (i > 0)
         commit(h, &c);
+    if (seen)
+        *seen = c.consumed;
     ring_unlock(h);
     *done = i;
     if (i > 0)

@@ -134,9 +134,11 @@ void cp_ring_close(cp_ring_t *r);
 /* Append msgs[0..n) in order, as many as fit, under one lock hold; *done says how many.
    Returns 0 when all went in, -EAGAIN when the ring was full (maxsize records, or both rings'
    bytes) before all did, -ENOSPC (HOT_ONLY), -EMSGSIZE when msgs[*done] can never fit, -EBUSY
-   (TRYLOCK).
+   (TRYLOCK). On -EAGAIN/-ENOSPC *seen (if not NULL) is cp_ring_consumed() as of that moment,
+   for cp_ring_wait_writable().
    Wakes sleeping readers. */
-int cp_ring_put(cp_ring_t *r, const cp_ring_msg *msgs, size_t n, int flags, size_t *done);
+int cp_ring_put(cp_ring_t *r, const cp_ring_msg *msgs, size_t n, int flags, size_t *done,
+                uint64_t *seen);
 
 /* Take up to maxn records, copying their payloads into dst[0..cap) at 8-byte aligned offsets
    (described in got[]); stops at the first that does not fit. Returns how many (>= 1), -EAGAIN
