@@ -11,6 +11,7 @@ Beyond the standard library: put_many(iterable) / get_many(max_messages) move a 
 one lock; large bytes/bytearray/memoryview/numpy payloads are copied once into shared memory
 (pickle protocol 5 out-of-band buffers); join(timeout) returns False at the timeout.
 """
+import os
 import queue as _queue
 
 from . import _core
@@ -23,9 +24,14 @@ Full = _queue.Full
 
 
 def _rebuild(cls, dupfd, joinable):
+    # In a spawned child: map the parent's ring from the fd it was handed (then close that fd:
+    # the queue keeps its own duplicate).
+    fd = dupfd.detach() if hasattr(dupfd, 'detach') else dupfd
     q = cls.__new__(cls)
-    _core.Queue.__init__(q, fd=dupfd.detach() if hasattr(dupfd, 'detach') else dupfd,
-                         joinable=joinable)
+    try:
+        _core.Queue.__init__(q, fd=fd, joinable=joinable)
+    finally:
+        os.close(fd)
     return q
 
 

@@ -172,7 +172,12 @@ int cp_ring_create(cp_ring_t *r, uint64_t hot, uint64_t cold, uint64_t maxsize)
     hot = pow2_pages(hot);
     cold = pow2_pages(cold);
 
-    int rc = cp_shm_create(&r->shm, HEADER_BYTES + hot + cold, "cpool-queue");
+    int rc;
+    /* The cold ring is address space only; where that is limited (ulimit -v, sanitizers),
+       settle for less of it. */
+    while ((rc = cp_shm_create(&r->shm, HEADER_BYTES + hot + cold, "cpool-queue")) == -ENOMEM &&
+           cold > (64ULL << 20))
+        cold >>= 1;
     if (rc < 0)
         return rc;
     cp_ring_header *h = r->shm.addr;
