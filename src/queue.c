@@ -454,6 +454,14 @@ static int check_open(QueueObject *q)
     return 0;
 }
 
+/* The start of every put/get: the queue must be open; block/timeout -> deadline. */
+static int begin_op(QueueObject *q, PyObject *block, PyObject *timeout, int *blocking, int64_t *deadline)
+{
+    if (check_open(q) < 0)
+        return -1;
+    return read_deadline(block, timeout, blocking, deadline);
+}
+
 /* After a wait returned rc: 0 to retry, -1 with an exception (Ctrl-C, or exc on timeout). */
 static int after_wait(int rc, PyObject *timeout_exc)
 {
@@ -538,11 +546,9 @@ static int put_msgs(QueueObject *q, cp_ring_msg *msgs, size_t n, uint64_t bytes,
 
 static PyObject *do_put(QueueObject *q, PyObject *obj, PyObject *block, PyObject *timeout)
 {
-    if (check_open(q) < 0)
-        return NULL;
     int blocking;
     int64_t deadline;
-    if (read_deadline(block, timeout, &blocking, &deadline) < 0)
+    if (begin_op(q, block, timeout, &blocking, &deadline) < 0)
         return NULL;
     encoded e;
     if (encode(q, obj, &e) < 0) {
@@ -577,11 +583,10 @@ static PyObject *Queue_put_many(QueueObject *q, PyObject *const *args, Py_ssize_
 {
     static const char *const names[] = {"iterable", "block", "timeout"};
     PyObject *a[3] = {NULL, NULL, NULL};
-    if (parse_args("put_many", args, nargs, kwnames, names, 3, 1, a) < 0 || check_open(q) < 0)
-        return NULL;
     int blocking;
     int64_t deadline;
-    if (read_deadline(a[1], a[2], &blocking, &deadline) < 0)
+    if (parse_args("put_many", args, nargs, kwnames, names, 3, 1, a) < 0 ||
+        begin_op(q, a[1], a[2], &blocking, &deadline) < 0)
         return NULL;
     PyObject *seq = PySequence_Fast(a[0], "put_many() needs an iterable");
     if (!seq)
@@ -686,11 +691,9 @@ static PyObject *get_large(QueueObject *q, const cp_ring_got *want, int *again)
 
 static PyObject *do_get(QueueObject *q, PyObject *block, PyObject *timeout)
 {
-    if (check_open(q) < 0)
-        return NULL;
     int blocking;
     int64_t deadline;
-    if (read_deadline(block, timeout, &blocking, &deadline) < 0)
+    if (begin_op(q, block, timeout, &blocking, &deadline) < 0)
         return NULL;
     _Alignas(8) char buf[STACK_GET];
     for (;;) {
@@ -733,7 +736,10 @@ static PyObject *Queue_get_many(QueueObject *q, PyObject *const *args, Py_ssize_
 {
     static const char *const names[] = {"max_messages", "block", "timeout"};
     PyObject *a[3] = {NULL, NULL, NULL};
-    if (parse_args("get_many", args, nargs, kwnames, names, 3, 0, a) < 0 || check_open(q) < 0)
+    int blocking;
+    int64_t deadline;
+    if (parse_args("get_many", args, nargs, kwnames, names, 3, 0, a) < 0 ||
+        begin_op(q, a[1], a[2], &blocking, &deadline) < 0)
         return NULL;
     Py_ssize_t maxn = 1000;
     if (a[0] && a[0] != Py_None) {
@@ -745,10 +751,6 @@ static PyObject *Queue_get_many(QueueObject *q, PyObject *const *args, Py_ssize_
             return NULL;
         }
     }
-    int blocking;
-    int64_t deadline;
-    if (read_deadline(a[1], a[2], &blocking, &deadline) < 0)
-        return NULL;
     size_t cap = MANY_CHUNK;
     char *buf = PyMem_RawMalloc(cap);
     cp_ring_got *got = PyMem_RawMalloc(sizeof(cp_ring_got) * (size_t)(maxn < 4096 ? maxn : 4096));
