@@ -38,7 +38,10 @@ def _rebuild(cls, dupfd, joinable):
 class Queue(_core.Queue):
     """A process-shared FIFO queue (multiprocessing.Queue's API).
 
-    The methods put/get/qsize/... are the C type's own, so a call goes straight to C."""
+    The methods put/get/qsize/... are the C type's own, so a call goes straight to C (and
+    __slots__ spares the method lookup a miss in an instance dict)."""
+
+    __slots__ = ('_ctx', '__weakref__')
 
     def __init__(self, maxsize=0, *, ctx=None):
         if maxsize is None or maxsize <= 0:
@@ -72,11 +75,13 @@ class Queue(_core.Queue):
 
 class JoinableQueue(Queue):
     """A Queue whose consumers call task_done() and whose join() waits for all of them."""
+    __slots__ = ()
     _is_joinable = True
 
 
 class SimpleQueue(Queue):
     """An unbounded queue with put/get/empty/close (multiprocessing.SimpleQueue's API)."""
+    __slots__ = ()
 
     def __init__(self, *, ctx=None):
         Queue.__init__(self, 0, ctx=ctx)
