@@ -504,6 +504,16 @@ static int put_msgs(QueueObject *q, cp_ring_msg *msgs, size_t n, uint64_t bytes,
         *done_total += done;
         if (rc == 0)
             return 0;
+        if (rc == -ETIMEDOUT) {
+            /* The lock's holder is stopped: stay interruptible and honour our deadline. */
+            if (PyErr_CheckSignals() < 0)
+                return -1;
+            if (cp_deadline_left_ns(deadline) == 0) {
+                PyErr_SetNone(q->full_exc);
+                return -1;
+            }
+            continue;
+        }
         if (rc == -EMSGSIZE) {
             PyErr_Format(PyExc_ValueError, "message of %llu bytes is larger than the queue's capacity",
                          (unsigned long long)msgs[*done_total].len);
@@ -631,12 +641,22 @@ static long try_get(QueueObject *q, void *dst, size_t cap, size_t maxn, cp_ring_
     long n = -EBUSY;
     if (!nogil)
         n = cp_ring_get(&q->ring, dst, cap, maxn, got, CP_RING_TRYLOCK);
-    if (n == -EBUSY) {
+    while (n == -EBUSY || n == -ETIMEDOUT) {
+        if (n == -ETIMEDOUT && PyErr_CheckSignals() < 0)
+            return -EINTR; /* the lock's holder is stopped and Ctrl-C came */
         Py_BEGIN_ALLOW_THREADS
         n = cp_ring_get(&q->ring, dst, cap, maxn, got, 0);
         Py_END_ALLOW_THREADS
     }
     return n;
+}
+
+/* A failed try_get as an exception (-EINTR: KeyboardInterrupt is already set). NULL. */
+static PyObject *get_error(long n)
+{
+    if (n == -EINTR)
+        return NULL;
+    return cp_err_errno((int)n, "queue get");
 }
 
 /* Wait until a record may be there. 0 to retry, -1 with Empty / KeyboardInterrupt. */
@@ -683,7 +703,7 @@ static PyObject *get_large(QueueObject *q, const cp_ring_got *want, int *again)
     else if (n == -EMSGSIZE || n == -EAGAIN)
         *again = 1; /* another reader took it first */
     else
-        cp_err_errno((int)n, "queue get");
+        get_error(n);
     Py_XDECREF(owner);
     PyMem_RawFree(scratch);
     return res;
@@ -709,7 +729,7 @@ static PyObject *do_get(QueueObject *q, PyObject *block, PyObject *timeout)
             continue;
         }
         if (n != -EAGAIN)
-            return cp_err_errno((int)n, "queue get");
+            return get_error(n);
         if (wait_readable(q, blocking, deadline) < 0)
             return NULL;
     }
@@ -792,7 +812,7 @@ static PyObject *Queue_get_many(QueueObject *q, PyObject *const *args, Py_ssize_
             continue;
         }
         if (n != -EAGAIN) {
-            cp_err_errno((int)n, "queue get");
+            get_error(n);
             goto done;
         }
         if (wait_readable(q, blocking, deadline) < 0)

@@ -397,6 +397,27 @@ def test_sigint_interrupts_blocking_call(what):
     assert time.monotonic() - t < 1.2
 
 
+def test_sigint_interrupts_get_while_lock_holder_is_stopped():
+    ctx = cpool.get_context('fork')
+    q, started = ctx.Queue(), ctx.Queue()
+    p = ctx.Process(target=_big_put, args=(q, 256 << 20, started))
+    p.start()
+    started.get(timeout=30)
+    time.sleep(0.03)
+    os.kill(p.pid, signal.SIGSTOP)  # most likely inside its copy, holding the lock
+    try:
+        _sigint_after(0.3)
+        t = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            q.get()
+        assert time.monotonic() - t < 1.5
+    finally:
+        os.kill(p.pid, signal.SIGCONT)
+    assert len(q.get(timeout=30)) == 256 << 20
+    p.join(30)
+    assert p.exitcode == 0
+
+
 def test_sigkill_mid_put_leaves_queue_usable():
     ctx = cpool.get_context('fork')
     q, started = ctx.Queue(), ctx.Queue()

@@ -17,6 +17,7 @@
 #define PUNCH_BATCH (1ULL << 20)   /* cold bytes consumed before they are given back */
 #define SPIN_ROUNDS 2000           /* ~10-40 us of polling before a futex sleep */
 #define MAX_SLEEP_NS 500000000LL   /* re-check at least this often: a woken peer may have died */
+#define LOCK_SLICE_NS 100000000LL  /* longest wait for the lock before checking for signals */
 
 static inline uint64_t align8(uint64_t n)
 {
@@ -65,8 +66,16 @@ static void commit(cp_ring_header *h, const cp_ring_counters *c)
 
 static int ring_lock(cp_ring_header *h, int flags)
 {
-    int e = (flags & CP_RING_TRYLOCK) ? pthread_mutex_trylock(&h->lock)
-                                      : pthread_mutex_lock(&h->lock);
+    int e;
+    if (flags & CP_RING_TRYLOCK) {
+        e = pthread_mutex_trylock(&h->lock);
+    }
+    else {
+        /* In slices, so that a holder that is stopped (SIGSTOP, a debugger) cannot keep the
+           caller from seeing Ctrl-C: -ETIMEDOUT sends it back to check signals and retry. */
+        struct timespec ts = cp_ns_to_timespec(cp_now_ns() + LOCK_SLICE_NS);
+        e = pthread_mutex_clocklock(&h->lock, CLOCK_MONOTONIC, &ts);
+    }
     if (e == 0)
         return 0;
     if (e == EOWNERDEAD) {
@@ -76,7 +85,7 @@ static int ring_lock(cp_ring_header *h, int flags)
         pthread_mutex_consistent(&h->lock);
         return 0;
     }
-    return -e; /* EBUSY for a trylock */
+    return -e; /* EBUSY for a trylock, ETIMEDOUT for a slice */
 }
 
 static inline void ring_unlock(cp_ring_header *h)
@@ -420,7 +429,9 @@ int cp_ring_wait_joined(cp_ring_t *r, int64_t deadline)
 int cp_ring_task_done(cp_ring_t *r)
 {
     cp_ring_header *h = r->h;
-    int rc = ring_lock(h, 0);
+    int rc;
+    while ((rc = ring_lock(h, 0)) == -ETIMEDOUT)
+        ; /* task_done is not interruptible: it must not be lost half-way */
     if (rc < 0)
         return rc;
     uint64_t u = live(h)->unfinished;

@@ -116,7 +116,9 @@ typedef struct {
 } cp_ring_got;
 
 /* Flags for put/get. */
-#define CP_RING_TRYLOCK 1 /* return -EBUSY instead of sleeping on a held lock */
+#define CP_RING_TRYLOCK 1 /* return -EBUSY instead of sleeping on a held lock (without it,
+                             put/get return -ETIMEDOUT after 100 ms without the lock: a
+                             holder is stopped; check for signals and call again) */
 #define CP_RING_TASK 2    /* put: count each record as an unfinished task (JoinableQueue) */
 #define CP_RING_HOT_ONLY 4 /* put: -ENOSPC rather than spilling a record that fits the hot ring
                               into the cold one (the caller may wait a little for a reader) */
