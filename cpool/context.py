@@ -19,6 +19,7 @@ BufferTooShort = _core.BufferTooShort
 TimeoutError = _core.TimeoutError
 AuthenticationError = _core.AuthenticationError
 WorkerLostError = _core.WorkerLostError
+OwnerDiedWarning = _core.OwnerDiedWarning
 
 
 class BaseContext(object):
@@ -27,6 +28,7 @@ class BaseContext(object):
     TimeoutError = TimeoutError
     AuthenticationError = AuthenticationError
     WorkerLostError = WorkerLostError
+    OwnerDiedWarning = OwnerDiedWarning
 
     current_process = staticmethod(process.current_process)
     parent_process = staticmethod(process.parent_process)
@@ -298,4 +300,6 @@ def assert_spawning(obj):
 
 def _force_start_method(method):
     # In a child: objects it creates use the start method it was started with.
-    _default_context._actual_context = _concrete_contexts[method]
+    ctx = _concrete_contexts[method]
+    if _default_context._actual_context is not ctx:
+        _default_context._actual_context = ctx

@@ -21,6 +21,7 @@ class Popen(object):
 
     def _launch(self, process_obj):
         code = 1
+        util._prepare_devnull_stdin()
         pid = _core.fork()
         if pid == 0:
             try:

@@ -26,6 +26,10 @@ def active_children():
 
 def parent_process():
     """The parent's Process object, or None in the main process."""
+    global _parent_process
+    if _parent_process is None and _parent_info is not None:
+        # Made on first use: a child that never asks saves the work (and its page faults).
+        _parent_process = _ParentProcess(*_parent_info)
     return _parent_process
 
 
@@ -60,7 +64,6 @@ class BaseProcess(object):
         self._name = name or type(self).__name__ + '-' + ':'.join(str(i) for i in self._identity)
         if daemon is not None:
             self.daemon = daemon
-        _dangling.add(self)
 
     def _check_closed(self):
         if self._closed:
@@ -215,18 +218,19 @@ class BaseProcess(object):
 
     def _bootstrap(self, parent_sentinel=None):
         """Run in the child: become the current process, run(), turn the outcome into an exit code."""
-        from . import util
-        global _current_process, _parent_process, _process_counter, _children
+        global _current_process, _parent_process, _parent_info, _process_counter, _children
+        util = sys.modules['cpool.util']  # imported by every Popen; no import machinery here
         try:
             if self._start_method is not None:
-                from . import context
-                context._force_start_method(self._start_method)
+                sys.modules['cpool.context']._force_start_method(self._start_method)
             _process_counter = itertools.count(1)
-            _children = set()
+            if _children:
+                _children = set()
             util._close_stdin()
             old_process = _current_process
             _current_process = self
-            _parent_process = _ParentProcess(self._parent_name, self._parent_pid, parent_sentinel)
+            _parent_process = None
+            _parent_info = (self._parent_name, self._parent_pid, parent_sentinel)
             if threading._HAVE_THREAD_NATIVE_ID:
                 threading.main_thread()._set_native_id()
             try:
@@ -255,15 +259,17 @@ class BaseProcess(object):
             sys.stderr.write('Process %s:\n' % self.name)
             traceback.print_exc()
         finally:
-            threading._shutdown()
-            util.info('process exiting with exitcode %d' % exitcode)
+            if threading.active_count() > 1 or getattr(threading, '_threading_atexits', None):
+                threading._shutdown()  # joins the non-daemon threads run() left behind
+            util.info('process exiting with exitcode %d', exitcode)
             util._flush_std_streams()
         return exitcode
 
     @staticmethod
     def _after_fork():
         from . import util
-        util._finalizer_registry.clear()
+        if util._finalizer_registry:
+            util._finalizer_registry.clear()
         util._run_after_forkers()
 
 
@@ -350,6 +356,7 @@ class _MainProcess(BaseProcess):
 
 
 _parent_process = None
+_parent_info = None
 _current_process = _MainProcess()
 _process_counter = itertools.count(1)
 _children = set()
@@ -360,7 +367,3 @@ for name, signum in list(signal.__dict__.items()):
     if name[:3] == 'SIG' and '_' not in name:
         _exitcode_to_name[-signum] = f'-{name}'
 del name, signum
-
-# Process objects never started: kept weakly so tests can look for strays, as the stdlib does.
-import weakref  # noqa: E402
-_dangling = weakref.WeakSet()

@@ -93,6 +93,8 @@ _afterfork_counter = itertools.count()
 
 
 def _run_after_forkers():
+    if not _afterfork_registry:
+        return
     items = list(_afterfork_registry.items())
     items.sort()
     for (index, ident, func), obj in items:
@@ -183,7 +185,7 @@ class Finalize(object):
 
 def _run_finalizers(minpriority=None):
     """Run finalizers whose exitpriority >= minpriority (all with a priority when None)."""
-    if _finalizer_registry is None:
+    if not _finalizer_registry:
         return
     if minpriority is None:
         f = lambda p: p[0] is not None
@@ -289,6 +291,24 @@ def close_fds(*fds):
         os.close(fd)
 
 
+# One /dev/null reader opened in the parent and handed to every forked child as its sys.stdin:
+# opening a fresh one in each child costs more than the rest of the child's start-up (every page
+# the child touches is a copy-on-write fault). /dev/null has no state worth not sharing.
+_devnull_stdin = None
+
+
+def _prepare_devnull_stdin():
+    global _devnull_stdin
+    if _devnull_stdin is None:
+        fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _devnull_stdin = open(fd, encoding="utf-8", closefd=True)
+        except BaseException:
+            os.close(fd)
+            raise
+    return _devnull_stdin
+
+
 def _close_stdin():
     # A child must not share the parent's stdin: reading it would steal the parent's input.
     if sys.stdin is None:
@@ -298,12 +318,17 @@ def _close_stdin():
     except (OSError, ValueError):
         pass
     try:
-        fd = os.open(os.devnull, os.O_RDONLY)
-        try:
-            sys.stdin = open(fd, encoding="utf-8", closefd=False)
-        except:
-            os.close(fd)
-            raise
+        stdin = _devnull_stdin
+        if stdin is None or stdin.closed:
+            stdin = _prepare_devnull_stdin() if stdin is None else None
+        if stdin is None:
+            fd = os.open(os.devnull, os.O_RDONLY)
+            try:
+                stdin = open(fd, encoding="utf-8", closefd=False)
+            except:
+                os.close(fd)
+                raise
+        sys.stdin = stdin
     except (OSError, ValueError):
         pass
 

@@ -77,9 +77,13 @@ static int cp_exec(PyObject *m)
     if (!st->slot[CP_OBJ_PICKLE_DUMPS] || !st->slot[CP_OBJ_PICKLE_LOADS])
         return -1;
 
+    if (cp_exec_connection(m) < 0)
+        return -1;
     if (cp_exec_process(m) < 0)
         return -1;
     if (cp_exec_queue(m) < 0)
+        return -1;
+    if (cp_exec_synchronize(m) < 0)
         return -1;
     return 0;
 }

@@ -3,6 +3,8 @@
 #define _GNU_SOURCE
 #include "spawn.h"
 
+#include "arena.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -30,7 +32,9 @@ pid_t cp_spawn(const char *path, char *const argv[], const int *pass_fds, int np
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
 
+    cp_arena_fork_execs = 1; /* the child inherits no arena handle: it execs at once */
     pid_t pid = fork();
+    cp_arena_fork_execs = 0;
     if (pid == 0) {
         /* Child: async-signal-safe calls only. */
         close(errpipe[0]);

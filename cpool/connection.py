@@ -1,0 +1,338 @@
+"""Connections: Pipe, wait, Listener and Client, as in the standard library's multiprocessing.connection.
+
+`Connection` is the C type from cpool._core itself (framing, I/O and pickling in C, no Python frame
+per message), on the standard library's wire format so both can talk over one fd. Listener and
+Client speak the running Python's authentication handshake, so they interoperate with the
+standard library's in both directions.
+"""
+import itertools
+import os
+import socket
+import sys
+import tempfile
+
+from . import _core
+from . import reduction
+from . import util
+from .context import AuthenticationError, BufferTooShort  # noqa: F401  (public names here)
+
+__all__ = ['Client', 'Listener', 'Pipe', 'wait']
+
+Connection = _core.Connection
+Pipe = _core.Pipe
+wait = _core.wait
+
+BUFSIZE = 8192
+# A very generous bound for the handshake on a local connection (the standard library's value);
+# cpool also applies it to the server's reads so a silent client cannot hold accept() for ever.
+CONNECTION_TIMEOUT = 20.
+
+_mmap_counter = itertools.count()
+
+default_family = 'AF_UNIX'
+families = ['AF_INET', 'AF_UNIX']
+
+
+# ---- pickling: a Connection reaches a child being started through a duplicated fd ----
+
+def reduce_connection(conn):
+    df = reduction.DupFd(conn.fileno())
+    return rebuild_connection, (df, conn.readable, conn.writable)
+
+
+def rebuild_connection(df, readable, writable):
+    return Connection(df.detach(), readable, writable)
+
+
+reduction.register(Connection, reduce_connection)
+
+
+# ---- addresses ----
+
+def is_abstract_socket_namespace(address):
+    """True for a Linux abstract Unix socket address (a leading NUL)."""
+    if not address:
+        return False
+    if isinstance(address, bytes):
+        return address[0] == 0
+    if isinstance(address, str):
+        return address[0] == '\0'
+    raise TypeError('address type of %r unrecognized' % (address,))
+
+
+def arbitrary_address(family):
+    """An arbitrary free address for the given family."""
+    if family == 'AF_INET':
+        return ('localhost', 0)
+    elif family == 'AF_UNIX':
+        # A fresh name in this process's private (0700) temporary directory.
+        return tempfile.mktemp(prefix='listener-', dir=util.get_temp_dir())
+    else:
+        raise ValueError('unrecognized family')
+
+
+def _validate_family(family):
+    if family == 'AF_PIPE':
+        raise ValueError('Family %s is not recognized.' % family)
+
+
+def address_type(address):
+    """The family of an address: 'AF_INET' for a tuple, 'AF_UNIX' for a path or abstract name."""
+    if type(address) == tuple:
+        return 'AF_INET'
+    elif type(address) is str and address.startswith('\\\\'):
+        return 'AF_PIPE'
+    elif type(address) is str or is_abstract_socket_namespace(address):
+        return 'AF_UNIX'
+    else:
+        raise ValueError('address type of %r unrecognized' % (address,))
+
+
+# ---- Listener / Client ----
+
+class Listener(object):
+    """A bound, listening socket; accept() returns authenticated Connections when authkey is set."""
+
+    def __init__(self, address=None, family=None, backlog=1, authkey=None):
+        family = family or (address and address_type(address)) or default_family
+        address = address or arbitrary_address(family)
+        _validate_family(family)
+        if authkey is not None and not isinstance(authkey, bytes):
+            raise TypeError('authkey should be a byte string')
+        self._listener = SocketListener(address, family, backlog)
+        self._authkey = authkey
+
+    def accept(self):
+        """Accept a connection; with an authkey, it is authenticated before it is returned."""
+        if self._listener is None:
+            raise OSError('listener is closed')
+        c = self._listener.accept()
+        if _authenticates(self._authkey):
+            try:
+                _server_handshake(c, self._authkey, CONNECTION_TIMEOUT)
+            except BaseException:
+                c.close()  # dropped at once: nothing it sent is ever unpickled
+                raise
+        return c
+
+    def close(self):
+        """Close the listening socket (and remove its file)."""
+        listener = self._listener
+        if listener is not None:
+            self._listener = None
+            listener.close()
+
+    @property
+    def address(self):
+        return self._listener._address
+
+    @property
+    def last_accepted(self):
+        return self._listener._last_accepted
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc_value, exc_tb):
+        self.close()
+
+
+def Client(address, family=None, authkey=None):
+    """A Connection to the Listener at address (authenticated when authkey is given)."""
+    family = family or address_type(address)
+    _validate_family(family)
+    if authkey is not None and not isinstance(authkey, bytes):
+        raise TypeError('authkey should be a byte string')
+    c = SocketClient(address)
+    if authkey is not None:
+        try:
+            answer_challenge(c, authkey)
+            deliver_challenge(c, authkey)
+        except BaseException:
+            c.close()
+            raise
+    return c
+
+
+class SocketListener(object):
+    """A socket bound to an address and listening. Unix sockets are owner-only (0600)."""
+
+    def __init__(self, address, family, backlog=1):
+        self._socket = socket.socket(getattr(socket, family))
+        unix_path = family == 'AF_UNIX' and not is_abstract_socket_namespace(address)
+        try:
+            self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._socket.setblocking(True)
+            if unix_path:
+                # Linux gives the socket file the mode of the socket's inode (less the umask),
+                # so the file is born 0600: no window where others could connect.
+                os.fchmod(self._socket.fileno(), 0o600)
+            self._socket.bind(address)
+            self._socket.listen(backlog)
+            self._address = self._socket.getsockname()
+        except OSError:
+            self._socket.close()
+            raise
+        self._family = family
+        self._last_accepted = None
+        if unix_path:
+            self._unlink = util.Finalize(self, os.unlink, args=(address,), exitpriority=0)
+        else:
+            self._unlink = None
+
+    def accept(self):
+        s, self._last_accepted = self._socket.accept()
+        s.setblocking(True)
+        return Connection(s.detach())
+
+    def close(self):
+        try:
+            self._socket.close()
+        finally:
+            unlink = self._unlink
+            if unlink is not None:
+                self._unlink = None
+                unlink()
+
+
+def SocketClient(address):
+    """A Connection to the socket at address."""
+    family = address_type(address)
+    with socket.socket(getattr(socket, family)) as s:
+        s.setblocking(True)
+        s.connect(address)
+        return Connection(s.detach())
+
+
+# ---- authentication: the running Python's standard library handshake ----
+#
+# The server sends b'#CHALLENGE#' + a random message, the client answers with an HMAC of it
+# keyed by authkey, the server replies b'#WELCOME#' or b'#FAILURE#'; then the roles swap.
+# Every read takes at most 256 bytes, so a peer announcing a huge length is refused before
+# anything is allocated, and nothing is unpickled before both directions succeeded.
+# Python <= 3.11 uses a 20-byte message and a raw HMAC-MD5. From 3.12 the message is
+# b'{digest}' + 40 random bytes and the answer b'{digest}' + the HMAC; a 20-byte challenge or a
+# 16-byte answer marks a legacy peer (raw HMAC-MD5), which the modern side still accepts.
+
+_MODERN = sys.version_info >= (3, 12)
+MESSAGE_LENGTH = 40 if _MODERN else 20
+_MAX_HANDSHAKE = 256
+_CHALLENGE = b'#CHALLENGE#'
+_WELCOME = b'#WELCOME#'
+_FAILURE = b'#FAILURE#'
+CHALLENGE, WELCOME, FAILURE = _CHALLENGE, _WELCOME, _FAILURE
+
+_ALLOWED_DIGESTS = frozenset({b'md5', b'sha256', b'sha384', b'sha3_256', b'sha3_384'})
+_MAX_DIGEST_LEN = max(len(d) for d in _ALLOWED_DIGESTS)
+_MD5ONLY_MESSAGE_LENGTH = 20
+_MD5_DIGEST_LEN = 16
+_LEGACY_LENGTHS = (_MD5ONLY_MESSAGE_LENGTH, _MD5_DIGEST_LEN)
+
+
+def _authenticates(authkey):
+    # 3.12+ authenticates whenever a key is given; 3.11 only for a non-empty one.
+    return authkey is not None if _MODERN else bool(authkey)
+
+
+def _recv_small(connection, timeout):
+    """One handshake message of at most 256 bytes; with a timeout when we are the server."""
+    if timeout is not None and isinstance(connection, Connection):
+        try:
+            return connection._recv_bytes_timeout(_MAX_HANDSHAKE, timeout)
+        except TimeoutError:
+            raise AuthenticationError('no answer to the authentication challenge within %g s'
+                                      % timeout) from None
+    return connection.recv_bytes(_MAX_HANDSHAKE)
+
+
+def _check_authkey(authkey):
+    if not isinstance(authkey, bytes):
+        raise ValueError("Authkey must be bytes, not {0!s}".format(type(authkey)))
+
+
+def _split_digest(message):
+    """(digest name, payload) of a challenge or answer; '' for the legacy HMAC-MD5 form."""
+    if len(message) in _LEGACY_LENGTHS:
+        return '', message
+    if message.startswith(b'{'):
+        end = message.find(b'}', 1, _MAX_DIGEST_LEN + 2)
+        if end > 0 and message[1:end] in _ALLOWED_DIGESTS:
+            return message[1:end].decode('ascii'), message[end + 1:]
+    raise AuthenticationError('unsupported message length, missing digest prefix, '
+                              'or unsupported digest: message=%r' % (message,))
+
+
+def _answer_for(authkey, message):
+    import hmac
+    if not _MODERN:
+        return hmac.new(authkey, message, 'md5').digest()
+    name = _split_digest(message)[0]
+    if not name:
+        try:
+            return hmac.new(authkey, message, 'md5').digest()
+        except ValueError:  # no MD5 (FIPS): answer in the modern form; a legacy peer refuses
+            name = 'sha256'
+    # The MAC covers the whole message, digest prefix included, so it cannot be downgraded.
+    return b'{%s}%s' % (name.encode('ascii'), hmac.new(authkey, message, name).digest())
+
+
+def _answer_is_right(authkey, message, answer):
+    import hmac
+    if not _MODERN:
+        return hmac.compare_digest(hmac.new(authkey, message, 'md5').digest(), answer)
+    name, mac = _split_digest(answer)
+    name = name or 'md5'
+    try:
+        expected = hmac.new(authkey, message, name).digest()
+    except ValueError:
+        raise AuthenticationError('response_digest=%r unsupported' % name) from None
+    if len(expected) != len(mac):
+        raise AuthenticationError('expected %r of length %d got %d'
+                                  % (name, len(expected), len(mac)))
+    return hmac.compare_digest(expected, mac)
+
+
+def _deliver(connection, authkey, digest_name, timeout):
+    _check_authkey(authkey)
+    message = os.urandom(MESSAGE_LENGTH)
+    if _MODERN:
+        message = b'{%s}%s' % (digest_name.encode('ascii'), message)
+    connection.send_bytes(_CHALLENGE + message)
+    answer = _recv_small(connection, timeout)
+    try:
+        ok = _answer_is_right(authkey, message, answer)
+    except AuthenticationError:
+        connection.send_bytes(_FAILURE)
+        raise
+    if not ok:
+        connection.send_bytes(_FAILURE)
+        raise AuthenticationError('digest received was wrong')
+    connection.send_bytes(_WELCOME)
+
+
+def _answer(connection, authkey, timeout):
+    _check_authkey(authkey)
+    message = _recv_small(connection, timeout)
+    if not message.startswith(_CHALLENGE):
+        raise AuthenticationError('Protocol error, expected challenge: message=%r' % (message,))
+    message = message[len(_CHALLENGE):]
+    if len(message) < _MD5ONLY_MESSAGE_LENGTH:
+        raise AuthenticationError('challenge too short: %d bytes' % len(message))
+    connection.send_bytes(_answer_for(authkey, message))
+    if _recv_small(connection, timeout) != _WELCOME:
+        raise AuthenticationError('digest sent was rejected')
+
+
+def deliver_challenge(connection, authkey, digest_name='sha256'):
+    """Challenge the peer to prove it knows authkey (AuthenticationError if not)."""
+    _deliver(connection, authkey, digest_name, None)
+
+
+def answer_challenge(connection, authkey):
+    """Prove to the peer that we know authkey (AuthenticationError if it refuses)."""
+    _answer(connection, authkey, None)
+
+
+def _server_handshake(connection, authkey, timeout):
+    _deliver(connection, authkey, 'sha256', timeout)
+    _answer(connection, authkey, timeout)
