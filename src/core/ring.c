@@ -11,6 +11,7 @@
 
 #include "deadline.h"
 #include "futex.h"
+#include "relax.h"
 
 #define PAGE 4096ULL
 #define HEADER_BYTES PAGE
@@ -37,15 +38,6 @@ static inline uint64_t page_up(uint64_t n)
 static inline uint64_t record_bytes(uint64_t len)
 {
     return 8 + align8(len);
-}
-
-static inline void cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield");
-#endif
 }
 
 /* ---- the lock and the counter slots ---- */
@@ -380,7 +372,7 @@ static int wait_on(_Atomic uint32_t *waiters, _Atomic uint32_t *seq, int64_t dea
     for (int i = 0; i < SPIN_ROUNDS; i++) {
         if (ready(r, arg))
             return 0;
-        cpu_relax();
+        cp_cpu_relax();
     }
     atomic_fetch_add(waiters, 1);
     uint32_t s = atomic_load(seq);
