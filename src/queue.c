@@ -1021,7 +1021,18 @@ static PyObject *Queue_get_recoveries(QueueObject *q, void *unused)
     return PyLong_FromUnsignedLongLong(q->attached ? atomic_load(&q->ring.h->recoveries) : 0);
 }
 
+static PyObject *Queue_get_waiters(QueueObject *q, void *unused)
+{
+    if (!q->attached)
+        return Py_BuildValue("(iii)", 0, 0, 0);
+    cp_ring_header *h = q->ring.h;
+    return Py_BuildValue("(III)", atomic_load(&h->get_waiters), atomic_load(&h->put_waiters),
+                         atomic_load(&h->join_waiters));
+}
+
 static PyGetSetDef Queue_getset[] = {
+    {"_waiters", (getter)Queue_get_waiters, NULL,
+     "processes counted as sleeping in (get, put, join)", NULL},
     {"_recoveries", (getter)Queue_get_recoveries, NULL,
      "times the lock was taken over from a process that died holding it", NULL},
     {"_maxsize", (getter)Queue_get_maxsize, NULL, "maxsize, 0 for unbounded", NULL},

@@ -418,6 +418,32 @@ def test_sigint_interrupts_get_while_lock_holder_is_stopped():
     assert p.exitcode == 0
 
 
+def _sleep_in_get(q, ready):
+    ready.put(1)
+    q.get()
+
+
+def test_reader_killed_in_its_sleep_is_forgotten():
+    # Otherwise it would stay counted as a sleeper and every put would pay a futex wake.
+    ctx = cpool.get_context('fork')
+    q, ready = ctx.Queue(), ctx.Queue()
+    ps = [ctx.Process(target=_sleep_in_get, args=(q, ready)) for _ in range(2)]
+    for p in ps:
+        p.start()
+    for p in ps:
+        ready.get(timeout=30)
+    deadline = time.monotonic() + 10
+    while q._waiters[0] < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert q._waiters[0] == 2
+    for p in ps:
+        p.kill()
+        p.join(10)
+    q.put('x')
+    assert q._waiters == (0, 0, 0)
+    assert q.get(timeout=5) == 'x'
+
+
 def test_sigkill_mid_put_leaves_queue_usable():
     ctx = cpool.get_context('fork')
     q, started = ctx.Queue(), ctx.Queue()

@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <signal.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -238,11 +239,37 @@ void cp_ring_close(cp_ring_t *r)
 
 /* ---- put / get ---- */
 
-static void wake(_Atomic uint32_t *waiters, _Atomic uint32_t *seq, int n)
+enum { SLEEP_GET, SLEEP_PUT, SLEEP_JOIN };
+
+/* The sleeper count and the futex word of one kind of wait. */
+static void wait_words(cp_ring_header *h, int kind, _Atomic uint32_t **waiters, _Atomic uint32_t **seq)
 {
+    *waiters = kind == SLEEP_GET ? &h->get_waiters : kind == SLEEP_PUT ? &h->put_waiters : &h->join_waiters;
+    *seq = kind == SLEEP_GET ? &h->get_seq : kind == SLEEP_PUT ? &h->put_seq : &h->join_seq;
+}
+
+/* Forget sleepers whose process is gone (see cp_ring_header.sleepers). A slot is only ever
+   set while its owner is counted in *waiters, so each dead one found is one count to drop. */
+static void drop_dead_sleepers(_Atomic uint32_t *waiters, _Atomic int32_t *slots)
+{
+    for (int i = 0; i < CP_RING_SLEEPER_SLOTS; i++) {
+        int32_t pid = atomic_load_explicit(&slots[i], memory_order_relaxed);
+        if (pid > 0 && kill(pid, 0) < 0 && errno == ESRCH &&
+            atomic_compare_exchange_strong(&slots[i], &pid, 0))
+            atomic_fetch_sub(waiters, 1);
+    }
+}
+
+static void wake(cp_ring_header *h, int kind, int n)
+{
+    _Atomic uint32_t *waiters, *seq;
+    wait_words(h, kind, &waiters, &seq);
     if (atomic_load(waiters)) {
         atomic_fetch_add(seq, 1);
-        cp_futex_wake(seq, n);
+        /* Counted but nobody asleep: someone about to sleep (it will see seq move), or a
+           sleeper that was killed. */
+        if (cp_futex_wake(seq, n) == 0)
+            drop_dead_sleepers(waiters, h->sleepers[kind]);
     }
 }
 
@@ -296,7 +323,7 @@ int cp_ring_put(cp_ring_t *r, const cp_ring_msg *msgs, size_t n, int flags, size
     ring_unlock(h);
     *done = i;
     if (i > 0)
-        wake(&h->get_waiters, &h->get_seq, i > INT_MAX ? INT_MAX : (int)i);
+        wake(h, SLEEP_GET, i > INT_MAX ? INT_MAX : (int)i);
     return rc;
 }
 
@@ -356,7 +383,7 @@ long cp_ring_get(cp_ring_t *r, void *dst, size_t cap, size_t maxn, cp_ring_got *
     }
     ring_unlock(h);
     if (n > 0) {
-        wake(&h->put_waiters, &h->put_seq, INT_MAX);
+        wake(h, SLEEP_PUT, INT_MAX);
         return n;
     }
     return rc < 0 ? rc : -EAGAIN;
@@ -366,15 +393,28 @@ long cp_ring_get(cp_ring_t *r, void *dst, size_t cap, size_t maxn, cp_ring_got *
 
 /* Sleep on seq unless ready() already holds; the waiter count tells peers to wake us.
    Sleeps are capped so that a wake-up given to a peer that then died is not lost for good. */
-static int wait_on(_Atomic uint32_t *waiters, _Atomic uint32_t *seq, int64_t deadline,
-                   int (*ready)(cp_ring_t *, uint64_t), cp_ring_t *r, uint64_t arg)
+static int wait_on(cp_ring_t *r, int kind, int64_t deadline, int (*ready)(cp_ring_t *, uint64_t),
+                   uint64_t arg)
 {
     for (int i = 0; i < SPIN_ROUNDS; i++) {
         if (ready(r, arg))
             return 0;
         cp_cpu_relax();
     }
+    cp_ring_header *h = r->h;
+    _Atomic uint32_t *waiters, *seq;
+    wait_words(h, kind, &waiters, &seq);
+    _Atomic int32_t *slots = h->sleepers[kind];
+    /* Counted first and uncounted last, so a pid in a slot always means "counted". */
     atomic_fetch_add(waiters, 1);
+    int32_t me = (int32_t)getpid();
+    int slot = -1;
+    for (int i = 0; i < CP_RING_SLEEPER_SLOTS && slot < 0; i++) {
+        int32_t zero = 0;
+        if (atomic_load_explicit(&slots[i], memory_order_relaxed) == 0 &&
+            atomic_compare_exchange_strong(&slots[i], &zero, me))
+            slot = i;
+    }
     uint32_t s = atomic_load(seq);
     int rc = 0;
     if (!ready(r, arg)) {
@@ -384,6 +424,8 @@ static int wait_on(_Atomic uint32_t *waiters, _Atomic uint32_t *seq, int64_t dea
         if (rc == -ETIMEDOUT && d != deadline)
             rc = 0;
     }
+    if (slot >= 0)
+        atomic_store(&slots[slot], 0);
     atomic_fetch_sub(waiters, 1);
     return rc;
 }
@@ -405,17 +447,17 @@ static int joined(cp_ring_t *r, uint64_t unused)
 
 int cp_ring_wait_readable(cp_ring_t *r, int64_t deadline)
 {
-    return wait_on(&r->h->get_waiters, &r->h->get_seq, deadline, readable, r, 0);
+    return wait_on(r, SLEEP_GET, deadline, readable, 0);
 }
 
 int cp_ring_wait_writable(cp_ring_t *r, uint64_t seen, int64_t deadline)
 {
-    return wait_on(&r->h->put_waiters, &r->h->put_seq, deadline, writable, r, seen);
+    return wait_on(r, SLEEP_PUT, deadline, writable, seen);
 }
 
 int cp_ring_wait_joined(cp_ring_t *r, int64_t deadline)
 {
-    return wait_on(&r->h->join_waiters, &r->h->join_seq, deadline, joined, r, 0);
+    return wait_on(r, SLEEP_JOIN, deadline, joined, 0);
 }
 
 int cp_ring_task_done(cp_ring_t *r)
@@ -436,6 +478,6 @@ int cp_ring_task_done(cp_ring_t *r)
     if (u == 0)
         return -ERANGE;
     if (u == 1)
-        wake(&h->join_waiters, &h->join_seq, INT_MAX);
+        wake(h, SLEEP_JOIN, INT_MAX);
     return 0;
 }

@@ -63,6 +63,7 @@ typedef struct {
 } __attribute__((aligned(64))) cp_ring_counters;
 
 #define CP_CACHELINE 64
+#define CP_RING_SLEEPER_SLOTS 16
 
 typedef struct {
     uint64_t magic;
@@ -85,6 +86,11 @@ typedef struct {
 
     _Alignas(CP_CACHELINE) _Atomic uint32_t join_seq; /* bumped when unfinished reaches 0 */
     _Atomic uint32_t join_waiters;
+
+    /* Pids of sleepers, per kind (get, put, join): a sleeper killed in its sleep stays counted
+       in *_waiters; a waker that finds nobody asleep drops the dead ones (else every put would
+       pay a futex wake for ever). */
+    _Alignas(CP_CACHELINE) _Atomic int32_t sleepers[3][CP_RING_SLEEPER_SLOTS];
 } cp_ring_header;
 
 /* A process's handle on a ring (not shared: each process maps the segment itself). */
