@@ -1,15 +1,26 @@
-"""Queue, SimpleQueue and JoinableQueue: a ring of messages in shared memory, managed in C.
+"""Queue, SimpleQueue and JoinableQueue: messages in shared memory, managed in C.
 
 No feeder thread and no pipe: put() pickles in the caller (so an unpicklable object raises
-right there and the queue stays usable) and copies the message into a shared-memory ring;
-get() copies it out. An unbounded queue's put() does not block even when nobody reads (the ring
-is a large sparse memfd: memory follows the backlog), and a process that put items can always
-be joined, consumed or not. A process killed in the middle of put() or get() leaves the queue
-consistent (robust lock + redo record). Ctrl-C interrupts a blocking put/get/join.
+right there and the queue stays usable) and copies the message into shared memory; get()
+copies it out. Common exact types (None, bool, int, float, str, bytes, bytearray) skip pickle.
+
+Where messages live (src/core/ring.h): one memfd per queue holding a small resident "hot"
+ring (4 MiB) used while readers keep up, and a large sparse "cold" ring (16 GiB of address
+space, memory only where written, given back to the kernel once consumed) that takes the
+backlog and messages bigger than the hot ring. So:
+  - an unbounded queue's put() never waits for a reader (up to 16 GiB of unread messages);
+    a blocking put() of a big message may wait a few ms for a reader that is busy taking
+    messages rather than spill (page faults cost more than the copy), never for an idle one;
+  - a message may be as large as the cold ring (256 MiB and more work);
+  - a process that put items can always exit and be joined, read or not.
+A process killed in the middle of put() or get() leaves the queue consistent (robust lock, and
+counters published by one store at the end). Ctrl-C interrupts a blocking put/get/join, even
+when the process holding the queue's lock is stopped.
 
 Beyond the standard library: put_many(iterable) / get_many(max_messages) move a batch under
-one lock; large bytes/bytearray/memoryview/numpy payloads are copied once into shared memory
-(pickle protocol 5 out-of-band buffers); join(timeout) returns False at the timeout.
+one lock; numpy arrays and other buffers are pickled with protocol 5 out-of-band buffers,
+copied once into shared memory and received without another copy; a memoryview can be put
+(it arrives as a memoryview); join(timeout) returns False at the timeout.
 """
 import os
 import queue as _queue
