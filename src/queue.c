@@ -31,7 +31,7 @@ enum {
 #define FLOW_MIN (64 * 1024)
 #define FLOW_STEP_NS 2000000LL
 #define FLOW_MAX_NS 20000000LL
-#define STACK_GET 1024
+#define STACK_GET 8192
 #define MANY_CHUNK (256 * 1024)
 
 typedef struct {

@@ -137,6 +137,8 @@ def test_closed_queue(mpmod):
     q.close()
     with pytest.raises(ValueError, match='is closed'):
         q.put(2)
+    with pytest.raises(ValueError, match='is closed'):
+        q.get()
     q.join_thread()
     q.cancel_join_thread()
 
