@@ -623,3 +623,82 @@ def test_import_without_stdlib_multiprocessing():
             "j = cpool.JoinableQueue(); s = cpool.SimpleQueue()\n")
     subprocess.run([sys.executable, '-c', code], check=True, timeout=60,
                    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+# ---- stress: peers killed at random while traffic flows ----
+
+def _stress_producer(q, pid, seed):
+    rnd = random.Random(seed)
+    i = 0
+    while True:
+        size = rnd.choice((0, 8, 100, 3000, 70000, 1 << 20, 3 << 20))
+        q.put((pid, i, bytes([i % 251]) * size))
+        i += 1
+
+
+def _stress_consumer(q):
+    last = {}
+    while True:
+        m = q.get(timeout=60)
+        if m is None:
+            return
+        pid, i, data = m
+        if data != bytes([i % 251]) * len(data) or i <= last.get(pid, -1):
+            os._exit(3)  # corruption or reordering: the parent sees exit code 3
+        last[pid] = i
+
+
+@pytest.mark.stress
+@pytest.mark.timeout(120)
+def test_stress_random_kills():
+    ctx = cpool.get_context('fork')
+    q = ctx.Queue()
+    rnd = random.Random(7)
+    producers, consumers, finished = [], [], []
+    next_id = [0]
+
+    def spawn(kind):
+        if kind == 'p':
+            next_id[0] += 1
+            p = ctx.Process(target=_stress_producer, args=(q, next_id[0], next_id[0]))
+            producers.append(p)
+        else:
+            p = ctx.Process(target=_stress_consumer, args=(q,))
+            consumers.append(p)
+        p.start()
+
+    for _ in range(2):
+        spawn('p')
+        spawn('c')
+    end = time.monotonic() + 8
+    while time.monotonic() < end:
+        time.sleep(rnd.uniform(0.01, 0.2))
+        pool = producers if rnd.random() < 0.5 else consumers
+        victim = pool.pop(rnd.randrange(len(pool)))
+        victim.kill()
+        victim.join(10)
+        finished.append(victim)
+        spawn('p' if pool is producers else 'c')
+    for p in producers:
+        p.kill()
+        p.join(10)
+    for _ in consumers:
+        q.put(None)
+    for p in consumers:
+        p.join(60)
+        assert p.exitcode == 0
+    assert all(p.exitcode == -signal.SIGKILL for p in finished)  # none exited on bad data
+    # Whatever is left is whole and in order per producer.
+    last = {}
+    while True:
+        try:
+            m = q.get(timeout=0.2)
+        except queue.Empty:
+            break
+        if m is None:
+            continue
+        pid, i, data = m
+        assert data == bytes([i % 251]) * len(data) and i > last.get(pid, -1)
+        last[pid] = i
+    q.put('end')
+    assert q.get(timeout=5) == 'end'
