@@ -17,7 +17,14 @@
 #define PAGE 4096ULL
 #define HEADER_BYTES PAGE
 #define PUNCH_BATCH (1ULL << 20)   /* cold bytes consumed before they are given back */
-#define SPIN_ROUNDS 2000           /* ~10-40 us of polling before a futex sleep */
+/* Polling before a futex sleep: the budget doubles after a poll that saw the condition come
+   true and halves after one that did not; under SPIN_MIN_NS it stops polling but still probes
+   once every SPIN_PROBE_EVERY waits, to notice when polling pays again. */
+#define SPIN_START_NS 4000
+#define SPIN_MIN_NS 1000
+#define SPIN_MAX_NS 50000
+#define SPIN_PROBE_NS 2000
+#define SPIN_PROBE_EVERY 16
 #define MAX_SLEEP_NS 500000000LL   /* re-check at least this often: a woken peer may have died */
 #define LOCK_SLICE_NS 100000000LL  /* longest wait for the lock before checking for signals */
 
@@ -208,6 +215,7 @@ int cp_ring_create(cp_ring_t *r, uint64_t hot, uint64_t cold, uint64_t maxsize)
     r->h = h;
     r->hot = (unsigned char *)r->shm.addr + HEADER_BYTES;
     r->cold = r->hot + hot;
+    r->spin_ns = SPIN_START_NS;
     return 0;
 }
 
@@ -227,6 +235,7 @@ int cp_ring_attach(cp_ring_t *r, int fd)
     r->h = h;
     r->hot = (unsigned char *)r->shm.addr + HEADER_BYTES;
     r->cold = r->hot + h->hot;
+    r->spin_ns = SPIN_START_NS;
     return 0;
 }
 
@@ -393,14 +402,37 @@ long cp_ring_get(cp_ring_t *r, void *dst, size_t cap, size_t maxn, cp_ring_got *
 
 /* Sleep on seq unless ready() already holds; the waiter count tells peers to wake us.
    Sleeps are capped so that a wake-up given to a peer that then died is not lost for good. */
+/* Poll ready() for the handle's current budget, and adapt the budget. 1 when it came true. */
+static int poll_until(cp_ring_t *r, int (*ready)(cp_ring_t *, uint64_t), uint64_t arg)
+{
+    int64_t budget = atomic_load_explicit(&r->spin_ns, memory_order_relaxed);
+    if (budget < SPIN_MIN_NS) {
+        if (atomic_fetch_add_explicit(&r->spin_probe, 1, memory_order_relaxed) % SPIN_PROBE_EVERY)
+            return ready(r, arg);
+        budget = SPIN_PROBE_NS;
+    }
+    int64_t start = cp_now_ns();
+    for (;;) {
+        for (int i = 0; i < 32; i++) {
+            if (ready(r, arg)) {
+                int64_t b = budget * 2 > SPIN_MAX_NS ? SPIN_MAX_NS : budget * 2;
+                atomic_store_explicit(&r->spin_ns, b, memory_order_relaxed);
+                return 1;
+            }
+            cp_cpu_relax();
+        }
+        if (cp_now_ns() - start > budget)
+            break;
+    }
+    atomic_store_explicit(&r->spin_ns, budget / 2, memory_order_relaxed);
+    return 0;
+}
+
 static int wait_on(cp_ring_t *r, int kind, int64_t deadline, int (*ready)(cp_ring_t *, uint64_t),
                    uint64_t arg)
 {
-    for (int i = 0; i < SPIN_ROUNDS; i++) {
-        if (ready(r, arg))
-            return 0;
-        cp_cpu_relax();
-    }
+    if (poll_until(r, ready, arg))
+        return 0;
     cp_ring_header *h = r->h;
     _Atomic uint32_t *waiters, *seq;
     wait_words(h, kind, &waiters, &seq);

@@ -29,8 +29,10 @@
 
    Waiting. Sleepers count themselves in the header and wait on a sequence word with a futex;
    a writer (reader) bumps and wakes it only when that count is non-zero, so a busy queue makes
-   no system call per message. Waits spin briefly first (a peer on another core usually answers
-   within microseconds) and return -EINTR on a signal so callers can check for Ctrl-C.
+   no system call per message. Waits poll briefly first (a peer on another core usually answers
+   within microseconds); how long adapts per handle, since on a machine with more runnable
+   processes than cores polling only steals the peer's time. Waits return -EINTR on a signal
+   so callers can check for Ctrl-C.
 
    All functions return 0 (or a count) or a negative errno. */
 #ifndef CPOOL_RING_H
@@ -99,6 +101,8 @@ typedef struct {
     cp_ring_header *h;
     unsigned char *hot;  /* the hot ring's bytes */
     unsigned char *cold; /* the cold ring's bytes */
+    _Atomic int64_t spin_ns;  /* how long a wait polls before it sleeps (adapts, see ring.c) */
+    _Atomic uint32_t spin_probe;
 } cp_ring_t;
 
 /* One message to put: its kind and the pieces its payload is gathered from. */
