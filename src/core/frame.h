@@ -24,8 +24,9 @@ int cp_frame_header_short(const unsigned char h[4], uint64_t *len);
 uint64_t cp_frame_header_long(const unsigned char h[8]);
 
 /* Write every byte of iov to fd. Resumable: *done counts the bytes already written and must
-   start at 0. is_sock selects sendmsg(MSG_NOSIGNAL). Returns 0, -EINTR (a signal came: check
-   it and call again) or -errno. */
+   start at 0. is_sock selects sendmsg(MSG_NOSIGNAL). Returns 0, -EINTR (a signal may have
+   come: check it and call again; also after any short write, since the kernel reports the
+   progress rather than EINTR when a signal interrupts a partly done transfer) or -errno. */
 int cp_write_iov(int fd, const struct iovec *iov, int iovcnt, size_t *done, int is_sock);
 
 /* Read exactly len bytes into buf. Resumable like cp_write_iov. With a deadline other than
