@@ -1030,9 +1030,20 @@ static PyObject *Queue_get_waiters(QueueObject *q, void *unused)
                          atomic_load(&h->join_waiters));
 }
 
+static PyObject *Queue_get_armed(QueueObject *q, void *unused)
+{
+    if (!q->attached)
+        return Py_BuildValue("(iii)", 0, 0, 0);
+    cp_ring_header *h = q->ring.h;
+    return Py_BuildValue("(III)", atomic_load(&h->get_seq) & 1, atomic_load(&h->put_seq) & 1,
+                         atomic_load(&h->join_seq) & 1);
+}
+
 static PyGetSetDef Queue_getset[] = {
     {"_waiters", (getter)Queue_get_waiters, NULL,
-     "processes counted as sleeping in (get, put, join)", NULL},
+     "processes counted as sleeping in (get, put, join); killed sleepers stay counted", NULL},
+    {"_armed", (getter)Queue_get_armed, NULL,
+     "whether the next (put, get, task_done) will make a wake-up system call", NULL},
     {"_recoveries", (getter)Queue_get_recoveries, NULL,
      "times the lock was taken over from a process that died holding it", NULL},
     {"_maxsize", (getter)Queue_get_maxsize, NULL, "maxsize, 0 for unbounded", NULL},

@@ -6,7 +6,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
-#include <signal.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -257,28 +256,18 @@ static void wait_words(cp_ring_header *h, int kind, _Atomic uint32_t **waiters, 
     *seq = kind == SLEEP_GET ? &h->get_seq : kind == SLEEP_PUT ? &h->put_seq : &h->join_seq;
 }
 
-/* Forget sleepers whose process is gone (see cp_ring_header.sleepers). A slot is only ever
-   set while its owner is counted in *waiters, so each dead one found is one count to drop. */
-static void drop_dead_sleepers(_Atomic uint32_t *waiters, _Atomic int32_t *slots)
-{
-    for (int i = 0; i < CP_RING_SLEEPER_SLOTS; i++) {
-        int32_t pid = atomic_load_explicit(&slots[i], memory_order_relaxed);
-        if (pid > 0 && kill(pid, 0) < 0 && errno == ESRCH &&
-            atomic_compare_exchange_strong(&slots[i], &pid, 0))
-            atomic_fetch_sub(waiters, 1);
-    }
-}
-
-static void wake(cp_ring_header *h, int kind, int n)
+/* Wake the sleepers of one kind if any armed the word (see ring.h). The seq_cst load pairs
+   with the sleeper's fetch_or: the waker sees the bit, or the sleeper sees the commit. */
+static void wake(cp_ring_header *h, int kind)
 {
     _Atomic uint32_t *waiters, *seq;
     wait_words(h, kind, &waiters, &seq);
-    if (atomic_load(waiters)) {
-        atomic_fetch_add(seq, 1);
-        /* Counted but nobody asleep: someone about to sleep (it will see seq move), or a
-           sleeper that was killed. */
-        if (cp_futex_wake(seq, n) == 0)
-            drop_dead_sleepers(waiters, h->sleepers[kind]);
+    uint32_t v = atomic_load(seq);
+    while (v & 1) {
+        if (atomic_compare_exchange_weak(seq, &v, v + 1)) { /* odd + 1: disarmed and moved */
+            cp_futex_wake(seq, INT_MAX);
+            return;
+        }
     }
 }
 
@@ -332,7 +321,7 @@ int cp_ring_put(cp_ring_t *r, const cp_ring_msg *msgs, size_t n, int flags, size
     ring_unlock(h);
     *done = i;
     if (i > 0)
-        wake(h, SLEEP_GET, i > INT_MAX ? INT_MAX : (int)i);
+        wake(h, SLEEP_GET);
     return rc;
 }
 
@@ -392,7 +381,7 @@ long cp_ring_get(cp_ring_t *r, void *dst, size_t cap, size_t maxn, cp_ring_got *
     }
     ring_unlock(h);
     if (n > 0) {
-        wake(h, SLEEP_PUT, INT_MAX);
+        wake(h, SLEEP_PUT);
         return n;
     }
     return rc < 0 ? rc : -EAGAIN;
@@ -436,28 +425,16 @@ static int wait_on(cp_ring_t *r, int kind, int64_t deadline, int (*ready)(cp_rin
     cp_ring_header *h = r->h;
     _Atomic uint32_t *waiters, *seq;
     wait_words(h, kind, &waiters, &seq);
-    _Atomic int32_t *slots = h->sleepers[kind];
-    /* Counted first and uncounted last, so a pid in a slot always means "counted". */
     atomic_fetch_add(waiters, 1);
-    int32_t me = (int32_t)getpid();
-    int slot = -1;
-    for (int i = 0; i < CP_RING_SLEEPER_SLOTS && slot < 0; i++) {
-        int32_t zero = 0;
-        if (atomic_load_explicit(&slots[i], memory_order_relaxed) == 0 &&
-            atomic_compare_exchange_strong(&slots[i], &zero, me))
-            slot = i;
-    }
-    uint32_t s = atomic_load(seq);
+    uint32_t armed = atomic_fetch_or(seq, 1) | 1;
     int rc = 0;
     if (!ready(r, arg)) {
         int64_t cap = cp_now_ns() + MAX_SLEEP_NS;
         int64_t d = deadline < cap ? deadline : cap;
-        rc = cp_futex_wait(seq, s, d);
+        rc = cp_futex_wait(seq, armed, d);
         if (rc == -ETIMEDOUT && d != deadline)
             rc = 0;
     }
-    if (slot >= 0)
-        atomic_store(&slots[slot], 0);
     atomic_fetch_sub(waiters, 1);
     return rc;
 }
@@ -510,6 +487,6 @@ int cp_ring_task_done(cp_ring_t *r)
     if (u == 0)
         return -ERANGE;
     if (u == 1)
-        wake(h, SLEEP_JOIN, INT_MAX);
+        wake(h, SLEEP_JOIN);
     return 0;
 }

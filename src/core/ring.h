@@ -27,9 +27,11 @@
    waiter counts share one cache line, so an operation touches few lines: that line, the
    counter slots and the data.
 
-   Waiting. Sleepers count themselves in the header and wait on a sequence word with a futex;
-   a writer (reader) bumps and wakes it only when that count is non-zero, so a busy queue makes
-   no system call per message. Waits poll briefly first (a peer on another core usually answers
+   Waiting. A sleeper sets bit 0 of a sequence word and futex-waits on it; a writer (reader)
+   that finds the bit set clears it and moves the word in one compare-and-swap, then wakes
+   everyone on it. So a busy queue makes no system call per message, a wake costs one system
+   call however many messages follow before the sleeper runs again, and a sleeper killed in
+   its sleep costs one wasted wake, not one per message for ever. Waits poll briefly first (a peer on another core usually answers
    within microseconds); how long adapts per handle, since on a machine with more runnable
    processes than cores polling only steals the peer's time. Waits return -EINTR on a signal
    so callers can check for Ctrl-C.
@@ -65,7 +67,6 @@ typedef struct {
 } __attribute__((aligned(64))) cp_ring_counters;
 
 #define CP_CACHELINE 64
-#define CP_RING_SLEEPER_SLOTS 16
 
 typedef struct {
     uint64_t magic;
@@ -79,20 +80,15 @@ typedef struct {
     /* The line every operation takes: the lock, the committed slot, who sleeps. */
     _Alignas(CP_CACHELINE) pthread_mutex_t lock;
     _Atomic uint32_t cur;         /* slot[cur & 1] holds the committed counters */
-    _Atomic uint32_t get_waiters; /* sleeping in get (writers wake them) */
-    _Atomic uint32_t put_waiters; /* sleeping in put (readers wake them) */
-    _Atomic uint32_t get_seq;     /* futex words, bumped on such a wake */
-    _Atomic uint32_t put_seq;
+    _Atomic uint32_t get_waiters; /* how many sleep in get / put (for introspection only) */
+    _Atomic uint32_t put_waiters;
+    _Atomic uint32_t get_seq;     /* futex words: bit 0 = "someone sleeps, wake me"; a waker */
+    _Atomic uint32_t put_seq;     /* clears it and moves the word in one step */
 
     cp_ring_counters slot[2];     /* written under the lock; read lock-free through cur */
 
-    _Alignas(CP_CACHELINE) _Atomic uint32_t join_seq; /* bumped when unfinished reaches 0 */
+    _Alignas(CP_CACHELINE) _Atomic uint32_t join_seq; /* the same, for unfinished reaching 0 */
     _Atomic uint32_t join_waiters;
-
-    /* Pids of sleepers, per kind (get, put, join): a sleeper killed in its sleep stays counted
-       in *_waiters; a waker that finds nobody asleep drops the dead ones (else every put would
-       pay a futex wake for ever). */
-    _Alignas(CP_CACHELINE) _Atomic int32_t sleepers[3][CP_RING_SLEEPER_SLOTS];
 } cp_ring_header;
 
 /* A process's handle on a ring (not shared: each process maps the segment itself). */
