@@ -243,13 +243,21 @@ def test_challenge_functions_over_a_pipe_with_stdlib():
 @pytest.mark.skipif(sys.version_info < (3, 12), reason='3.12+ digest negotiation')
 def test_modern_challenge_has_digest_prefix():
     a, b = cc.Pipe()
-    t = threading.Thread(target=cc.deliver_challenge, args=(a, b'k', 'sha384'), daemon=True)
+    errs = []
+
+    def server():
+        try:
+            cc.deliver_challenge(a, b'k', 'sha384')
+        except cpool.AuthenticationError as e:
+            errs.append(e)
+    t = threading.Thread(target=server, daemon=True)
     t.start()
     msg = b.recv_bytes(256)
     assert msg.startswith(b'#CHALLENGE#{sha384}')
     b.send_bytes(b'{md5}' + b'x' * 16)  # a wrong MAC: refused
     assert b.recv_bytes(256) == b'#FAILURE#'
     t.join(10)
+    assert len(errs) == 1
 
 
 def _serve_one(address, authkey, n):
@@ -270,3 +278,57 @@ def test_listener_with_processes(cctx):
         assert x == 3
         p.join(30)
         assert p.exitcode == 0
+
+
+def test_xml_listener_client():
+    with cc.XmlListener(authkey=b'x') as listener:
+        results = []
+
+        def client():
+            c = cc.XmlClient(listener.address, authkey=b'x')
+            c.send({'a': [1, 2.5, 'three']})
+            results.append(c.recv())
+        t = threading.Thread(target=client, daemon=True)
+        t.start()
+        c = listener.accept()
+        got = c.recv()
+        c.send(got['a'])
+        t.join(10)
+        assert got == {'a': [1, 2.5, 'three']}
+        assert results == [[1, 2.5, 'three']]
+
+
+class _FakeConnection:
+    def __init__(self, replies):
+        self.replies = list(replies)
+        self.sent = []
+
+    def recv_bytes(self, size=None):
+        return self.replies.pop(0) if self.replies else b''
+
+    def send_bytes(self, data):
+        self.sent.append(data)
+
+
+@pytest.mark.parametrize('mod', [cc, mc])
+def test_challenge_failures_with_fake_connections(mod):
+    """As CPython's own tests: bogus answers give AuthenticationError, never another error."""
+    with pytest.raises(mod.AuthenticationError):
+        mod.deliver_challenge(_FakeConnection([b'something bogus']), b'abc')
+    with pytest.raises(mod.AuthenticationError):
+        mod.answer_challenge(_FakeConnection([b'#CHALLENGE#', b'something bogus']), b'abc')
+    fake = _FakeConnection([b'#CHALLENGE#' + b'm' * 48, b'#FAILURE#'])
+    with pytest.raises(mod.AuthenticationError):
+        mod.answer_challenge(fake, b'abc')
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason='3.12+ digest negotiation')
+def test_create_and_verify_match_stdlib():
+    key = b'supadupasecretkey'
+    for msg in [b'is-twenty-bytes-long', b'{sha256}' + b'x' * 40, b'{md5}' + b'y' * 40]:
+        ours = cc._create_response(key, msg)
+        assert ours == mc._create_response(key, msg)
+        cc._verify_challenge(key, msg, ours)
+        mc._verify_challenge(key, msg, ours)
+        with pytest.raises(cpool.AuthenticationError):
+            cc._verify_challenge(key, msg, ours[:-1] + bytes([ours[-1] ^ 1]))

@@ -131,17 +131,6 @@ int cp_read_full(int fd, void *buf, size_t len, size_t *done, int64_t deadline, 
     return 0;
 }
 
-long cp_read_some(int fd, void *buf, size_t len, int64_t deadline)
-{
-    if (deadline != CP_NO_DEADLINE) {
-        int r = wait_readable(fd, deadline);
-        if (r < 0)
-            return r;
-    }
-    ssize_t got = read(fd, buf, len);
-    return got < 0 ? -errno : (long)got;
-}
-
 int cp_fd_is_socket(int fd)
 {
     struct stat st;

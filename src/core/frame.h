@@ -34,10 +34,6 @@ int cp_write_iov(int fd, const struct iovec *iov, int iovcnt, size_t *done, int 
    -EINTR, -ETIMEDOUT or -errno. */
 int cp_read_full(int fd, void *buf, size_t len, size_t *done, int64_t deadline, int is_sock);
 
-/* Read what is there, up to len bytes, waiting for at least one (used to grow a buffer as data
-   arrives). Returns the count (> 0), 0 at EOF, -EINTR, -ETIMEDOUT or -errno. */
-long cp_read_some(int fd, void *buf, size_t len, int64_t deadline);
-
 /* poll(2) the set for the deadline. Returns how many are ready (0 on timeout), -EINTR or
    -errno. One call; the caller loops on -EINTR after checking signals. */
 int cp_poll_until(struct pollfd *pfds, nfds_t n, int64_t deadline);
