@@ -22,6 +22,7 @@ enum {
     CP_TYPE_EVENT, CP_TYPE_SHAREDBLOCK, CP_WARN_OWNER_DIED, /* synchronize.c */
     CP_OBJ_PICKLE_DUMPS,   /* pickle.dumps / loads cached for the hot paths */
     CP_OBJ_PICKLE_LOADS,
+    CP_OBJ_QUEUE_EMPTY, CP_OBJ_QUEUE_FULL, /* queue.Empty / queue.Full */
     CP_NSLOTS = 32
 };
 
@@ -55,5 +56,6 @@ int cp_exec_process(PyObject *module);
 int cp_exec_pool(PyObject *module);
 int cp_exec_connection(PyObject *module);
 int cp_exec_synchronize(PyObject *module);
+int cp_exec_queue(PyObject *module);
 
 #endif
