@@ -247,7 +247,7 @@ static void flush_pending(PoolCore *c)
 {
     while (c->pend_head) {
         pending_msg *m = c->pend_head;
-        if (!cp_ring_put(c->p, &c->p->tasks, m->data, m->len, 0, &m->off))
+        if (!cp_tr_put(c->p, &c->p->tasks, m->data, m->len, 0, &m->off))
             return;
         c->pend_head = m->next;
         if (!c->pend_head)
@@ -257,7 +257,7 @@ static void flush_pending(PoolCore *c)
     if (c->state == POOL_CLOSE && !atomic_load(&c->p->closing)) {
         /* Everything is in the ring: workers may leave once it is empty. */
         atomic_store(&c->p->closing, 1);
-        cp_ring_ring_bell(&c->p->tasks);
+        cp_tr_ring_bell(&c->p->tasks);
     }
 }
 
@@ -267,7 +267,7 @@ static int send_msg(PoolCore *c, bytebuf *b)
 {
     uint64_t off = 0;
     c->outstanding++;
-    if (!c->pend_head && cp_ring_put(c->p, &c->p->tasks, b->buf, b->len, 0, &off))
+    if (!c->pend_head && cp_tr_put(c->p, &c->p->tasks, b->buf, b->len, 0, &off))
         return 0;
     pending_msg *m = PyMem_RawMalloc(sizeof(pending_msg) + b->len);
     if (!m) {
@@ -993,9 +993,9 @@ static void finish_jobs(PoolCore *c, PyObject *finished)
 
 static void wake_parent_waiters(PoolCore *c)
 {
-    cp_ring_t *r = &c->p->results;
+    cp_tr_t *r = &c->p->results;
     if (atomic_load(&r->sleepers) > 0)
-        cp_ring_ring_bell(r);
+        cp_tr_ring_bell(r);
 }
 
 /* Read every result in the ring; the caller holds drain_lock. Jobs completed go on
@@ -1003,23 +1003,23 @@ static void wake_parent_waiters(PoolCore *c)
 static int drain_locked(PoolCore *c, cp_state *st, PyObject **finished)
 {
     cp_pool_shm_t *p = c->p;
-    cp_ring_t *r = &p->results;
+    cp_tr_t *r = &p->results;
     int n = 0;
     uint64_t len;
     uint32_t tag;
-    while (cp_ring_peek(p, r, &len, &tag)) {
+    while (cp_tr_peek(p, r, &len, &tag)) {
         uint32_t w = tag >> 8;
         int rc = 0;
         if (w < c->nworkers) {
             if ((tag & (CP_PIECE_FIRST | CP_PIECE_LAST)) == (CP_PIECE_FIRST | CP_PIECE_LAST)) {
-                const uint8_t *ptr = cp_ring_piece_ptr(p, r, len);
+                const uint8_t *ptr = cp_tr_piece_ptr(p, r, len);
                 if (!ptr) {
                     if (buf_reserve(&c->inbuf, len) < 0) {
                         PyErr_NoMemory();
                         rc = -1;
                     }
                     else {
-                        cp_ring_copy_out(p, r, 0, c->inbuf.buf, len);
+                        cp_tr_copy_out(p, r, 0, c->inbuf.buf, len);
                         ptr = c->inbuf.buf;
                     }
                 }
@@ -1035,7 +1035,7 @@ static int drain_locked(PoolCore *c, cp_state *st, PyObject **finished)
                     rc = -1;
                 }
                 else {
-                    cp_ring_copy_out(p, r, 0, b->buf + b->len, len);
+                    cp_tr_copy_out(p, r, 0, b->buf + b->len, len);
                     b->len += len;
                     if (tag & CP_PIECE_LAST) {
                         rc = process_result(c, st, w, b->buf, b->len, finished);
@@ -1044,7 +1044,7 @@ static int drain_locked(PoolCore *c, cp_state *st, PyObject **finished)
                 }
             }
         }
-        cp_ring_pop(r, len);
+        cp_tr_pop(r, len);
         if (rc < 0)
             PyErr_WriteUnraisable((PyObject *)c);
         n++;
@@ -1067,7 +1067,7 @@ static int drain(PoolCore *c)
 {
     if (!c->is_parent || foreign(c))
         return 0;
-    if (cp_ring_empty(&c->p->results)) {
+    if (cp_tr_empty(&c->p->results)) {
         if (c->pend_head)
             flush_pending(c);
         return 0;
@@ -1087,7 +1087,7 @@ typedef int (*ready_fn)(PoolJob *);
 static int job_wait(PoolJob *j, ready_fn ready, int64_t deadline)
 {
     PoolCore *c = j->core;
-    cp_ring_t *r = &c->p->results;
+    cp_tr_t *r = &c->p->results;
     if (foreign(c) && !ready(j)) {
         PyErr_SetString(PyExc_ValueError, "a pool's results can only be waited for by the "
                         "process that created the pool");
@@ -1113,7 +1113,7 @@ static int job_wait(PoolJob *j, ready_fn ready, int64_t deadline)
             until = deadline;
         int rc;
         Py_BEGIN_ALLOW_THREADS
-        rc = cp_ring_wait_bell(r, seen, WAITER_SPIN_NS, until);
+        rc = cp_tr_wait_bell(r, seen, WAITER_SPIN_NS, until);
         Py_END_ALLOW_THREADS
         (void)rc;
         if (PyErr_CheckSignals() < 0)
@@ -1202,7 +1202,7 @@ static PyObject *core_worker_lost(PoolCore *c, PyObject *const *args, Py_ssize_t
     cp_state *st = cp_get_state(module_of((PyObject *)c));
     PyObject *finished = NULL;
     int nread = drain_locked(c, st, &finished);
-    cp_slot_t *s = cp_pool_slot(c->p, (uint32_t)w);
+    cp_tr_slot_t *s = cp_pool_slot(c->p, (uint32_t)w);
     uint64_t seq = atomic_load(&s->task_seq);
     uint32_t first = atomic_load(&s->first_chunk), n = atomic_load(&s->nchunks);
     uint32_t last = first + n - 1;
@@ -1274,7 +1274,7 @@ static PyObject *core_set_worker(PoolCore *c, PyObject *const *args, Py_ssize_t 
 static void check_timeouts(PoolCore *c, int64_t now)
 {
     for (uint32_t w = 0; w < c->nworkers; w++) {
-        cp_slot_t *s = cp_pool_slot(c->p, w);
+        cp_tr_slot_t *s = cp_pool_slot(c->p, w);
         if (!atomic_load(&s->busy))
             continue;
         int64_t t = atomic_load(&s->timeout_ns);
@@ -1297,7 +1297,7 @@ static PyObject *core_serve(PoolCore *c, PyObject *arg)
     double t = PyFloat_AsDouble(arg);
     if (t == -1.0 && PyErr_Occurred())
         return NULL;
-    cp_ring_t *r = &c->p->results;
+    cp_tr_t *r = &c->p->results;
     int64_t slice = (int64_t)(t * 1e9);
     if (c->pend_head && slice > PENDING_SLICE_NS)
         slice = PENDING_SLICE_NS;
@@ -1315,7 +1315,7 @@ static PyObject *core_serve(PoolCore *c, PyObject *arg)
     if (slice > 0) {
         int64_t until = cp_now_ns() + slice;
         Py_BEGIN_ALLOW_THREADS
-        cp_ring_wait_bg(r, seen, until);
+        cp_tr_wait_bg(r, seen, until);
         Py_END_ALLOW_THREADS
     }
     if (drain(c) < 0)
@@ -1370,7 +1370,7 @@ static PyObject *core_close(PoolCore *c, PyObject *unused)
     if (c->state == POOL_RUN)
         c->state = POOL_CLOSE;
     flush_pending(c);
-    cp_ring_ring_bg(&c->p->results);
+    cp_tr_ring_bg(&c->p->results);
     Py_RETURN_NONE;
 }
 
@@ -1384,9 +1384,9 @@ static PyObject *core_terminate(PoolCore *c, PyObject *unused)
     c->state = POOL_TERMINATE;
     atomic_store(&c->p->stop, 1);
     atomic_store(&c->p->closing, 1);
-    cp_ring_ring_bell(&c->p->tasks);
+    cp_tr_ring_bell(&c->p->tasks);
     wake_parent_waiters(c);
-    cp_ring_ring_bg(&c->p->results);
+    cp_tr_ring_bg(&c->p->results);
     Py_RETURN_NONE;
 }
 
@@ -1458,25 +1458,25 @@ static int parent_gone(const parent_watch *pw)
 }
 
 /* Take the next task into buf. 1: got one; 0: time to leave; -1: exception. */
-static int worker_take(PoolCore *c, cp_slot_t *slot, bytebuf *buf, const parent_watch *pw)
+static int worker_take(PoolCore *c, cp_tr_slot_t *slot, bytebuf *buf, const parent_watch *pw)
 {
     cp_pool_shm_t *p = c->p;
-    cp_ring_t *r = &p->tasks;
+    cp_tr_t *r = &p->tasks;
     int nudged = 0;
     for (;;) {
         if (atomic_load(&p->stop))
             return 0;
-        if (cp_ring_empty(r)) {
+        if (cp_tr_empty(r)) {
             if (atomic_load(&p->closing))
                 return 0;
             if (!nudged) {
                 /* Out of work: a background collector waiting for that should run now. */
-                cp_ring_nudge_idle(&p->results);
+                cp_tr_nudge_idle(&p->results);
                 nudged = 1;
             }
             int rc;
             Py_BEGIN_ALLOW_THREADS
-            rc = cp_ring_wait_data(r, WORKER_SPIN_NS, cp_now_ns() + WORKER_SLICE_NS);
+            rc = cp_tr_wait_data(r, WORKER_SPIN_NS, cp_now_ns() + WORKER_SLICE_NS);
             Py_END_ALLOW_THREADS
             if (rc == -EINTR && PyErr_CheckSignals() < 0)
                 return -1;
@@ -1486,7 +1486,7 @@ static int worker_take(PoolCore *c, cp_slot_t *slot, bytebuf *buf, const parent_
         }
         int lk;
         Py_BEGIN_ALLOW_THREADS
-        lk = cp_ring_lock(r);
+        lk = cp_tr_lock(r);
         Py_END_ALLOW_THREADS
         if (lk < 0) {
             cp_err_errno(lk, "pthread_mutex_lock");
@@ -1494,22 +1494,22 @@ static int worker_take(PoolCore *c, cp_slot_t *slot, bytebuf *buf, const parent_
         }
         uint64_t len;
         uint32_t tag;
-        if (!cp_ring_peek(p, r, &len, &tag)) {
-            cp_ring_unlock(r);
+        if (!cp_tr_peek(p, r, &len, &tag)) {
+            cp_tr_unlock(r);
             continue;
         }
         if (!(tag & CP_PIECE_FIRST) || len < sizeof(cp_task_hdr_t)) {
             /* The rest of a message whose reader was killed: its task has failed already. */
-            cp_ring_pop(r, len);
-            cp_ring_unlock(r);
+            cp_tr_pop(r, len);
+            cp_tr_unlock(r);
             continue;
         }
         if (buf_reserve(buf, len) < 0) {
-            cp_ring_unlock(r);
+            cp_tr_unlock(r);
             PyErr_NoMemory();
             return -1;
         }
-        cp_ring_copy_out(p, r, 0, buf->buf, len);
+        cp_tr_copy_out(p, r, 0, buf->buf, len);
         buf->len = len;
         cp_task_hdr_t h;
         memcpy(&h, buf->buf, sizeof h);
@@ -1521,28 +1521,28 @@ static int worker_take(PoolCore *c, cp_slot_t *slot, bytebuf *buf, const parent_
         atomic_store(&slot->taken_pos, atomic_load(&r->tail));
         atomic_store(&slot->busy, 1);
         atomic_store(&slot->task_seq, h.task_seq);
-        cp_ring_pop(r, len);
+        cp_tr_pop(r, len);
         while (!(tag & CP_PIECE_LAST)) {
             if (atomic_load(&p->stop) || parent_gone(pw)) {
-                cp_ring_unlock(r);
+                cp_tr_unlock(r);
                 return 0;
             }
-            if (!cp_ring_peek(p, r, &len, &tag)) {
+            if (!cp_tr_peek(p, r, &len, &tag)) {
                 Py_BEGIN_ALLOW_THREADS
-                cp_ring_wait_data(r, 0, cp_now_ns() + WORKER_SLICE_NS);
+                cp_tr_wait_data(r, 0, cp_now_ns() + WORKER_SLICE_NS);
                 Py_END_ALLOW_THREADS
                 continue;
             }
             if (buf_reserve(buf, buf->len + len) < 0) {
-                cp_ring_unlock(r);
+                cp_tr_unlock(r);
                 PyErr_NoMemory();
                 return -1;
             }
-            cp_ring_copy_out(p, r, 0, buf->buf + buf->len, len);
+            cp_tr_copy_out(p, r, 0, buf->buf + buf->len, len);
             buf->len += len;
-            cp_ring_pop(r, len);
+            cp_tr_pop(r, len);
         }
-        cp_ring_unlock(r);
+        cp_tr_unlock(r);
         return 1;
     }
 }
@@ -1576,7 +1576,7 @@ static PyObject *worker_func(cp_state *st, func_cache_entry *cache, const uint8_
     return f;
 }
 
-static PyObject *run_chunk(PyObject *func, uint32_t kind, PyObject *chunk, cp_slot_t *slot)
+static PyObject *run_chunk(PyObject *func, uint32_t kind, PyObject *chunk, cp_tr_slot_t *slot)
 {
     if (kind == CP_TASK_APPLY) {
         if (!PyTuple_Check(chunk))
@@ -1701,27 +1701,27 @@ static int encode_outcome(PoolCore *c, cp_state *st, bytebuf *out, PyObject *val
 static int worker_publish(PoolCore *c, uint32_t w, bytebuf *out, const parent_watch *pw)
 {
     cp_pool_shm_t *p = c->p;
-    cp_ring_t *r = &p->results;
+    cp_tr_t *r = &p->results;
     int lk;
     Py_BEGIN_ALLOW_THREADS
-    lk = cp_ring_lock(r);
+    lk = cp_tr_lock(r);
     Py_END_ALLOW_THREADS
     if (lk < 0) {
         cp_err_errno(lk, "pthread_mutex_lock");
         return -1;
     }
     uint64_t off = 0;
-    while (!cp_ring_put(p, r, out->buf, out->len, w, &off)) {
+    while (!cp_tr_put(p, r, out->buf, out->len, w, &off)) {
         if (atomic_load(&p->stop) || parent_gone(pw))
             break;
-        uint64_t left = out->len - off, maxp = cp_ring_max_piece(r);
+        uint64_t left = out->len - off, maxp = cp_tr_max_piece(r);
         uint64_t need = ((left < maxp ? left : maxp) + CP_PIECE_HDR + 7) & ~(uint64_t)7;
-        cp_ring_nudge_idle(r);
+        cp_tr_nudge_idle(r);
         Py_BEGIN_ALLOW_THREADS
-        cp_ring_wait_space(r, need, cp_now_ns() + WORKER_SLICE_NS);
+        cp_tr_wait_space(r, need, cp_now_ns() + WORKER_SLICE_NS);
         Py_END_ALLOW_THREADS
     }
-    cp_ring_unlock(r);
+    cp_tr_unlock(r);
     return 0;
 }
 
@@ -1740,7 +1740,7 @@ static PyObject *core_worker_loop(PoolCore *c, PyObject *const *args, Py_ssize_t
         return NULL;
     }
     cp_state *st = cp_get_state(module_of((PyObject *)c));
-    cp_slot_t *slot = cp_pool_slot(c->p, (uint32_t)w);
+    cp_tr_slot_t *slot = cp_pool_slot(c->p, (uint32_t)w);
     atomic_store(&slot->pid, (int32_t)getpid());
     parent_watch pw = {(pid_t)ppid, cp_pidfd_open((pid_t)ppid)};
     if (pw.pidfd == -ESRCH)
@@ -1815,7 +1815,7 @@ static PyObject *core_worker_loop(PoolCore *c, PyObject *const *args, Py_ssize_t
                 Py_XDECREF(setup_err);
                 goto done;
             }
-            if (i + 1 < h.nchunks && !setup_err && cp_ring_empty(&c->p->tasks) &&
+            if (i + 1 < h.nchunks && !setup_err && cp_tr_empty(&c->p->tasks) &&
                 cp_now_ns() - chunk_start > RETURN_AFTER_NS) {
                 /* Slow chunks and an empty ring: other workers may be idle. Give the chunks
                    not started back to the parent, which sends them out one by one. */
@@ -1841,7 +1841,7 @@ static PyObject *core_worker_loop(PoolCore *c, PyObject *const *args, Py_ssize_t
     result = Py_NewRef(Py_None);
     /* Leaving (maxtasksperchild, close): the parent replaces or reaps us sooner if told. */
     atomic_store(&slot->leaving, 1);
-    cp_ring_ring_bg(&c->p->results);
+    cp_tr_ring_bg(&c->p->results);
 done:
     for (int i = 0; i < FUNC_CACHE; i++) {
         Py_XDECREF(cache[i].bytes);

@@ -25,7 +25,7 @@ static size_t align_up(size_t n, size_t a)
 size_t cp_pool_shm_size(uint32_t nslots, uint64_t task_cap, uint64_t res_cap)
 {
     size_t n = align_up(sizeof(cp_pool_shm_t), 64);
-    n += align_up((size_t)nslots * sizeof(cp_slot_t), 4096);
+    n += align_up((size_t)nslots * sizeof(cp_tr_slot_t), 4096);
     n += pow2_at_least(task_cap) + pow2_at_least(res_cap);
     return n;
 }
@@ -54,7 +54,7 @@ int cp_pool_shm_init(void *mem, size_t size, uint32_t nslots, uint64_t task_cap,
     p->size = size;
     size_t off = align_up(sizeof(cp_pool_shm_t), 64);
     p->slots_off = off;
-    off += align_up((size_t)nslots * sizeof(cp_slot_t), 4096);
+    off += align_up((size_t)nslots * sizeof(cp_tr_slot_t), 4096);
     p->tasks.cap = pow2_at_least(task_cap);
     p->tasks.wake_one = 1;
     p->tasks.data_off = off;
@@ -76,7 +76,7 @@ int cp_pool_shm_check(const void *mem, size_t size)
     return 0;
 }
 
-int cp_ring_lock(cp_ring_t *r)
+int cp_tr_lock(cp_tr_t *r)
 {
     int e = pthread_mutex_lock(&r->lock);
     if (e == EOWNERDEAD) {
@@ -88,7 +88,7 @@ int cp_ring_lock(cp_ring_t *r)
     return -e;
 }
 
-void cp_ring_unlock(cp_ring_t *r)
+void cp_tr_unlock(cp_tr_t *r)
 {
     pthread_mutex_unlock(&r->lock);
 }
@@ -116,17 +116,17 @@ static inline uint64_t rec_size(uint64_t len)
     return (CP_PIECE_HDR + len + 7) & ~(uint64_t)7;
 }
 
-void cp_ring_ring_bell(cp_ring_t *r)
+void cp_tr_ring_bell(cp_tr_t *r)
 {
     atomic_fetch_add(&r->bell, 1);
     cp_futex_wake(&r->bell, INT32_MAX);
 }
 
-int cp_ring_put(cp_pool_shm_t *p, cp_ring_t *r, const uint8_t *msg, uint64_t len, uint32_t tag,
+int cp_tr_put(cp_pool_shm_t *p, cp_tr_t *r, const uint8_t *msg, uint64_t len, uint32_t tag,
                 uint64_t *off)
 {
-    uint8_t *data = cp_ring_data(p, r);
-    uint64_t maxp = cp_ring_max_piece(r);
+    uint8_t *data = cp_tr_data(p, r);
+    uint64_t maxp = cp_tr_max_piece(r);
     uint64_t head = atomic_load_explicit(&r->head, memory_order_relaxed);
     int done = 0, wrote = 0;
     while (!done) {
@@ -152,39 +152,39 @@ int cp_ring_put(cp_pool_shm_t *p, cp_ring_t *r, const uint8_t *msg, uint64_t len
             cp_futex_wake(&r->bell, r->wake_one ? 1 : INT32_MAX);
         if (atomic_load_explicit(&r->bg_sleepers, memory_order_seq_cst) > 0 &&
             head - atomic_load_explicit(&r->tail, memory_order_relaxed) > r->cap / 4)
-            cp_ring_ring_bg(r);
+            cp_tr_ring_bg(r);
     }
     return done;
 }
 
-int cp_ring_peek(cp_pool_shm_t *p, cp_ring_t *r, uint64_t *len, uint32_t *tag)
+int cp_tr_peek(cp_pool_shm_t *p, cp_tr_t *r, uint64_t *len, uint32_t *tag)
 {
     uint64_t tail = atomic_load_explicit(&r->tail, memory_order_relaxed);
     if (atomic_load_explicit(&r->head, memory_order_acquire) == tail)
         return 0;
     uint32_t hdr[2];
-    memcpy(hdr, cp_ring_data(p, r) + (tail & (r->cap - 1)), sizeof hdr);
+    memcpy(hdr, cp_tr_data(p, r) + (tail & (r->cap - 1)), sizeof hdr);
     *len = hdr[0];
     *tag = hdr[1];
     return 1;
 }
 
-void cp_ring_copy_out(cp_pool_shm_t *p, cp_ring_t *r, uint64_t skip, void *dst, uint64_t n)
+void cp_tr_copy_out(cp_pool_shm_t *p, cp_tr_t *r, uint64_t skip, void *dst, uint64_t n)
 {
     uint64_t tail = atomic_load_explicit(&r->tail, memory_order_relaxed);
-    copy_from(cp_ring_data(p, r), r->cap, tail + CP_PIECE_HDR + skip, dst, n);
+    copy_from(cp_tr_data(p, r), r->cap, tail + CP_PIECE_HDR + skip, dst, n);
 }
 
-const uint8_t *cp_ring_piece_ptr(cp_pool_shm_t *p, cp_ring_t *r, uint64_t len)
+const uint8_t *cp_tr_piece_ptr(cp_pool_shm_t *p, cp_tr_t *r, uint64_t len)
 {
     uint64_t tail = atomic_load_explicit(&r->tail, memory_order_relaxed);
     uint64_t at = (tail + CP_PIECE_HDR) & (r->cap - 1);
     if (at + len > r->cap)
         return NULL;
-    return cp_ring_data(p, r) + at;
+    return cp_tr_data(p, r) + at;
 }
 
-void cp_ring_pop(cp_ring_t *r, uint64_t len)
+void cp_tr_pop(cp_tr_t *r, uint64_t len)
 {
     uint64_t tail = atomic_load_explicit(&r->tail, memory_order_relaxed);
     atomic_store_explicit(&r->tail, tail + rec_size(len), memory_order_seq_cst);
@@ -201,16 +201,16 @@ static inline void cpu_relax(void)
 #endif
 }
 
-int cp_ring_wait_data(cp_ring_t *r, int64_t spin_ns, int64_t deadline)
+int cp_tr_wait_data(cp_tr_t *r, int64_t spin_ns, int64_t deadline)
 {
-    if (!cp_ring_empty(r))
+    if (!cp_tr_empty(r))
         return 0;
     if (spin_ns > 0) {
         int64_t until = cp_now_ns() + spin_ns;
         for (;;) {
             for (int k = 0; k < 64; k++) {
                 cpu_relax();
-                if (!cp_ring_empty(r))
+                if (!cp_tr_empty(r))
                     return 0;
             }
             if (cp_now_ns() >= until)
@@ -224,10 +224,10 @@ int cp_ring_wait_data(cp_ring_t *r, int64_t spin_ns, int64_t deadline)
         uint32_t seen = atomic_load_explicit(&r->bell, memory_order_seq_cst);
         atomic_fetch_add_explicit(&r->sleepers, 1, memory_order_seq_cst);
         int rc = 0;
-        if (cp_ring_empty(r))
+        if (cp_tr_empty(r))
             rc = cp_futex_wait(&r->bell, seen, deadline);
         atomic_fetch_sub_explicit(&r->sleepers, 1, memory_order_seq_cst);
-        if (!cp_ring_empty(r))
+        if (!cp_tr_empty(r))
             return 0;
         if (rc == -ETIMEDOUT || rc == -EINTR)
             return rc;
@@ -236,16 +236,16 @@ int cp_ring_wait_data(cp_ring_t *r, int64_t spin_ns, int64_t deadline)
     }
 }
 
-int cp_ring_wait_space(cp_ring_t *r, uint64_t need, int64_t deadline)
+int cp_tr_wait_space(cp_tr_t *r, uint64_t need, int64_t deadline)
 {
     for (;;) {
         uint32_t seen = atomic_load_explicit(&r->space_bell, memory_order_seq_cst);
         atomic_fetch_add_explicit(&r->space_waiters, 1, memory_order_seq_cst);
         int rc = 0;
-        if (cp_ring_free(r) < need)
+        if (cp_tr_free(r) < need)
             rc = cp_futex_wait(&r->space_bell, seen, deadline);
         atomic_fetch_sub_explicit(&r->space_waiters, 1, memory_order_seq_cst);
-        if (cp_ring_free(r) >= need)
+        if (cp_tr_free(r) >= need)
             return 0;
         if (rc == -ETIMEDOUT || rc == -EINTR)
             return rc;
@@ -254,7 +254,7 @@ int cp_ring_wait_space(cp_ring_t *r, uint64_t need, int64_t deadline)
     }
 }
 
-int cp_ring_wait_bell(cp_ring_t *r, uint32_t seen, int64_t spin_ns, int64_t deadline)
+int cp_tr_wait_bell(cp_tr_t *r, uint32_t seen, int64_t spin_ns, int64_t deadline)
 {
     if (spin_ns > 0) {
         int64_t until = cp_now_ns() + spin_ns;
@@ -263,7 +263,7 @@ int cp_ring_wait_bell(cp_ring_t *r, uint32_t seen, int64_t spin_ns, int64_t dead
         for (;;) {
             for (int k = 0; k < 64; k++) {
                 cpu_relax();
-                if (!cp_ring_empty(r) || atomic_load_explicit(&r->bell, memory_order_acquire) != seen)
+                if (!cp_tr_empty(r) || atomic_load_explicit(&r->bell, memory_order_acquire) != seen)
                     return 0;
             }
             if (cp_now_ns() >= until)
@@ -275,26 +275,26 @@ int cp_ring_wait_bell(cp_ring_t *r, uint32_t seen, int64_t spin_ns, int64_t dead
     }
     atomic_fetch_add_explicit(&r->sleepers, 1, memory_order_seq_cst);
     int rc = 0;
-    if (cp_ring_empty(r))
+    if (cp_tr_empty(r))
         rc = cp_futex_wait(&r->bell, seen, deadline);
     atomic_fetch_sub_explicit(&r->sleepers, 1, memory_order_seq_cst);
     return rc;
 }
 
-void cp_ring_nudge_idle(cp_ring_t *r)
+void cp_tr_nudge_idle(cp_tr_t *r)
 {
     if (atomic_load_explicit(&r->bg_sleepers, memory_order_seq_cst) > 0 &&
         atomic_load_explicit(&r->bg_idle, memory_order_relaxed))
-        cp_ring_ring_bg(r);
+        cp_tr_ring_bg(r);
 }
 
-void cp_ring_ring_bg(cp_ring_t *r)
+void cp_tr_ring_bg(cp_tr_t *r)
 {
     atomic_fetch_add(&r->bg_bell, 1);
     cp_futex_wake(&r->bg_bell, INT32_MAX);
 }
 
-int cp_ring_wait_bg(cp_ring_t *r, uint32_t seen, int64_t deadline)
+int cp_tr_wait_bg(cp_tr_t *r, uint32_t seen, int64_t deadline)
 {
     atomic_fetch_add_explicit(&r->bg_sleepers, 1, memory_order_seq_cst);
     int rc = cp_futex_wait(&r->bg_bell, seen, deadline);

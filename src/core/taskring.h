@@ -36,7 +36,7 @@ typedef struct {
     uint64_t cap;
     uint64_t data_off;           /* from the start of the segment */
     uint32_t wake_one;           /* a message is for one consumer: wake one sleeper, not all */
-} cp_ring_t;
+} cp_tr_t;
 
 /* What a worker is running; the parent reads it when the worker dies or overruns. */
 typedef struct {
@@ -50,7 +50,7 @@ typedef struct {
     _Atomic int32_t pid;
     _Atomic uint32_t busy;        /* 1 between taking a task and handing its result back */
     _Atomic uint32_t leaving;     /* the worker is exiting on its own (maxtasksperchild, close) */
-} cp_slot_t;
+} cp_tr_slot_t;
 
 typedef struct {
     uint64_t magic;
@@ -59,8 +59,8 @@ typedef struct {
     uint64_t size;
     _Atomic uint32_t closing;  /* no more tasks: workers leave once the task ring is empty */
     _Atomic uint32_t stop;     /* leave now */
-    cp_ring_t tasks;
-    cp_ring_t results;
+    cp_tr_t tasks;
+    cp_tr_t results;
     uint64_t slots_off;
 } cp_pool_shm_t;
 
@@ -107,23 +107,23 @@ int cp_pool_shm_init(void *mem, size_t size, uint32_t nslots, uint64_t task_cap,
 /* Check the header of a segment mapped in a child. */
 int cp_pool_shm_check(const void *mem, size_t size);
 
-static inline cp_slot_t *cp_pool_slot(cp_pool_shm_t *p, uint32_t i)
+static inline cp_tr_slot_t *cp_pool_slot(cp_pool_shm_t *p, uint32_t i)
 {
-    return (cp_slot_t *)((char *)p + p->slots_off) + i;
+    return (cp_tr_slot_t *)((char *)p + p->slots_off) + i;
 }
 
-static inline uint8_t *cp_ring_data(cp_pool_shm_t *p, cp_ring_t *r)
+static inline uint8_t *cp_tr_data(cp_pool_shm_t *p, cp_tr_t *r)
 {
     return (uint8_t *)p + r->data_off;
 }
 
 /* Lock the many side of a ring; an abandoned lock (holder killed) is taken over.
    Returns 0, 1 if it was abandoned, or -errno. */
-int cp_ring_lock(cp_ring_t *r);
-void cp_ring_unlock(cp_ring_t *r);
+int cp_tr_lock(cp_tr_t *r);
+void cp_tr_unlock(cp_tr_t *r);
 
 /* Largest payload of one piece: messages above it are split. */
-static inline uint64_t cp_ring_max_piece(const cp_ring_t *r)
+static inline uint64_t cp_tr_max_piece(const cp_tr_t *r)
 {
     return r->cap / 4 - CP_PIECE_HDR;
 }
@@ -131,31 +131,31 @@ static inline uint64_t cp_ring_max_piece(const cp_ring_t *r)
 /* Write pieces of msg[*off..len) while they fit, publishing each (the caller is the only
    producer or holds the lock). tag goes into every piece header. Returns 1 when the whole
    message is in, 0 when space ran out (*off says how far it got). Wakes sleeping consumers. */
-int cp_ring_put(cp_pool_shm_t *p, cp_ring_t *r, const uint8_t *msg, uint64_t len, uint32_t tag,
+int cp_tr_put(cp_pool_shm_t *p, cp_tr_t *r, const uint8_t *msg, uint64_t len, uint32_t tag,
                 uint64_t *off);
 
 /* Piece at tail, if any: fills len and tag (flags in the low byte, writer index above).
    Returns 1 if a piece is there, 0 if the ring is empty. */
-int cp_ring_peek(cp_pool_shm_t *p, cp_ring_t *r, uint64_t *len, uint32_t *tag);
+int cp_tr_peek(cp_pool_shm_t *p, cp_tr_t *r, uint64_t *len, uint32_t *tag);
 
 /* Copy n payload bytes of the piece at tail, from offset skip, to dst (handles the wrap). */
-void cp_ring_copy_out(cp_pool_shm_t *p, cp_ring_t *r, uint64_t skip, void *dst, uint64_t n);
+void cp_tr_copy_out(cp_pool_shm_t *p, cp_tr_t *r, uint64_t skip, void *dst, uint64_t n);
 
 /* Pointer to the payload of the piece at tail if it does not wrap, else NULL. */
-const uint8_t *cp_ring_piece_ptr(cp_pool_shm_t *p, cp_ring_t *r, uint64_t len);
+const uint8_t *cp_tr_piece_ptr(cp_pool_shm_t *p, cp_tr_t *r, uint64_t len);
 
 /* Drop the piece at tail (len from peek). Wakes a producer waiting for space. */
-void cp_ring_pop(cp_ring_t *r, uint64_t len);
+void cp_tr_pop(cp_tr_t *r, uint64_t len);
 
 /* Free bytes. */
-static inline uint64_t cp_ring_free(cp_ring_t *r)
+static inline uint64_t cp_tr_free(cp_tr_t *r)
 {
     uint64_t h = atomic_load_explicit(&r->head, memory_order_relaxed);
     uint64_t t = atomic_load_explicit(&r->tail, memory_order_acquire);
     return r->cap - (h - t);
 }
 
-static inline int cp_ring_empty(cp_ring_t *r)
+static inline int cp_tr_empty(cp_tr_t *r)
 {
     return atomic_load_explicit(&r->head, memory_order_acquire) ==
            atomic_load_explicit(&r->tail, memory_order_acquire);
@@ -163,25 +163,25 @@ static inline int cp_ring_empty(cp_ring_t *r)
 
 /* Wait as a consumer until the ring is non-empty, spinning spin_ns first, sleeping at most
    until deadline. Returns 0 when something is there, -ETIMEDOUT, or -EINTR. */
-int cp_ring_wait_data(cp_ring_t *r, int64_t spin_ns, int64_t deadline);
+int cp_tr_wait_data(cp_tr_t *r, int64_t spin_ns, int64_t deadline);
 
 /* Wait as a producer until at least need bytes are free, or deadline. 0, -ETIMEDOUT, -EINTR. */
-int cp_ring_wait_space(cp_ring_t *r, uint64_t need, int64_t deadline);
+int cp_tr_wait_space(cp_tr_t *r, uint64_t need, int64_t deadline);
 
 /* Wait once on the bell for a change from seen (or data), spinning spin_ns first.
    Returns 0, -ETIMEDOUT or -EINTR; callers re-check their condition. */
-int cp_ring_wait_bell(cp_ring_t *r, uint32_t seen, int64_t spin_ns, int64_t deadline);
+int cp_tr_wait_bell(cp_tr_t *r, uint32_t seen, int64_t spin_ns, int64_t deadline);
 
 /* A worker is about to idle: wake the background collector if it asked for that. */
-void cp_ring_nudge_idle(cp_ring_t *r);
+void cp_tr_nudge_idle(cp_tr_t *r);
 
 /* The background collector's sleep on bg_bell (until a change from seen or deadline). */
-int cp_ring_wait_bg(cp_ring_t *r, uint32_t seen, int64_t deadline);
+int cp_tr_wait_bg(cp_tr_t *r, uint32_t seen, int64_t deadline);
 
 /* Wake the background collector. */
-void cp_ring_ring_bg(cp_ring_t *r);
+void cp_tr_ring_bg(cp_tr_t *r);
 
 /* Wake consumers sleeping on the ring's bell (all of them). */
-void cp_ring_ring_bell(cp_ring_t *r);
+void cp_tr_ring_bell(cp_tr_t *r);
 
 #endif
