@@ -21,6 +21,8 @@ __all__ = ['Client', 'Listener', 'Pipe', 'wait']
 Connection = _core.Connection
 Pipe = _core.Pipe
 wait = _core.wait
+_ConnectionBase = Connection  # the standard library's base class name, for isinstance checks
+_ForkingPickler = reduction.ForkingPickler
 
 BUFSIZE = 8192
 # A very generous bound for the handshake on a local connection (the standard library's value);
@@ -262,7 +264,8 @@ def _split_digest(message):
                               'or unsupported digest: message=%r' % (message,))
 
 
-def _answer_for(authkey, message):
+def _create_response(authkey, message):
+    """The answer to a challenge message: an HMAC of it keyed by authkey."""
     import hmac
     if not _MODERN:
         return hmac.new(authkey, message, 'md5').digest()
@@ -276,11 +279,14 @@ def _answer_for(authkey, message):
     return b'{%s}%s' % (name.encode('ascii'), hmac.new(authkey, message, name).digest())
 
 
-def _answer_is_right(authkey, message, answer):
+def _verify_challenge(authkey, message, response):
+    """Raise AuthenticationError unless response is the right answer to message."""
     import hmac
     if not _MODERN:
-        return hmac.compare_digest(hmac.new(authkey, message, 'md5').digest(), answer)
-    name, mac = _split_digest(answer)
+        if not hmac.compare_digest(hmac.new(authkey, message, 'md5').digest(), response):
+            raise AuthenticationError('digest received was wrong')
+        return
+    name, mac = _split_digest(response)
     name = name or 'md5'
     try:
         expected = hmac.new(authkey, message, name).digest()
@@ -289,7 +295,8 @@ def _answer_is_right(authkey, message, answer):
     if len(expected) != len(mac):
         raise AuthenticationError('expected %r of length %d got %d'
                                   % (name, len(expected), len(mac)))
-    return hmac.compare_digest(expected, mac)
+    if not hmac.compare_digest(expected, mac):
+        raise AuthenticationError('digest received was wrong')
 
 
 def _deliver(connection, authkey, digest_name, timeout):
@@ -300,13 +307,10 @@ def _deliver(connection, authkey, digest_name, timeout):
     connection.send_bytes(_CHALLENGE + message)
     answer = _recv_small(connection, timeout)
     try:
-        ok = _answer_is_right(authkey, message, answer)
+        _verify_challenge(authkey, message, answer)
     except AuthenticationError:
         connection.send_bytes(_FAILURE)
         raise
-    if not ok:
-        connection.send_bytes(_FAILURE)
-        raise AuthenticationError('digest received was wrong')
     connection.send_bytes(_WELCOME)
 
 
@@ -318,7 +322,7 @@ def _answer(connection, authkey, timeout):
     message = message[len(_CHALLENGE):]
     if len(message) < _MD5ONLY_MESSAGE_LENGTH:
         raise AuthenticationError('challenge too short: %d bytes' % len(message))
-    connection.send_bytes(_answer_for(authkey, message))
+    connection.send_bytes(_create_response(authkey, message))
     if _recv_small(connection, timeout) != _WELCOME:
         raise AuthenticationError('digest sent was rejected')
 
@@ -336,3 +340,42 @@ def answer_challenge(connection, authkey):
 def _server_handshake(connection, authkey, timeout):
     _deliver(connection, authkey, 'sha256', timeout)
     _answer(connection, authkey, timeout)
+
+
+# ---- xmlrpc serialization (the managers' serializer='xmlrpclib') ----
+
+class ConnectionWrapper(object):
+    """A Connection whose send/recv use other dumps/loads functions."""
+
+    def __init__(self, conn, dumps, loads):
+        self._conn = conn
+        self._dumps = dumps
+        self._loads = loads
+        for attr in ('fileno', 'close', 'poll', 'recv_bytes', 'send_bytes'):
+            setattr(self, attr, getattr(conn, attr))
+
+    def send(self, obj):
+        self._conn.send_bytes(self._dumps(obj))
+
+    def recv(self):
+        return self._loads(self._conn.recv_bytes())
+
+
+def _xml_dumps(obj):
+    import xmlrpc.client
+    return xmlrpc.client.dumps((obj,), None, None, None, 1).encode('utf-8')
+
+
+def _xml_loads(s):
+    import xmlrpc.client
+    (obj,), method = xmlrpc.client.loads(s.decode('utf-8'))
+    return obj
+
+
+class XmlListener(Listener):
+    def accept(self):
+        return ConnectionWrapper(Listener.accept(self), _xml_dumps, _xml_loads)
+
+
+def XmlClient(*args, **kwds):
+    return ConnectionWrapper(Client(*args, **kwds), _xml_dumps, _xml_loads)

@@ -56,15 +56,17 @@ def dump(obj, file, protocol=None):
 # ---- handing fds to a child that is being started ----
 
 def DupFd(fd):
-    """An object that, unpickled in the child being started, gives that child a copy of fd.
+    """An object that, unpickled in another process of this tree, gives it a copy of fd.
 
-    Only valid while a child is being spawned (pickling its Process object); fork children
-    inherit fds without any of this."""
+    While a child is being started (its Process object pickled) the fd goes with it; otherwise
+    cpool.resource_sharer serves it on demand. Fork children inherit fds without any of this."""
     popen_obj = context.get_spawning_popen()
     if popen_obj is not None:
         return popen_obj.DupFd(popen_obj.duplicate_for_child(fd))
-    raise RuntimeError('file descriptors can only be handed to a child process as arguments '
-                       'of that Process (or through send_handle over a Unix socket)')
+    # Anywhere else (sent through a Pipe or a Queue): served on demand to the process that
+    # unpickles it, as the standard library does.
+    from . import resource_sharer
+    return resource_sharer.DupFd(fd)
 
 
 # ---- SCM_RIGHTS over Unix sockets ----

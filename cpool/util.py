@@ -306,6 +306,7 @@ def _prepare_devnull_stdin():
         except BaseException:
             os.close(fd)
             raise
+        atexit.register(_devnull_stdin.close)
     return _devnull_stdin
 
 

@@ -669,6 +669,35 @@ static PyObject *conn_get_writable(PyObject *op, void *c)
     return PyBool_FromLong(((ConnObject *)op)->writable);
 }
 
+/* The standard library's private attribute, kept for code that reads it (or sets it to None
+   to give the fd up without closing it). */
+static PyObject *conn_get_handle(PyObject *op, void *c)
+{
+    ConnObject *self = (ConnObject *)op;
+    if (self->fd < 0)
+        Py_RETURN_NONE;
+    return PyLong_FromLong(self->fd);
+}
+
+static int conn_set_handle(PyObject *op, PyObject *value, void *c)
+{
+    ConnObject *self = (ConnObject *)op;
+    if (value == NULL || value == Py_None) {
+        self->fd = -1;
+        return 0;
+    }
+    long fd = PyLong_AsLong(value);
+    if (fd == -1 && PyErr_Occurred())
+        return -1;
+    if (fd < 0 || fd > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "invalid handle");
+        return -1;
+    }
+    self->fd = (int)fd;
+    self->is_sock = cp_fd_is_socket((int)fd) == 1;
+    return 0;
+}
+
 static PyObject *conn_repr(PyObject *op)
 {
     ConnObject *self = (ConnObject *)op;
@@ -709,6 +738,7 @@ static PyGetSetDef conn_getset[] = {
     {"closed", conn_get_closed, NULL, "True if the connection is closed", NULL},
     {"readable", conn_get_readable, NULL, "True if the connection is readable", NULL},
     {"writable", conn_get_writable, NULL, "True if the connection is writable", NULL},
+    {"_handle", conn_get_handle, conn_set_handle, "The fd, None once closed", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -810,10 +840,11 @@ static PyObject *cp_wait(PyObject *module, PyObject *const *args, Py_ssize_t nar
     int64_t deadline;
     if (parse_deadline(a[1], &deadline) < 0)
         return NULL;
-    PyObject *seq = PySequence_Fast(a[0], "wait() needs an iterable of objects");
+    /* A tuple copy: a fileno() method cannot change the list under us. */
+    PyObject *seq = PySequence_Tuple(a[0]);
     if (!seq)
         return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    Py_ssize_t n = PyTuple_GET_SIZE(seq);
     PyTypeObject *conn_type = (PyTypeObject *)cp_get_state(module)->slot[CP_TYPE_CONNECTION];
     struct pollfd stackfds[16];
     struct pollfd *pfds = n <= 16 ? stackfds : PyMem_Calloc((size_t)n, sizeof *pfds);
@@ -823,7 +854,7 @@ static PyObject *cp_wait(PyObject *module, PyObject *const *args, Py_ssize_t nar
         goto done;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        int fd = fd_of(conn_type, PySequence_Fast_GET_ITEM(seq, i));
+        int fd = fd_of(conn_type, PyTuple_GET_ITEM(seq, i));
         if (fd < 0)
             goto done;
         pfds[i].fd = fd;
@@ -846,7 +877,7 @@ static PyObject *cp_wait(PyObject *module, PyObject *const *args, Py_ssize_t nar
     }
     result = PyList_New(0);
     for (Py_ssize_t i = 0; result && i < n; i++) {
-        if (pfds[i].revents && PyList_Append(result, PySequence_Fast_GET_ITEM(seq, i)) < 0)
+        if (pfds[i].revents && PyList_Append(result, PyTuple_GET_ITEM(seq, i)) < 0)
             Py_CLEAR(result);
     }
 done:

@@ -65,7 +65,8 @@ static int cp_exec(PyObject *m)
         add_exception(m, CP_EXC_AUTHENTICATION_ERROR, "cpool.AuthenticationError", pe,
                       "The peer failed the authkey challenge.") < 0 ||
         add_exception(m, CP_EXC_WORKER_LOST_ERROR, "cpool.WorkerLostError", pe,
-                      "A pool worker died while running the task; .exitcode says how.") < 0)
+                      "A pool worker died while running the task; .exitcode says how.") < 0 ||
+        PyObject_SetAttrString(st->slot[CP_EXC_WORKER_LOST_ERROR], "exitcode", Py_None) < 0)
         return -1;
 
     PyObject *pickle = PyImport_ImportModule("pickle");
@@ -80,6 +81,10 @@ static int cp_exec(PyObject *m)
     if (cp_exec_connection(m) < 0)
         return -1;
     if (cp_exec_process(m) < 0)
+        return -1;
+    if (cp_exec_pool(m) < 0)
+        return -1;
+    if (cp_exec_queue(m) < 0)
         return -1;
     if (cp_exec_synchronize(m) < 0)
         return -1;

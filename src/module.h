@@ -18,9 +18,11 @@ enum {
     CP_TYPE_SHAREDMEM,
     CP_TYPE_QUEUE,
     CP_TYPE_POOL,
+    CP_TYPE_POOLJOB,
     CP_TYPE_EVENT, CP_TYPE_SHAREDBLOCK, CP_WARN_OWNER_DIED, /* synchronize.c */
     CP_OBJ_PICKLE_DUMPS,   /* pickle.dumps / loads cached for the hot paths */
     CP_OBJ_PICKLE_LOADS,
+    CP_OBJ_QUEUE_EMPTY, CP_OBJ_QUEUE_FULL, /* queue.Empty / queue.Full */
     CP_NSLOTS = 32
 };
 
@@ -51,7 +53,9 @@ int cp_add_type(PyObject *module, int slot, PyType_Spec *spec, PyObject *base);
 
 /* Part initialisers, called from the module's exec slot; each returns 0 or -1. */
 int cp_exec_process(PyObject *module);
+int cp_exec_pool(PyObject *module);
 int cp_exec_connection(PyObject *module);
 int cp_exec_synchronize(PyObject *module);
+int cp_exec_queue(PyObject *module);
 
 #endif

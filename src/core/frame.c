@@ -74,6 +74,11 @@ int cp_write_iov(int fd, const struct iovec *iov, int iovcnt, size_t *done, int 
         if (w < 0)
             return -errno; /* -EINTR included: the caller checks signals and calls again */
         *done += (size_t)w;
+        /* A short write may mean a signal came after some bytes went: the kernel then
+           reports progress, not EINTR, so the caller must look at signals before we block
+           again. */
+        if (*done < total)
+            return -EINTR;
     }
     return 0;
 }
@@ -118,19 +123,12 @@ int cp_read_full(int fd, void *buf, size_t len, size_t *done, int64_t deadline, 
         if (got == 0)
             return CP_FRAME_EOF;
         *done += (size_t)got;
+        /* Short read: maybe a signal ended it (MSG_WAITALL reports progress, not EINTR),
+           so let the caller check signals before blocking again. */
+        if (*done < len)
+            return -EINTR;
     }
     return 0;
-}
-
-long cp_read_some(int fd, void *buf, size_t len, int64_t deadline)
-{
-    if (deadline != CP_NO_DEADLINE) {
-        int r = wait_readable(fd, deadline);
-        if (r < 0)
-            return r;
-    }
-    ssize_t got = read(fd, buf, len);
-    return got < 0 ? -errno : (long)got;
 }
 
 int cp_fd_is_socket(int fd)

@@ -24,18 +24,15 @@ int cp_frame_header_short(const unsigned char h[4], uint64_t *len);
 uint64_t cp_frame_header_long(const unsigned char h[8]);
 
 /* Write every byte of iov to fd. Resumable: *done counts the bytes already written and must
-   start at 0. is_sock selects sendmsg(MSG_NOSIGNAL). Returns 0, -EINTR (a signal came: check
-   it and call again) or -errno. */
+   start at 0. is_sock selects sendmsg(MSG_NOSIGNAL). Returns 0, -EINTR (a signal may have
+   come: check it and call again; also after any short write, since the kernel reports the
+   progress rather than EINTR when a signal interrupts a partly done transfer) or -errno. */
 int cp_write_iov(int fd, const struct iovec *iov, int iovcnt, size_t *done, int is_sock);
 
 /* Read exactly len bytes into buf. Resumable like cp_write_iov. With a deadline other than
    CP_NO_DEADLINE, poll(2) first and give -ETIMEDOUT when it passes. Returns 0, CP_FRAME_EOF,
    -EINTR, -ETIMEDOUT or -errno. */
 int cp_read_full(int fd, void *buf, size_t len, size_t *done, int64_t deadline, int is_sock);
-
-/* Read what is there, up to len bytes, waiting for at least one (used to grow a buffer as data
-   arrives). Returns the count (> 0), 0 at EOF, -EINTR, -ETIMEDOUT or -errno. */
-long cp_read_some(int fd, void *buf, size_t len, int64_t deadline);
 
 /* poll(2) the set for the deadline. Returns how many are ready (0 on timeout), -EINTR or
    -errno. One call; the caller loops on -EINTR after checking signals. */

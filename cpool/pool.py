@@ -1,0 +1,863 @@
+"""Pools of worker processes (Pool) and threads (ThreadPool), with the standard library's API.
+
+The per-task path runs in C (cpool._core.PoolCore): tasks are encoded straight into a
+shared-memory ring, workers run a C loop (take, call, hand back), and results are collected by
+whoever waits for them. This module shapes the API, starts and replaces workers, and runs one
+handler thread that collects results nobody waits for (callbacks), feeds tasks that did not fit
+in the ring, enforces task timeouts and replaces workers that exit.
+
+Beyond the standard library:
+  - a worker that dies mid-task (killed, segfault, os._exit) fails that task (one chunk) with
+    cpool.WorkerLostError (its .exitcode says how) and is replaced; nothing hangs. A task that
+    raises SystemExit or KeyboardInterrupt fails like any other.
+  - task_timeout=seconds (opt-in), on the Pool (every task) or per call (apply_async, map,
+    imap, ...): an item running longer fails with cpool.TimeoutError and its worker is killed
+    and replaced.
+  - imap/imap_unordered read their input lazily, at most `buffersize` chunks ahead (default
+    max(256, 64 * processes)), so a generator of any length runs in constant memory.
+  - progress=True (or a label) on map/starmap/imap/imap_unordered shows a progress bar: tqdm
+    when installed, else a line on stderr.
+  - Ctrl-C in the parent interrupts map/get/next at once; workers ignore SIGINT and are
+    stopped by terminate() (the with block) without tracebacks.
+  - results are sent in a compact form when they are plain builtin values and pickled
+    otherwise; several small chunks may share one task message, but each chunk's result comes
+    back on its own and a worker that finds them slow gives back the ones it has not started.
+"""
+import collections
+import itertools
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+import warnings
+import weakref
+from functools import partial
+
+from . import _core, context, reduction, util
+from .context import ProcessError, TimeoutError, WorkerLostError  # noqa: F401
+
+__all__ = ['Pool', 'ThreadPool']
+
+INIT = 'INIT'
+RUN = 'RUN'
+CLOSE = 'CLOSE'
+TERMINATE = 'TERMINATE'
+_STATES = {0: RUN, 1: CLOSE, 2: TERMINATE}
+
+job_counter = itertools.count()
+
+TASK_RING_BYTES = 4 << 20
+RESULT_RING_BYTES = 4 << 20
+
+
+def mapstar(args):
+    return list(map(*args))
+
+
+def starmapstar(args):
+    return list(itertools.starmap(args[0], args[1]))
+
+
+# ---- exceptions travel with the worker's traceback, as in the standard library ----
+
+class RemoteTraceback(Exception):
+    def __init__(self, tb):
+        self.tb = tb
+
+    def __str__(self):
+        return self.tb
+
+
+class ExceptionWithTraceback:
+    def __init__(self, exc, tb):
+        tb = traceback.format_exception(type(exc), exc, tb)
+        tb = ''.join(tb)
+        self.exc = exc
+        self.tb = '\n"""\n%s"""' % tb
+
+    def __reduce__(self):
+        return rebuild_exc, (self.exc, self.tb)
+
+
+def rebuild_exc(exc, tb):
+    exc.__cause__ = RemoteTraceback(tb)
+    return exc
+
+
+class MaybeEncodingError(Exception):
+    """Wraps possible unpickleable errors, so they can be safely sent through the socket."""
+
+    def __init__(self, exc, value):
+        self.exc = repr(exc)
+        self.value = repr(value)
+        super(MaybeEncodingError, self).__init__(self.exc, self.value)
+
+    def __str__(self):
+        return "Error sending result: '%s'. Reason: '%s'" % (self.value, self.exc)
+
+    def __repr__(self):
+        return "<%s: %s>" % (self.__class__.__name__, self)
+
+
+def _wrap_exception(exc):
+    # Called by the C worker loop when a task raised (any BaseException).
+    return ExceptionWithTraceback(exc, exc.__traceback__)
+
+
+def _encoding_error(exc, value):
+    return MaybeEncodingError(exc, value)
+
+
+# ---- results: C objects (cpool._core.PoolJob) under the standard library's names ----
+
+class ApplyResult(_core.PoolJob):
+    """The result of apply_async: get(timeout), wait(timeout), ready(), successful()."""
+    __slots__ = ()
+
+    def __repr__(self):
+        state = 'ready' if self.ready() else 'pending'
+        return '<%s job=%s %s>' % (type(self).__name__, self._job, state)
+
+    __class_getitem__ = classmethod(type(list[int]))
+
+
+AsyncResult = ApplyResult
+
+
+class MapResult(ApplyResult):
+    """The result of map_async/starmap_async: get() gives the list of results."""
+    __slots__ = ()
+
+
+class IMapIterator(_core.PoolJob):
+    """Results of imap in order; next(timeout) raises TimeoutError when not there in time."""
+    __slots__ = ()
+
+    def __repr__(self):
+        return '<%s job=%s>' % (type(self).__name__, self._job)
+
+
+class IMapUnorderedIterator(IMapIterator):
+    """Results of imap_unordered, as they come."""
+    __slots__ = ()
+
+
+# ---- the worker process ----
+
+class _Channel(object):
+    """The pool's shared memory as handed to a worker: inherited under fork, passed by fd
+    (DupFd) when the worker is spawned."""
+
+    def __init__(self, core):
+        self.core = core
+
+    def __reduce__(self):
+        context.assert_spawning(self)
+        return _rebuild_channel, (reduction.DupFd(self.core.fd), self.core.size)
+
+
+def _rebuild_channel(dfd, size):
+    fd = dfd.detach()
+    try:
+        core = _core.PoolCore._attach(fd, size)
+    finally:
+        os.close(fd)
+    _set_helpers(core)
+    return _Channel(core)
+
+
+def _set_helpers(core):
+    core._set_helpers(_wrap_exception, _encoding_error, ApplyResult, MapResult,
+                      IMapIterator, IMapUnorderedIterator)
+
+
+def worker(channel, index, initializer=None, initargs=(), maxtasks=None, parent_pid=None):
+    """Body of a pool worker process: the initializer, then the C task loop."""
+    # Ctrl-C is the parent's business: it stops the workers itself, without a traceback storm.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if initializer is not None:
+        initializer(*initargs)
+    channel.core.worker_loop(index, maxtasks or 0, parent_pid or os.getppid())
+
+
+def _start_worker(ctx, channel, initializer, initargs, maxtasks, workers, core, index):
+    w = ctx.Process(target=worker,
+                    args=(channel, index, initializer, initargs, maxtasks, os.getpid()))
+    w.name = w.name.replace('Process', 'PoolWorker')
+    w.daemon = True
+    w.start()
+    workers[index] = w
+    core.set_worker(index, w.pid, w.sentinel)
+    util.debug('added worker %s', w.name)
+    return w
+
+
+def _serve(core, workers, respawn, lock):
+    """The handler thread: collect results nobody waits for (callbacks), feed tasks that did
+    not fit, enforce task timeouts, reap and replace workers that exit."""
+    missing = set()  # slots whose replacement could not be started yet (fork failed...)
+    while True:
+        try:
+            dead = core.serve(0.1)
+            for i in dead:
+                with lock:
+                    w = workers[i]
+                    if w is None:
+                        continue
+                    w.join()
+                    core.worker_lost(i, w.exitcode)
+                    util.debug('worker %s exited with %s', w.name, w.exitcode)
+                    workers[i] = None
+                    missing.add(i)
+            state = core.state
+            for i in sorted(missing):
+                if state == 0 or (state == 1 and not core.idle()):
+                    with lock:
+                        respawn(i)
+                missing.discard(i)
+        except Exception:
+            traceback.print_exc()  # the pool must keep being served: try again shortly
+            time.sleep(0.1)
+            continue
+        if state == 2:
+            break
+        if state == 1 and all(w is None for w in workers):
+            core.serve(0)  # results handed back just before the last worker left
+            break
+    util.debug('pool handler thread exiting')
+
+
+class _ProgressLine(object):
+    """A progress line on stderr when tqdm is not installed."""
+
+    def __init__(self, total, desc):
+        self.n = 0
+        self.total = total
+        self.desc = desc or 'tasks'
+        self.last = 0.0
+        self.start = time.monotonic()
+
+    def update(self, k=1):
+        self.n += k
+        now = time.monotonic()
+        if now - self.last >= 0.1:
+            self.last = now
+            self._show(now)
+
+    def _show(self, now):
+        rate = self.n / max(now - self.start, 1e-9)
+        tot = '/%d' % self.total if self.total is not None else ''
+        sys.stderr.write('\r%s: %d%s [%.0f/s]' % (self.desc, self.n, tot, rate))
+        sys.stderr.flush()
+
+    def close(self):
+        self._show(time.monotonic())
+        sys.stderr.write('\n')
+        sys.stderr.flush()
+
+
+def _progress_bar(total, progress):
+    desc = progress if isinstance(progress, str) else None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _ProgressLine(total, desc)
+    return tqdm(total=total, desc=desc)
+
+
+def _with_progress(it, total, progress):
+    bar = _progress_bar(total, progress)
+    try:
+        for x in it:
+            bar.update(1)
+            yield x
+    finally:
+        bar.close()
+
+
+def _check_pool_args(processes, initializer):
+    if processes is None:
+        processes = os.cpu_count() or 1
+    if processes < 1:
+        raise ValueError("Number of processes must be at least 1")
+    if initializer is not None and not callable(initializer):
+        raise TypeError('initializer must be a callable')
+    return processes
+
+
+def _length(iterable):
+    try:
+        return len(iterable)
+    except TypeError:
+        return None
+
+
+class Pool(object):
+    """A pool of worker processes, as multiprocessing.Pool.
+
+    Extra keyword arguments (cpool's own): task_timeout=seconds for every task (a task may
+    also pass its own), task_ring_bytes / result_ring_bytes for the shared rings."""
+
+    _wrap_exception = True
+
+    @staticmethod
+    def Process(ctx, *args, **kwds):
+        return ctx.Process(*args, **kwds)
+
+    def __init__(self, processes=None, initializer=None, initargs=(),
+                 maxtasksperchild=None, context=None, *, task_timeout=None,
+                 task_ring_bytes=TASK_RING_BYTES, result_ring_bytes=RESULT_RING_BYTES):
+        self._pool = []
+        self._state = INIT
+        self._ctx = context or _default_context()
+        self._taskqueue = None
+        self._cache = {}
+        processes = _check_pool_args(processes, initializer)
+        if maxtasksperchild is not None:
+            if not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0:
+                raise ValueError("maxtasksperchild must be a positive int or None")
+        self._processes = processes
+        self._owner = os.getpid()
+        self._initializer = initializer
+        self._initargs = initargs
+        self._maxtasksperchild = maxtasksperchild
+        self._core = core = _core.PoolCore(processes, task_ring_bytes, result_ring_bytes,
+                                           maxtasksperchild or 0, task_timeout)
+        _set_helpers(core)
+        core._set_owner(weakref.ref(self))
+        self._lock = threading.Lock()
+        self._pool = [None] * processes
+        channel = _Channel(core)
+        self._respawn = partial(_start_worker, self._ctx, channel, initializer, initargs,
+                                maxtasksperchild, self._pool, core)
+        try:
+            for i in range(processes):
+                self._respawn(i)
+        except Exception:
+            core.terminate()
+            for p in self._pool:
+                if p is not None:
+                    p.terminate()
+            for p in self._pool:
+                if p is not None:
+                    p.join()
+            raise
+        self._handler = threading.Thread(target=_serve,
+                                         args=(core, self._pool, self._respawn, self._lock),
+                                         name='cpool-pool-handler', daemon=True)
+        self._handler.start()
+        self._state = RUN
+        self._terminate = util.Finalize(
+            self, self._terminate_pool,
+            args=(core, self._pool, self._handler, self._lock), exitpriority=15)
+
+    def __del__(self, _warn=warnings.warn, RUN=RUN):
+        if getattr(self, '_state', None) == RUN:
+            _warn(f"unclosed running multiprocessing pool {self!r}", ResourceWarning, source=self)
+
+    def __repr__(self):
+        cls = self.__class__
+        return (f'<{cls.__module__}.{cls.__qualname__} state={self._state} '
+                f'pool_size={len(self._pool)}>')
+
+    def _check_running(self):
+        if self._state != RUN:
+            raise ValueError("Pool not running")
+
+    # ---- the standard library's API ----
+
+    def apply(self, func, args=(), kwds={}, *, task_timeout=None):
+        """Call func(*args, **kwds) in a worker and return its result."""
+        return self._core.apply(func, args, kwds, None, None, task_timeout).get()
+
+    def apply_async(self, func, args=(), kwds={}, callback=None, error_callback=None, *,
+                    task_timeout=None):
+        """Call func(*args, **kwds) in a worker; returns an AsyncResult at once."""
+        return self._core.apply(func, args, kwds, callback, error_callback, task_timeout)
+
+    def map(self, func, iterable, chunksize=None, *, progress=False, task_timeout=None):
+        """list(map(func, iterable)) computed by the workers, chunksize items per task."""
+        if progress:
+            return self._map_progress(func, iterable, chunksize, False, progress, task_timeout)
+        return self._map_async(func, iterable, chunksize, False, None, None, task_timeout).get()
+
+    def starmap(self, func, iterable, chunksize=None, *, progress=False, task_timeout=None):
+        """Like map() but each item is an argument tuple: func(*item)."""
+        if progress:
+            return self._map_progress(func, iterable, chunksize, True, progress, task_timeout)
+        return self._map_async(func, iterable, chunksize, True, None, None, task_timeout).get()
+
+    def map_async(self, func, iterable, chunksize=None, callback=None, error_callback=None, *,
+                  task_timeout=None):
+        """Asynchronous map(); returns a MapResult."""
+        return self._map_async(func, iterable, chunksize, False, callback, error_callback,
+                               task_timeout)
+
+    def starmap_async(self, func, iterable, chunksize=None, callback=None,
+                      error_callback=None, *, task_timeout=None):
+        """Asynchronous starmap(); returns a MapResult."""
+        return self._map_async(func, iterable, chunksize, True, callback, error_callback,
+                               task_timeout)
+
+    def imap(self, func, iterable, chunksize=1, buffersize=None, *, progress=False,
+             task_timeout=None):
+        """Lazy map(): results in order. The input is read at most buffersize chunks ahead."""
+        return self._imap(func, iterable, chunksize, True, False, buffersize, task_timeout,
+                          progress)
+
+    def imap_unordered(self, func, iterable, chunksize=1, buffersize=None, *, progress=False,
+                       task_timeout=None):
+        """Like imap() but results come as they are ready."""
+        return self._imap(func, iterable, chunksize, False, False, buffersize, task_timeout,
+                          progress)
+
+    def close(self):
+        """No more tasks; the workers leave once the queued ones are done."""
+        util.debug('closing pool')
+        if self._state == RUN:
+            self._state = CLOSE
+            self._core.close()
+
+    def terminate(self):
+        """Stop the workers now; results not yet in are lost (their get() raises)."""
+        util.debug('terminating pool')
+        self._state = TERMINATE
+        if os.getpid() != self._owner:
+            return  # a forked copy of the pool object: the workers are not ours to stop
+        self._terminate()
+
+    def join(self):
+        """Wait for the workers to leave (after close() or terminate())."""
+        util.debug('joining pool')
+        if self._state == RUN:
+            raise ValueError("Pool is still running")
+        elif self._state not in (CLOSE, TERMINATE):
+            raise ValueError("In unknown state")
+        if os.getpid() != self._owner:
+            return
+        self._handler.join()
+        for p in list(self._pool):
+            if p is not None:
+                p.join()
+
+    def __enter__(self):
+        self._check_running()
+        return self
+
+    def __exit__(self, exc_type, exc_val, exc_tb):
+        self.terminate()
+
+    def __reduce__(self):
+        raise NotImplementedError(
+            'pool objects cannot be passed between processes or pickled')
+
+    # ---- internals ----
+
+    def _default_chunksize(self, n):
+        chunksize, extra = divmod(n, len(self._pool) * 4)
+        if extra:
+            chunksize += 1
+        return chunksize
+
+    def _map_async(self, func, iterable, chunksize, star, callback, error_callback,
+                   task_timeout):
+        self._check_running()
+        if not hasattr(iterable, '__len__'):
+            iterable = list(iterable)
+        if chunksize is None:
+            chunksize = self._default_chunksize(len(iterable))
+        elif chunksize < 1 and len(iterable):
+            raise ValueError("Chunksize must be 1+, not {0:n}".format(chunksize))
+        if not isinstance(iterable, (list, tuple, range)):
+            iterable = list(iterable)
+        return self._core.map(func, iterable, chunksize, star, callback, error_callback,
+                              task_timeout)
+
+    def _imap(self, func, iterable, chunksize, ordered, star, buffersize, task_timeout,
+              progress=False):
+        self._check_running()
+        if chunksize < 1:
+            raise ValueError("Chunksize must be 1+, not {0:n}".format(chunksize))
+        if buffersize is None:
+            buffersize = max(256, 64 * len(self._pool))
+        elif not isinstance(buffersize, int):
+            raise TypeError("buffersize must be an integer or None")
+        elif buffersize < 1:
+            raise ValueError("buffersize must be None or > 0")
+        total = _length(iterable) if progress else None
+        it = self._core.imap(func, iterable, chunksize, ordered, star, buffersize, task_timeout)
+        return _with_progress(it, total, progress) if progress else it
+
+    def _map_progress(self, func, iterable, chunksize, star, progress, task_timeout):
+        # map with a progress bar: an imap underneath, so progress is seen chunk by chunk.
+        if not hasattr(iterable, '__len__'):
+            iterable = list(iterable)
+        if chunksize is None:
+            chunksize = max(1, min(self._default_chunksize(len(iterable)), 64))
+        return list(self._imap(func, iterable, chunksize, True, star, None, task_timeout,
+                               progress))
+
+    @staticmethod
+    def _terminate_pool(core, workers, handler, lock):
+        util.debug('finalizing pool')
+        core.terminate()
+        with lock:
+            procs = [p for p in workers if p is not None]
+        for p in procs:
+            if p.exitcode is None:
+                p.terminate()
+        deadline = time.monotonic() + 1.0
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.exitcode is None:
+                p.kill()
+                p.join()
+        if handler.is_alive() and threading.current_thread() is not handler:
+            handler.join()
+        core.fail_all(ProcessError('the pool was terminated before the task finished'))
+
+
+def _default_context():
+    from . import context as _context
+    return _context._default_context.get_context()
+
+
+# =============================== ThreadPool ===============================
+
+class _ThreadResult(object):
+    """AsyncResult of a ThreadPool (results stay in the process: nothing is pickled)."""
+
+    def __init__(self, pool, callback, error_callback):
+        self._pool = pool
+        self._event = threading.Event()
+        self._job = next(job_counter)
+        self._cache = pool._cache
+        self._callback = callback
+        self._error_callback = error_callback
+        self._cache[self._job] = self
+
+    def ready(self):
+        return self._event.is_set()
+
+    def successful(self):
+        if not self.ready():
+            raise ValueError("{0!r} not ready".format(self))
+        return self._success
+
+    def wait(self, timeout=None):
+        self._event.wait(timeout)
+
+    def get(self, timeout=None):
+        self.wait(timeout)
+        if not self.ready():
+            raise TimeoutError
+        if self._success:
+            return self._value
+        raise self._value
+
+    def _set(self, i, obj):
+        self._success, self._value = obj
+        if self._callback and self._success:
+            self._callback(self._value)
+        if self._error_callback and not self._success:
+            self._error_callback(self._value)
+        self._event.set()
+        self._cache.pop(self._job, None)
+        self._pool = None
+
+    __class_getitem__ = classmethod(type(list[int]))
+
+
+class _ThreadMapResult(_ThreadResult):
+
+    def __init__(self, pool, chunksize, length, callback, error_callback):
+        super().__init__(pool, callback, error_callback=error_callback)
+        self._success = True
+        self._value = [None] * length
+        self._chunksize = chunksize
+        self._lock = threading.Lock()
+        if chunksize <= 0:
+            self._number_left = 0
+            self._event.set()
+            self._cache.pop(self._job, None)
+        else:
+            self._number_left = length // chunksize + bool(length % chunksize)
+
+    def _set(self, i, success_result):
+        success, result = success_result
+        with self._lock:
+            if self._event.is_set():
+                return
+            if success and self._success:
+                self._value[i * self._chunksize:(i + 1) * self._chunksize] = result
+                self._number_left -= 1
+                finished = self._number_left == 0
+            else:
+                finished = self._success
+                self._success = False
+                self._value = result
+        if not finished:
+            return
+        if self._success:
+            if self._callback:
+                self._callback(self._value)
+        elif self._error_callback:
+            self._error_callback(self._value)
+        self._event.set()
+        self._cache.pop(self._job, None)
+        self._pool = None
+
+
+class _ThreadIMapIterator(object):
+
+    def __init__(self, pool, ordered, buffersize):
+        self._pool = pool
+        self._cond = threading.Condition(threading.Lock())
+        self._job = next(job_counter)
+        self._cache = pool._cache
+        self._items = collections.deque()
+        self._unsorted = {}
+        self._index = 0
+        self._length = None
+        self._ordered = ordered
+        self._slots = threading.BoundedSemaphore(buffersize) if buffersize else None
+        self._cache[self._job] = self
+
+    def __iter__(self):
+        return self
+
+    def next(self, timeout=None):
+        with self._cond:
+            self._cond.wait_for(lambda: self._items or self._index == self._length, timeout)
+            if not self._items:
+                if self._index == self._length:
+                    self._pool = None
+                    raise StopIteration
+                raise TimeoutError
+            item = self._items.popleft()
+        if self._slots is not None:
+            self._slots.release()
+        success, value = item
+        if success:
+            return value
+        raise value
+
+    __next__ = next
+
+    def _set(self, i, obj):
+        with self._cond:
+            if not self._ordered or self._index == i:
+                self._items.append(obj)
+                self._index += 1
+                while self._ordered and self._index in self._unsorted:
+                    self._items.append(self._unsorted.pop(self._index))
+                    self._index += 1
+                self._cond.notify()
+            else:
+                self._unsorted[i] = obj
+            if self._index == self._length:
+                self._cache.pop(self._job, None)
+                self._pool = None
+
+    def _set_length(self, length):
+        with self._cond:
+            self._length = length
+            if self._index == self._length:
+                self._cond.notify()
+                self._cache.pop(self._job, None)
+                self._pool = None
+
+
+class ThreadPool(Pool):
+    """A pool of threads with Pool's API (nothing is pickled; functions may be lambdas).
+    A Pool subclass as in the standard library, with its own thread-based machinery."""
+
+    def __init__(self, processes=None, initializer=None, initargs=()):
+        self._state = INIT
+        self._cache = {}
+        processes = _check_pool_args(processes, initializer)
+        self._processes = processes
+        self._inqueue = queue.SimpleQueue()
+        self._pool = []
+        for i in range(processes):
+            t = threading.Thread(target=self._worker, args=(self._inqueue, initializer, initargs),
+                                 name='ThreadPoolWorker-%d' % (i + 1), daemon=True)
+            t.start()
+            self._pool.append(t)
+        self._feeders = []
+        self._state = RUN
+
+    @staticmethod
+    def _worker(inqueue, initializer, initargs):
+        if initializer is not None:
+            initializer(*initargs)
+        while True:
+            task = inqueue.get()
+            if task is None:
+                break
+            job, i, func, args, kwds = task
+            try:
+                result = (True, func(*args, **kwds))
+            except Exception as e:
+                result = (False, e)
+            try:
+                job._set(i, result)
+            except Exception:
+                traceback.print_exc()
+            del task, job, func, args, kwds, result
+
+    def __repr__(self):
+        cls = self.__class__
+        return f'<{cls.__module__}.{cls.__qualname__} state={self._state} pool_size={len(self._pool)}>'
+
+    def _check_running(self):
+        if self._state != RUN:
+            raise ValueError("Pool not running")
+
+    def apply(self, func, args=(), kwds={}):
+        return self.apply_async(func, args, kwds).get()
+
+    def apply_async(self, func, args=(), kwds={}, callback=None, error_callback=None):
+        self._check_running()
+        result = _ThreadResult(self, callback, error_callback)
+        self._inqueue.put((result, 0, func, args, kwds))
+        return result
+
+    def map(self, func, iterable, chunksize=None):
+        return self._map_async(func, iterable, mapstar, chunksize).get()
+
+    def starmap(self, func, iterable, chunksize=None):
+        return self._map_async(func, iterable, starmapstar, chunksize).get()
+
+    def map_async(self, func, iterable, chunksize=None, callback=None, error_callback=None):
+        return self._map_async(func, iterable, mapstar, chunksize, callback, error_callback)
+
+    def starmap_async(self, func, iterable, chunksize=None, callback=None, error_callback=None):
+        return self._map_async(func, iterable, starmapstar, chunksize, callback, error_callback)
+
+    def _map_async(self, func, iterable, mapper, chunksize=None, callback=None,
+                   error_callback=None):
+        self._check_running()
+        if not hasattr(iterable, '__len__'):
+            iterable = list(iterable)
+        if chunksize is None:
+            chunksize, extra = divmod(len(iterable), len(self._pool) * 4)
+            if extra:
+                chunksize += 1
+        if len(iterable) == 0:
+            chunksize = 0
+        elif chunksize < 1:
+            raise ValueError("Chunksize must be 1+, not {0:n}".format(chunksize))
+        result = _ThreadMapResult(self, chunksize, len(iterable), callback, error_callback)
+        if chunksize:
+            it = iter(iterable)
+            for i in itertools.count():
+                chunk = tuple(itertools.islice(it, chunksize))
+                if not chunk:
+                    break
+                self._inqueue.put((result, i, mapper, ((func, chunk),), {}))
+        return result
+
+    def imap(self, func, iterable, chunksize=1, buffersize=None):
+        return self._imap(func, iterable, chunksize, True, buffersize)
+
+    def imap_unordered(self, func, iterable, chunksize=1, buffersize=None):
+        return self._imap(func, iterable, chunksize, False, buffersize)
+
+    def _imap(self, func, iterable, chunksize, ordered, buffersize):
+        self._check_running()
+        if chunksize < 1:
+            raise ValueError("Chunksize must be 1+, not {0:n}".format(chunksize))
+        if buffersize is not None and buffersize < 1:
+            raise ValueError("buffersize must be None or > 0")
+        result = _ThreadIMapIterator(self, ordered, buffersize)
+
+        def feed():
+            n = 0
+            try:
+                it = iter(iterable)
+                while self._state == RUN:
+                    chunk = tuple(itertools.islice(it, chunksize))
+                    if not chunk:
+                        break
+                    if result._slots is not None:
+                        while not result._slots.acquire(timeout=0.1):
+                            if self._state != RUN:
+                                return
+                    if chunksize == 1:
+                        self._inqueue.put((result, n, func, chunk, {}))
+                    else:
+                        self._inqueue.put((result, n, mapstar, ((func, chunk),), {}))
+                    n += 1
+            except Exception as e:
+                result._set(n, (False, e))
+                n += 1
+            result._set_length(n)
+
+        t = threading.Thread(target=feed, daemon=True)
+        t.start()
+        self._feeders.append(t)
+        if chunksize == 1:
+            return result
+        return _Flatten(result)
+
+    def close(self):
+        if self._state == RUN:
+            self._state = CLOSE
+            for _ in self._pool:
+                self._inqueue.put(None)
+
+    def terminate(self):
+        if self._state == RUN:
+            # Drop the tasks not started yet; running ones finish (threads cannot be killed).
+            try:
+                while True:
+                    self._inqueue.get_nowait()
+            except queue.Empty:
+                pass
+            for _ in self._pool:
+                self._inqueue.put(None)
+        self._state = TERMINATE
+
+    def join(self):
+        if self._state == RUN:
+            raise ValueError("Pool is still running")
+        for t in self._feeders:
+            t.join()
+        for t in self._pool:
+            t.join()
+
+    def __enter__(self):
+        self._check_running()
+        return self
+
+    def __exit__(self, *exc):
+        self.terminate()
+
+
+class _Flatten(object):
+    """Items of the chunks yielded by a chunked ThreadPool imap."""
+
+    def __init__(self, chunks):
+        self._chunks = chunks
+        self._cur = iter(())
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while True:
+            try:
+                return next(self._cur)
+            except StopIteration:
+                self._cur = iter(next(self._chunks))
+
+    def next(self, timeout=None):
+        while True:
+            try:
+                return next(self._cur)
+            except StopIteration:
+                self._cur = iter(self._chunks.next(timeout))

@@ -1,0 +1,192 @@
+/* A multi-producer multi-consumer queue of byte records in one shared memfd segment, with a
+   robust process-shared lock, futex waits and crash recovery. Plain C: no Python.h.
+
+   Layout. One memfd: a header page, then two circular data areas addressed by 64-bit positions
+   that only grow (offset = position % size, sizes are powers of two). A record is an 8-byte
+   header (length << 8 | kind) then the payload padded to 8 bytes; a record that reaches the end
+   of its area wraps to the start and is copied in two pieces.
+
+   Hot and cold. The hot ring (4 MiB by default) is where records go while readers keep up: its
+   pages stay resident, so a busy queue never takes a page fault. When it is full, or for a
+   record bigger than it, records go to the cold ring instead: a large sparse area (16 GiB of
+   address space by default; memory only where written) whose consumed pages readers give back
+   to the kernel (fallocate PUNCH_HOLE), so memory follows the backlog, not its high-water mark.
+   An unbounded queue's put() therefore returns at once even when nobody reads, and a message
+   of hundreds of MB needs no reader to be there. Order stays FIFO: writers use the hot ring only
+   while the cold one is empty, and readers empty the hot ring before the cold one, so every
+   cold record is younger than every hot one. A writer blocks (or gets -EAGAIN) only when the
+   cold ring too is full, or at maxsize records.
+
+   Locking. One pthread mutex, PTHREAD_PROCESS_SHARED and PTHREAD_MUTEX_ROBUST: when its owner
+   dies the kernel hands it to the next locker with EOWNERDEAD. Every operation copies under
+   the lock and publishes all its counter changes at its end with one store: the counters live
+   in two slots, an operation fills the slot not in use and then flips `cur` to it. A holder
+   killed before the flip changed nothing (its half-written bytes lie beyond the head and are
+   overwritten later); after it, everything. So a SIGKILL mid-put or mid-get leaves the queue
+   consistent: the message was put (got) entirely or not at all. The lock, `cur` and the
+   waiter counts share one cache line, so an operation touches few lines: that line, the
+   counter slots and the data.
+
+   Waiting. A sleeper sets bit 0 of a sequence word and futex-waits on it; a writer (reader)
+   that finds the bit set clears it and moves the word in one compare-and-swap, then wakes
+   everyone on it. So a busy queue makes no system call per message, a wake costs one system
+   call however many messages follow before the sleeper runs again, and a sleeper killed in
+   its sleep costs one wasted wake, not one per message for ever. Waits poll briefly first (a peer on another core usually answers
+   within microseconds); how long adapts per handle, since on a machine with more runnable
+   processes than cores polling only steals the peer's time. Waits return -EINTR on a signal
+   so callers can check for Ctrl-C.
+
+   All functions return 0 (or a count) or a negative errno. */
+#ifndef CPOOL_RING_H
+#define CPOOL_RING_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "shm.h"
+
+#define CP_RING_MAGIC 0x676e6972706375ULL /* "ucpring" */
+#define CP_RING_VERSION 1
+
+/* Defaults: the hot ring stays resident; the cold ring is address space, not memory. */
+#define CP_RING_DEFAULT_HOT (4ULL << 20)
+#define CP_RING_DEFAULT_COLD (16ULL << 30)
+
+/* Record kinds (0..255) are the caller's: the ring never looks inside a payload. */
+
+/* Counters changed together by one operation (one cache line); see the slots above. */
+typedef struct {
+    uint64_t hhead, htail; /* hot ring: after the last committed record / first unconsumed */
+    uint64_t chead, ctail; /* cold ring: the same */
+    uint64_t creleased;    /* cold pages below this position were given back to the kernel */
+    uint64_t count;        /* records in both rings */
+    uint64_t consumed;     /* records ever taken (sleeping writers watch it) */
+    uint64_t unfinished;   /* put() minus task_done() (JoinableQueue) */
+} __attribute__((aligned(64))) cp_ring_counters;
+
+#define CP_CACHELINE 64
+
+typedef struct {
+    uint64_t magic;
+    uint32_t version;
+    uint32_t header_size;
+    uint64_t hot;      /* bytes of the hot ring (a power of two) */
+    uint64_t cold;     /* bytes of the cold ring (a power of two) */
+    uint64_t maxsize;  /* most records at once, 0 = unbounded */
+    _Atomic uint64_t recoveries; /* times a dead holder's lock was taken over (for tests) */
+
+    /* The line every operation takes: the lock, the committed slot, who sleeps. */
+    _Alignas(CP_CACHELINE) pthread_mutex_t lock;
+    _Atomic uint32_t cur;         /* slot[cur & 1] holds the committed counters */
+    _Atomic uint32_t get_waiters; /* how many sleep in get / put (for introspection only) */
+    _Atomic uint32_t put_waiters;
+    _Atomic uint32_t get_seq;     /* futex words: bit 0 = "someone sleeps, wake me"; a waker */
+    _Atomic uint32_t put_seq;     /* clears it and moves the word in one step */
+
+    cp_ring_counters slot[2];     /* written under the lock; read lock-free through cur */
+
+    _Alignas(CP_CACHELINE) _Atomic uint32_t join_seq; /* the same, for unfinished reaching 0 */
+    _Atomic uint32_t join_waiters;
+} cp_ring_header;
+
+/* A process's handle on a ring (not shared: each process maps the segment itself). */
+typedef struct {
+    cp_shm_t shm;
+    cp_ring_header *h;
+    unsigned char *hot;  /* the hot ring's bytes */
+    unsigned char *cold; /* the cold ring's bytes */
+    _Atomic int64_t spin_ns;  /* how long a wait polls before it sleeps (adapts, see ring.c) */
+    _Atomic uint32_t spin_probe;
+} cp_ring_t;
+
+/* One message to put: its kind and the pieces its payload is gathered from. */
+typedef struct {
+    const void *base;
+    size_t len;
+} cp_ring_piece;
+
+typedef struct {
+    uint32_t kind;
+    uint32_t npieces;
+    const cp_ring_piece *pieces;
+    uint64_t len; /* sum of the pieces' lengths */
+} cp_ring_msg;
+
+/* One message got: where its payload was copied in the caller's buffer. */
+typedef struct {
+    uint32_t kind;
+    uint64_t len;
+    size_t offset; /* in dst */
+} cp_ring_got;
+
+/* Flags for put/get. */
+#define CP_RING_TRYLOCK 1 /* return -EBUSY instead of sleeping on a held lock (without it,
+                             put/get return -ETIMEDOUT after 100 ms without the lock: a
+                             holder is stopped; check for signals and call again) */
+#define CP_RING_TASK 2    /* put: count each record as an unfinished task (JoinableQueue) */
+#define CP_RING_HOT_ONLY 4 /* put: -ENOSPC rather than spilling a record that fits the hot ring
+                              into the cold one (the caller may wait a little for a reader) */
+
+/* Create a ring; hot and cold 0 mean the defaults (rounded up to powers of two >= a page).
+   maxsize 0 = unbounded. */
+int cp_ring_create(cp_ring_t *r, uint64_t hot, uint64_t cold, uint64_t maxsize);
+
+/* Map the ring in memfd fd (which is dup'ed; the caller keeps its own). Checks magic/version. */
+int cp_ring_attach(cp_ring_t *r, int fd);
+
+/* Unmap and close this process's handle; safe twice. */
+void cp_ring_close(cp_ring_t *r);
+
+/* Append msgs[0..n) in order, as many as fit, under one lock hold; *done says how many.
+   Returns 0 when all went in, -EAGAIN when the ring was full (maxsize records, or both rings'
+   bytes) before all did, -ENOSPC (HOT_ONLY), -EMSGSIZE when msgs[*done] can never fit, -EBUSY
+   (TRYLOCK). On -EAGAIN/-ENOSPC *seen (if not NULL) is cp_ring_consumed() as of that moment,
+   for cp_ring_wait_writable().
+   Wakes sleeping readers. */
+int cp_ring_put(cp_ring_t *r, const cp_ring_msg *msgs, size_t n, int flags, size_t *done,
+                uint64_t *seen);
+
+/* Take up to maxn records, copying their payloads into dst[0..cap) at 8-byte aligned offsets
+   (described in got[]); stops at the first that does not fit. Returns how many (>= 1), -EAGAIN
+   when empty, -EMSGSIZE when the first record alone does not fit: nothing is taken and
+   got[0].kind/len describe it, so the caller can retry with a buffer of that size.
+   Wakes sleeping writers. */
+long cp_ring_get(cp_ring_t *r, void *dst, size_t cap, size_t maxn, cp_ring_got *got, int flags);
+
+/* Sleep until a record may be available, the deadline (CLOCK_MONOTONIC ns, CP_NO_DEADLINE)
+   passes or a signal arrives: 0, -ETIMEDOUT or -EINTR. Spurious returns happen: retry get. */
+int cp_ring_wait_readable(cp_ring_t *r, int64_t deadline);
+
+/* Sleep until a record has been taken since the caller saw cp_ring_consumed() == seen. */
+int cp_ring_wait_writable(cp_ring_t *r, uint64_t seen, int64_t deadline);
+
+/* JoinableQueue: one task done. -ERANGE when there was none unfinished. Wakes joiners at 0. */
+int cp_ring_task_done(cp_ring_t *r);
+
+/* Sleep until no task is unfinished: 0, -ETIMEDOUT or -EINTR. */
+int cp_ring_wait_joined(cp_ring_t *r, int64_t deadline);
+
+/* The committed counters, read without the lock (each field is current or newer). */
+static inline const cp_ring_counters *cp_ring_committed(const cp_ring_t *r)
+{
+    return &r->h->slot[atomic_load(&r->h->cur) & 1];
+}
+
+static inline uint64_t cp_ring_count(const cp_ring_t *r)
+{
+    return __atomic_load_n(&cp_ring_committed(r)->count, __ATOMIC_RELAXED);
+}
+
+static inline uint64_t cp_ring_consumed(const cp_ring_t *r)
+{
+    return __atomic_load_n(&cp_ring_committed(r)->consumed, __ATOMIC_RELAXED);
+}
+
+static inline uint64_t cp_ring_unfinished(const cp_ring_t *r)
+{
+    return __atomic_load_n(&cp_ring_committed(r)->unfinished, __ATOMIC_RELAXED);
+}
+
+#endif

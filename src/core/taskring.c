@@ -1,0 +1,303 @@
+/* Pool channels over shared memory: layout, byte rings of tagged pieces, robust locks, waits. */
+#define _GNU_SOURCE
+#include "taskring.h"
+
+#include <errno.h>
+#include <sched.h>
+#include <string.h>
+
+#include "deadline.h"
+#include "futex.h"
+
+static uint64_t pow2_at_least(uint64_t n)
+{
+    uint64_t c = 4096;
+    while (c < n)
+        c <<= 1;
+    return c;
+}
+
+static size_t align_up(size_t n, size_t a)
+{
+    return (n + a - 1) & ~(a - 1);
+}
+
+size_t cp_pool_shm_size(uint32_t nslots, uint64_t task_cap, uint64_t res_cap)
+{
+    size_t n = align_up(sizeof(cp_pool_shm_t), 64);
+    n += align_up((size_t)nslots * sizeof(cp_tr_slot_t), 4096);
+    n += pow2_at_least(task_cap) + pow2_at_least(res_cap);
+    return n;
+}
+
+static int init_lock(pthread_mutex_t *m)
+{
+    pthread_mutexattr_t a;
+    int r = pthread_mutexattr_init(&a);
+    if (r)
+        return -r;
+    if ((r = pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED)) == 0 &&
+        (r = pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST)) == 0)
+        r = pthread_mutex_init(m, &a);
+    pthread_mutexattr_destroy(&a);
+    return -r;
+}
+
+int cp_pool_shm_init(void *mem, size_t size, uint32_t nslots, uint64_t task_cap, uint64_t res_cap)
+{
+    if (size < cp_pool_shm_size(nslots, task_cap, res_cap))
+        return -EINVAL;
+    cp_pool_shm_t *p = mem;
+    p->magic = CP_TR_MAGIC;
+    p->version = CP_TR_VERSION;
+    p->nslots = nslots;
+    p->size = size;
+    size_t off = align_up(sizeof(cp_pool_shm_t), 64);
+    p->slots_off = off;
+    off += align_up((size_t)nslots * sizeof(cp_tr_slot_t), 4096);
+    p->tasks.cap = pow2_at_least(task_cap);
+    p->tasks.wake_one = 1;
+    p->tasks.data_off = off;
+    off += p->tasks.cap;
+    p->results.cap = pow2_at_least(res_cap);
+    p->results.data_off = off;
+    int r = init_lock(&p->tasks.lock);
+    if (r == 0)
+        r = init_lock(&p->results.lock);
+    return r;
+}
+
+int cp_pool_shm_check(const void *mem, size_t size)
+{
+    const cp_pool_shm_t *p = mem;
+    if (size < sizeof(*p) || p->magic != CP_TR_MAGIC || p->version != CP_TR_VERSION ||
+        p->size > size)
+        return -EINVAL;
+    return 0;
+}
+
+int cp_tr_lock(cp_tr_t *r)
+{
+    int e = pthread_mutex_lock(&r->lock);
+    if (e == EOWNERDEAD) {
+        /* The holder was killed. Everything it changed is either published (head/tail moved)
+           or invisible, so the ring is consistent as it stands. */
+        pthread_mutex_consistent(&r->lock);
+        return 1;
+    }
+    return -e;
+}
+
+void cp_tr_unlock(cp_tr_t *r)
+{
+    pthread_mutex_unlock(&r->lock);
+}
+
+static void copy_in(uint8_t *data, uint64_t cap, uint64_t pos, const void *src, uint64_t n)
+{
+    uint64_t at = pos & (cap - 1);
+    uint64_t first = cap - at < n ? cap - at : n;
+    memcpy(data + at, src, first);
+    if (n > first)
+        memcpy(data, (const uint8_t *)src + first, n - first);
+}
+
+static void copy_from(const uint8_t *data, uint64_t cap, uint64_t pos, void *dst, uint64_t n)
+{
+    uint64_t at = pos & (cap - 1);
+    uint64_t first = cap - at < n ? cap - at : n;
+    memcpy(dst, data + at, first);
+    if (n > first)
+        memcpy((uint8_t *)dst + first, data, n - first);
+}
+
+static inline uint64_t rec_size(uint64_t len)
+{
+    return (CP_PIECE_HDR + len + 7) & ~(uint64_t)7;
+}
+
+void cp_tr_ring_bell(cp_tr_t *r)
+{
+    atomic_fetch_add(&r->bell, 1);
+    cp_futex_wake(&r->bell, INT32_MAX);
+}
+
+int cp_tr_put(cp_pool_shm_t *p, cp_tr_t *r, const uint8_t *msg, uint64_t len, uint32_t tag,
+                uint64_t *off)
+{
+    uint8_t *data = cp_tr_data(p, r);
+    uint64_t maxp = cp_tr_max_piece(r);
+    uint64_t head = atomic_load_explicit(&r->head, memory_order_relaxed);
+    int done = 0, wrote = 0;
+    while (!done) {
+        uint64_t n = len - *off < maxp ? len - *off : maxp;
+        uint64_t need = rec_size(n);
+        uint64_t tail = atomic_load_explicit(&r->tail, memory_order_acquire);
+        if (r->cap - (head - tail) < need)
+            break;
+        uint32_t flags = (*off == 0 ? CP_PIECE_FIRST : 0) | (*off + n == len ? CP_PIECE_LAST : 0);
+        uint32_t hdr[2] = {(uint32_t)n, (tag << 8) | flags};
+        memcpy(data + (head & (r->cap - 1)), hdr, sizeof hdr);
+        copy_in(data, r->cap, head + CP_PIECE_HDR, msg + *off, n);
+        head += need;
+        *off += n;
+        done = *off == len;
+        /* Publish piece by piece: a long message streams while the reader drains. */
+        atomic_store_explicit(&r->head, head, memory_order_seq_cst);
+        wrote = 1;
+    }
+    if (wrote) {
+        atomic_fetch_add_explicit(&r->bell, 1, memory_order_seq_cst);
+        if (atomic_load_explicit(&r->sleepers, memory_order_seq_cst) > 0)
+            cp_futex_wake(&r->bell, r->wake_one ? 1 : INT32_MAX);
+        if (atomic_load_explicit(&r->bg_sleepers, memory_order_seq_cst) > 0 &&
+            head - atomic_load_explicit(&r->tail, memory_order_relaxed) > r->cap / 4)
+            cp_tr_ring_bg(r);
+    }
+    return done;
+}
+
+int cp_tr_peek(cp_pool_shm_t *p, cp_tr_t *r, uint64_t *len, uint32_t *tag)
+{
+    uint64_t tail = atomic_load_explicit(&r->tail, memory_order_relaxed);
+    if (atomic_load_explicit(&r->head, memory_order_acquire) == tail)
+        return 0;
+    uint32_t hdr[2];
+    memcpy(hdr, cp_tr_data(p, r) + (tail & (r->cap - 1)), sizeof hdr);
+    *len = hdr[0];
+    *tag = hdr[1];
+    return 1;
+}
+
+void cp_tr_copy_out(cp_pool_shm_t *p, cp_tr_t *r, uint64_t skip, void *dst, uint64_t n)
+{
+    uint64_t tail = atomic_load_explicit(&r->tail, memory_order_relaxed);
+    copy_from(cp_tr_data(p, r), r->cap, tail + CP_PIECE_HDR + skip, dst, n);
+}
+
+const uint8_t *cp_tr_piece_ptr(cp_pool_shm_t *p, cp_tr_t *r, uint64_t len)
+{
+    uint64_t tail = atomic_load_explicit(&r->tail, memory_order_relaxed);
+    uint64_t at = (tail + CP_PIECE_HDR) & (r->cap - 1);
+    if (at + len > r->cap)
+        return NULL;
+    return cp_tr_data(p, r) + at;
+}
+
+void cp_tr_pop(cp_tr_t *r, uint64_t len)
+{
+    uint64_t tail = atomic_load_explicit(&r->tail, memory_order_relaxed);
+    atomic_store_explicit(&r->tail, tail + rec_size(len), memory_order_seq_cst);
+    if (atomic_load_explicit(&r->space_waiters, memory_order_seq_cst) > 0) {
+        atomic_fetch_add(&r->space_bell, 1);
+        cp_futex_wake(&r->space_bell, INT32_MAX);
+    }
+}
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+int cp_tr_wait_data(cp_tr_t *r, int64_t spin_ns, int64_t deadline)
+{
+    if (!cp_tr_empty(r))
+        return 0;
+    if (spin_ns > 0) {
+        int64_t until = cp_now_ns() + spin_ns;
+        for (;;) {
+            for (int k = 0; k < 64; k++) {
+                cpu_relax();
+                if (!cp_tr_empty(r))
+                    return 0;
+            }
+            if (cp_now_ns() >= until)
+                break;
+            /* Two cores, several processes: if the peer we wait for shares our CPU, spinning
+               would only keep it from running. */
+            sched_yield();
+        }
+    }
+    for (;;) {
+        uint32_t seen = atomic_load_explicit(&r->bell, memory_order_seq_cst);
+        atomic_fetch_add_explicit(&r->sleepers, 1, memory_order_seq_cst);
+        int rc = 0;
+        if (cp_tr_empty(r))
+            rc = cp_futex_wait(&r->bell, seen, deadline);
+        atomic_fetch_sub_explicit(&r->sleepers, 1, memory_order_seq_cst);
+        if (!cp_tr_empty(r))
+            return 0;
+        if (rc == -ETIMEDOUT || rc == -EINTR)
+            return rc;
+        if (cp_deadline_left_ns(deadline) == 0)
+            return -ETIMEDOUT;
+    }
+}
+
+int cp_tr_wait_space(cp_tr_t *r, uint64_t need, int64_t deadline)
+{
+    for (;;) {
+        uint32_t seen = atomic_load_explicit(&r->space_bell, memory_order_seq_cst);
+        atomic_fetch_add_explicit(&r->space_waiters, 1, memory_order_seq_cst);
+        int rc = 0;
+        if (cp_tr_free(r) < need)
+            rc = cp_futex_wait(&r->space_bell, seen, deadline);
+        atomic_fetch_sub_explicit(&r->space_waiters, 1, memory_order_seq_cst);
+        if (cp_tr_free(r) >= need)
+            return 0;
+        if (rc == -ETIMEDOUT || rc == -EINTR)
+            return rc;
+        if (cp_deadline_left_ns(deadline) == 0)
+            return -ETIMEDOUT;
+    }
+}
+
+int cp_tr_wait_bell(cp_tr_t *r, uint32_t seen, int64_t spin_ns, int64_t deadline)
+{
+    if (spin_ns > 0) {
+        int64_t until = cp_now_ns() + spin_ns;
+        if (until > deadline)
+            until = deadline;
+        for (;;) {
+            for (int k = 0; k < 64; k++) {
+                cpu_relax();
+                if (!cp_tr_empty(r) || atomic_load_explicit(&r->bell, memory_order_acquire) != seen)
+                    return 0;
+            }
+            if (cp_now_ns() >= until)
+                break;
+            /* Two cores, several processes: if the peer we wait for shares our CPU, spinning
+               would only keep it from running. */
+            sched_yield();
+        }
+    }
+    atomic_fetch_add_explicit(&r->sleepers, 1, memory_order_seq_cst);
+    int rc = 0;
+    if (cp_tr_empty(r))
+        rc = cp_futex_wait(&r->bell, seen, deadline);
+    atomic_fetch_sub_explicit(&r->sleepers, 1, memory_order_seq_cst);
+    return rc;
+}
+
+void cp_tr_nudge_idle(cp_tr_t *r)
+{
+    if (atomic_load_explicit(&r->bg_sleepers, memory_order_seq_cst) > 0 &&
+        atomic_load_explicit(&r->bg_idle, memory_order_relaxed))
+        cp_tr_ring_bg(r);
+}
+
+void cp_tr_ring_bg(cp_tr_t *r)
+{
+    atomic_fetch_add(&r->bg_bell, 1);
+    cp_futex_wake(&r->bg_bell, INT32_MAX);
+}
+
+int cp_tr_wait_bg(cp_tr_t *r, uint32_t seen, int64_t deadline)
+{
+    atomic_fetch_add_explicit(&r->bg_sleepers, 1, memory_order_seq_cst);
+    int rc = cp_futex_wait(&r->bg_bell, seen, deadline);
+    atomic_fetch_sub_explicit(&r->bg_sleepers, 1, memory_order_seq_cst);
+    return rc;
+}

@@ -1,0 +1,187 @@
+/* Pool channels in one shared-memory segment: a task ring (parent -> workers), a result ring
+   (workers -> parent) and one "current job" slot per worker, so a dead worker's task is known. */
+#ifndef CPOOL_TASKRING_H
+#define CPOOL_TASKRING_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define CP_TR_MAGIC 0x31726b7374706300ULL /* "\0cptskr1" */
+#define CP_TR_VERSION 1
+
+/* Piece flags. A message is one or more pieces; pieces carry the writer's index so the
+   parent can reassemble results of several workers and a consumer can skip the rest of a
+   message whose reader died. */
+#define CP_PIECE_FIRST 1u
+#define CP_PIECE_LAST 2u
+#define CP_PIECE_HDR 8u
+
+/* One byte ring. head and tail only grow (64-bit, never wrap in practice); the data area is
+   cap bytes, cap a power of two; records are 8-byte aligned so a piece header never straddles
+   the wrap point. The "many" side (task consumers, result producers) serialises on lock, a
+   robust mutex: if its holder is killed the next locker gets it back. */
+typedef struct {
+    _Alignas(64) _Atomic uint64_t head;
+    _Atomic uint32_t bell;       /* bumped after every publish: consumers futex-wait on it */
+    _Atomic uint32_t sleepers;   /* consumers asleep (or about to be) on bell */
+    _Atomic uint32_t bg_bell;    /* the parent's background thread sleeps on its own word, so */
+    _Atomic uint32_t bg_sleepers;/* waking a caller waiting for a result does not wake it too */
+    _Atomic uint32_t bg_idle;    /* background thread wants a wake when a worker runs dry */
+    _Alignas(64) _Atomic uint64_t tail;
+    _Atomic uint32_t space_bell; /* bumped by a consumer when a producer waits for space */
+    _Atomic uint32_t space_waiters;
+    _Alignas(64) pthread_mutex_t lock;
+    uint64_t cap;
+    uint64_t data_off;           /* from the start of the segment */
+    uint32_t wake_one;           /* a message is for one consumer: wake one sleeper, not all */
+} cp_tr_t;
+
+/* What a worker is running; the parent reads it when the worker dies or overruns. */
+typedef struct {
+    _Alignas(64) _Atomic uint64_t task_seq; /* 0 while idle */
+    _Atomic uint64_t job_id;
+    _Atomic uint64_t taken_pos;   /* ring position of the task's first piece */
+    _Atomic int64_t item_start_ns;
+    _Atomic int64_t timeout_ns;   /* 0 = none */
+    _Atomic uint32_t first_chunk; /* chunks of the task message (results go back one by one) */
+    _Atomic uint32_t nchunks;
+    _Atomic int32_t pid;
+    _Atomic uint32_t busy;        /* 1 between taking a task and handing its result back */
+    _Atomic uint32_t leaving;     /* the worker is exiting on its own (maxtasksperchild, close) */
+} cp_tr_slot_t;
+
+typedef struct {
+    uint64_t magic;
+    uint32_t version;
+    uint32_t nslots;
+    uint64_t size;
+    _Atomic uint32_t closing;  /* no more tasks: workers leave once the task ring is empty */
+    _Atomic uint32_t stop;     /* leave now */
+    cp_tr_t tasks;
+    cp_tr_t results;
+    uint64_t slots_off;
+} cp_pool_shm_t;
+
+/* Header that starts every task message (after the piece header). */
+typedef struct {
+    uint64_t job_id;
+    uint64_t task_seq;
+    int64_t timeout_ns;
+    uint32_t first_chunk;
+    uint32_t nchunks;
+    uint32_t kind;      /* CP_TASK_* */
+    uint32_t func_len;  /* func payload follows this header, then args */
+    uint32_t args_len;
+    uint32_t flags;     /* CP_ENC_* of func and args */
+} cp_task_hdr_t;
+
+/* Header that starts every result message. */
+typedef struct {
+    uint64_t job_id;
+    uint64_t task_seq;
+    uint32_t first_chunk;
+    uint32_t nchunks;
+    uint32_t status;    /* CP_RES_* */
+    uint32_t flags;     /* CP_ENC_* of the payload */
+} cp_res_hdr_t;
+
+/* Kinds of task; every task message carries nchunks chunks: an args tuple (APPLY), an
+   (args, kwds) pair (APPLY_KW), or a tuple of items (MAP, STARMAP). */
+enum { CP_TASK_APPLY = 1, CP_TASK_APPLY_KW = 2, CP_TASK_MAP = 3, CP_TASK_STARMAP = 4 };
+enum { CP_RES_OK = 0, CP_RES_ERR = 1, CP_RES_STATUS = 0xff,
+       CP_RES_LAST = 0x100,   /* the last result of its task message */
+       CP_RES_BATCH = 0x200,  /* ... of a message of several chunks */
+       CP_RES_RETURN = 0x400 };/* no result: chunks [first, first+n) given back unstarted */
+/* Encoding of a payload: a compact form for plain builtin values (much cheaper), else pickle. */
+enum { CP_ENC_PICKLE = 0, CP_ENC_PLAIN = 1 };
+
+/* Bytes of shared memory for nslots workers and the two rings (capacities rounded up to
+   powers of two). */
+size_t cp_pool_shm_size(uint32_t nslots, uint64_t task_cap, uint64_t res_cap);
+
+/* Lay out a zero-filled segment. Returns 0 or -errno. */
+int cp_pool_shm_init(void *mem, size_t size, uint32_t nslots, uint64_t task_cap, uint64_t res_cap);
+
+/* Check the header of a segment mapped in a child. */
+int cp_pool_shm_check(const void *mem, size_t size);
+
+static inline cp_tr_slot_t *cp_pool_slot(cp_pool_shm_t *p, uint32_t i)
+{
+    return (cp_tr_slot_t *)((char *)p + p->slots_off) + i;
+}
+
+static inline uint8_t *cp_tr_data(cp_pool_shm_t *p, cp_tr_t *r)
+{
+    return (uint8_t *)p + r->data_off;
+}
+
+/* Lock the many side of a ring; an abandoned lock (holder killed) is taken over.
+   Returns 0, 1 if it was abandoned, or -errno. */
+int cp_tr_lock(cp_tr_t *r);
+void cp_tr_unlock(cp_tr_t *r);
+
+/* Largest payload of one piece: messages above it are split. */
+static inline uint64_t cp_tr_max_piece(const cp_tr_t *r)
+{
+    return r->cap / 4 - CP_PIECE_HDR;
+}
+
+/* Write pieces of msg[*off..len) while they fit, publishing each (the caller is the only
+   producer or holds the lock). tag goes into every piece header. Returns 1 when the whole
+   message is in, 0 when space ran out (*off says how far it got). Wakes sleeping consumers. */
+int cp_tr_put(cp_pool_shm_t *p, cp_tr_t *r, const uint8_t *msg, uint64_t len, uint32_t tag,
+                uint64_t *off);
+
+/* Piece at tail, if any: fills len and tag (flags in the low byte, writer index above).
+   Returns 1 if a piece is there, 0 if the ring is empty. */
+int cp_tr_peek(cp_pool_shm_t *p, cp_tr_t *r, uint64_t *len, uint32_t *tag);
+
+/* Copy n payload bytes of the piece at tail, from offset skip, to dst (handles the wrap). */
+void cp_tr_copy_out(cp_pool_shm_t *p, cp_tr_t *r, uint64_t skip, void *dst, uint64_t n);
+
+/* Pointer to the payload of the piece at tail if it does not wrap, else NULL. */
+const uint8_t *cp_tr_piece_ptr(cp_pool_shm_t *p, cp_tr_t *r, uint64_t len);
+
+/* Drop the piece at tail (len from peek). Wakes a producer waiting for space. */
+void cp_tr_pop(cp_tr_t *r, uint64_t len);
+
+/* Free bytes. */
+static inline uint64_t cp_tr_free(cp_tr_t *r)
+{
+    uint64_t h = atomic_load_explicit(&r->head, memory_order_relaxed);
+    uint64_t t = atomic_load_explicit(&r->tail, memory_order_acquire);
+    return r->cap - (h - t);
+}
+
+static inline int cp_tr_empty(cp_tr_t *r)
+{
+    return atomic_load_explicit(&r->head, memory_order_acquire) ==
+           atomic_load_explicit(&r->tail, memory_order_acquire);
+}
+
+/* Wait as a consumer until the ring is non-empty, spinning spin_ns first, sleeping at most
+   until deadline. Returns 0 when something is there, -ETIMEDOUT, or -EINTR. */
+int cp_tr_wait_data(cp_tr_t *r, int64_t spin_ns, int64_t deadline);
+
+/* Wait as a producer until at least need bytes are free, or deadline. 0, -ETIMEDOUT, -EINTR. */
+int cp_tr_wait_space(cp_tr_t *r, uint64_t need, int64_t deadline);
+
+/* Wait once on the bell for a change from seen (or data), spinning spin_ns first.
+   Returns 0, -ETIMEDOUT or -EINTR; callers re-check their condition. */
+int cp_tr_wait_bell(cp_tr_t *r, uint32_t seen, int64_t spin_ns, int64_t deadline);
+
+/* A worker is about to idle: wake the background collector if it asked for that. */
+void cp_tr_nudge_idle(cp_tr_t *r);
+
+/* The background collector's sleep on bg_bell (until a change from seen or deadline). */
+int cp_tr_wait_bg(cp_tr_t *r, uint32_t seen, int64_t deadline);
+
+/* Wake the background collector. */
+void cp_tr_ring_bg(cp_tr_t *r);
+
+/* Wake consumers sleeping on the ring's bell (all of them). */
+void cp_tr_ring_bell(cp_tr_t *r);
+
+#endif

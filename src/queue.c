@@ -1,0 +1,1085 @@
+/* Queue bindings: cpool._core.Queue, the C base class of cpool.queues.Queue, SimpleQueue and
+   JoinableQueue. Objects are encoded in the caller (common exact types directly, the rest with
+   pickle protocol 5, large buffers out of band) and copied once into the shared ring. */
+#include "module.h"
+
+#include <errno.h>
+#include <string.h>
+
+#include "deadline.h"
+#include "ring.h"
+
+/* Record kinds. Exact builtin types skip pickle altogether (subclasses are pickled). */
+enum {
+    K_PICKLE = 0, /* pickle bytes */
+    K_PICKLE5,    /* [nbuf][pickle len][buffer len x nbuf] pickle, then 8-aligned buffers */
+    K_NONE,
+    K_TRUE,
+    K_FALSE,
+    K_INT,        /* int64 */
+    K_FLOAT,      /* double */
+    K_BYTES,
+    K_BYTEARRAY,
+    K_STR,        /* UTF-8 */
+};
+
+/* Copies above this size run with the GIL released. */
+#define BIG_COPY (64 * 1024)
+/* A blocking put of at least this many bytes that finds the hot ring full waits a little for a
+   reader that is taking records, rather than spill into the cold ring (first-touch page faults
+   there cost more than the copy). It spills as soon as readers stall. */
+#define FLOW_MIN (64 * 1024)
+#define FLOW_STEP_NS 2000000LL
+#define FLOW_MAX_NS 20000000LL
+#define STACK_GET 8192
+#define MANY_CHUNK (256 * 1024)
+
+typedef struct {
+    PyObject_HEAD
+    cp_ring_t ring;
+    int attached;
+    int closed;   /* this handle only, as in the standard library */
+    int joinable; /* put() counts a task that task_done() finishes */
+    PyObject *dumps, *loads, *empty_exc, *full_exc;
+    PyObject *protocol;        /* 5 */
+    PyObject *kw_callback;     /* ("buffer_callback",) */
+    PyObject *kw_buffers;      /* ("buffers",) */
+} QueueObject;
+
+/* ---- encoding one object into pieces of a ring message ---- */
+
+#define INLINE_PIECES 4
+
+typedef struct {
+    cp_ring_msg msg;
+    cp_ring_piece inline_pieces[INLINE_PIECES];
+    cp_ring_piece *pieces;   /* inline_pieces or heap (out-of-band buffers) */
+    unsigned char scalar[8]; /* int / float payload */
+    uint64_t *oob_header;    /* K_PICKLE5 header, heap */
+    PyObject *keep;          /* object whose memory the pieces point into (owned) */
+    Py_buffer *views;        /* exported buffers held while copying */
+    Py_ssize_t nviews;
+    Py_buffer own_view;      /* bytearray payload */
+    int has_own_view;
+} encoded;
+
+static const unsigned char zeros[8];
+
+static void encoded_clear(encoded *e)
+{
+    if (e->has_own_view)
+        PyBuffer_Release(&e->own_view);
+    for (Py_ssize_t i = 0; i < e->nviews; i++)
+        PyBuffer_Release(&e->views[i]);
+    PyMem_Free(e->views);
+    PyMem_Free(e->oob_header);
+    if (e->pieces != e->inline_pieces)
+        PyMem_Free(e->pieces);
+    Py_CLEAR(e->keep);
+    memset(e, 0, sizeof *e);
+}
+
+static void set_single(encoded *e, uint32_t kind, const void *base, size_t len)
+{
+    e->pieces = e->inline_pieces;
+    e->msg.kind = kind;
+    e->msg.pieces = e->pieces;
+    if (len == 0) {
+        e->msg.npieces = 0;
+        e->msg.len = 0;
+        return;
+    }
+    e->pieces[0].base = base;
+    e->pieces[0].len = len;
+    e->msg.npieces = 1;
+    e->msg.len = len;
+}
+
+/* Could pickling obj produce out-of-band buffers? Only objects exporting a buffer do (numpy
+   arrays, PickleBuffer...; bytes and bytearray pickle in band anyway). Plain containers of
+   plain values are checked two levels deep; anything else is assumed to, which costs only the
+   callback. Skipping the callback saves a third of the time of pickling a small tuple. */
+static int may_have_buffers(PyObject *obj, int depth)
+{
+    PyTypeObject *tp = Py_TYPE(obj);
+    if (obj == Py_None || tp == &PyLong_Type || tp == &PyFloat_Type || tp == &PyUnicode_Type ||
+        tp == &PyBytes_Type || tp == &PyByteArray_Type || tp == &PyBool_Type ||
+        tp == &PyComplex_Type)
+        return 0;
+    if (depth >= 2)
+        return 1;
+    if (tp == &PyTuple_Type || tp == &PyList_Type) {
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(obj);
+        if (n > 64)
+            return 1;
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (may_have_buffers(PySequence_Fast_GET_ITEM(obj, i), depth + 1))
+                return 1;
+        return 0;
+    }
+    if (tp == &PyDict_Type) {
+        if (PyDict_GET_SIZE(obj) > 64)
+            return 1;
+        Py_ssize_t pos = 0;
+        PyObject *k, *v;
+        while (PyDict_Next(obj, &pos, &k, &v))
+            if (may_have_buffers(k, depth + 1) || may_have_buffers(v, depth + 1))
+                return 1;
+        return 0;
+    }
+    return 1;
+}
+
+/* Pickle; with out-of-band buffers when obj may have some: the pickle, then each buffer copied
+   straight from the object (e.g. a numpy array's data) into the ring. Falls back to in-band for
+   non-contiguous buffers. Returns 0 or -1 with an exception (the put raises, nothing written). */
+static int encode_pickle(QueueObject *q, PyObject *obj, encoded *e)
+{
+    PyObject *data;
+    if (!may_have_buffers(obj, 0)) {
+        PyObject *args[2] = {obj, q->protocol};
+        if (!(data = PyObject_Vectorcall(q->dumps, args, 2, NULL)))
+            return -1;
+        e->keep = data;
+        set_single(e, K_PICKLE, PyBytes_AS_STRING(data), (size_t)PyBytes_GET_SIZE(data));
+        return 0;
+    }
+    PyObject *bufs = PyList_New(0);
+    if (!bufs)
+        return -1;
+    PyObject *append = PyObject_GetAttrString(bufs, "append");
+    if (!append) {
+        Py_DECREF(bufs);
+        return -1;
+    }
+    PyObject *args[3] = {obj, q->protocol, append};
+    data = PyObject_Vectorcall(q->dumps, args, 2, q->kw_callback);
+    Py_DECREF(append);
+    if (!data) {
+        Py_DECREF(bufs);
+        return -1;
+    }
+    Py_ssize_t nbuf = PyList_GET_SIZE(bufs);
+    if (nbuf > 0) {
+        e->views = PyMem_Calloc((size_t)nbuf, sizeof(Py_buffer));
+        if (!e->views)
+            goto nomem;
+        for (Py_ssize_t i = 0; i < nbuf; i++) {
+            if (PyObject_GetBuffer(PyList_GET_ITEM(bufs, i), &e->views[i], PyBUF_C_CONTIGUOUS) < 0) {
+                /* Not contiguous: pickle again with every buffer in band. */
+                PyErr_Clear();
+                for (Py_ssize_t k = 0; k < e->nviews; k++)
+                    PyBuffer_Release(&e->views[k]);
+                PyMem_Free(e->views);
+                e->views = NULL;
+                e->nviews = 0;
+                nbuf = 0;
+                Py_DECREF(data);
+                data = PyObject_Vectorcall(q->dumps, args, 2, NULL);
+                if (!data) {
+                    Py_DECREF(bufs);
+                    return -1;
+                }
+                break;
+            }
+            e->nviews++;
+        }
+    }
+    Py_DECREF(bufs);
+    e->keep = data;
+    if (nbuf == 0) {
+        set_single(e, K_PICKLE, PyBytes_AS_STRING(data), (size_t)PyBytes_GET_SIZE(data));
+        return 0;
+    }
+    size_t hdr_n = 2 + (size_t)nbuf;
+    e->oob_header = PyMem_Malloc(hdr_n * 8);
+    e->pieces = PyMem_Malloc((2 + 2 * (size_t)nbuf) * sizeof(cp_ring_piece));
+    if (!e->oob_header || !e->pieces)
+        goto nomem;
+    uint64_t plen = (uint64_t)PyBytes_GET_SIZE(data);
+    e->oob_header[0] = (uint64_t)nbuf;
+    e->oob_header[1] = plen;
+    uint32_t np = 0;
+    e->pieces[np++] = (cp_ring_piece){e->oob_header, hdr_n * 8};
+    e->pieces[np++] = (cp_ring_piece){PyBytes_AS_STRING(data), plen};
+    uint64_t total = hdr_n * 8 + plen;
+    for (Py_ssize_t i = 0; i < nbuf; i++) {
+        uint64_t pad = (8 - (total & 7)) & 7;
+        if (pad) {
+            e->pieces[np++] = (cp_ring_piece){zeros, pad};
+            total += pad;
+        }
+        e->oob_header[2 + i] = (uint64_t)e->views[i].len;
+        e->pieces[np++] = (cp_ring_piece){e->views[i].buf, (size_t)e->views[i].len};
+        total += (uint64_t)e->views[i].len;
+    }
+    e->msg.kind = K_PICKLE5;
+    e->msg.pieces = e->pieces;
+    e->msg.npieces = np;
+    e->msg.len = total;
+    return 0;
+nomem:
+    PyErr_NoMemory();
+    return -1;
+}
+
+static int encode(QueueObject *q, PyObject *obj, encoded *e)
+{
+    memset(e, 0, sizeof *e);
+    e->pieces = e->inline_pieces;
+    PyTypeObject *tp = Py_TYPE(obj);
+    if (obj == Py_None) {
+        set_single(e, K_NONE, NULL, 0);
+        return 0;
+    }
+    if (obj == Py_True || obj == Py_False) {
+        set_single(e, obj == Py_True ? K_TRUE : K_FALSE, NULL, 0);
+        return 0;
+    }
+    if (tp == &PyLong_Type) {
+        int overflow;
+        long long v = PyLong_AsLongLongAndOverflow(obj, &overflow);
+        if (!overflow) {
+            memcpy(e->scalar, &v, 8);
+            set_single(e, K_INT, e->scalar, 8);
+            return 0;
+        }
+    }
+    else if (tp == &PyFloat_Type) {
+        double d = PyFloat_AS_DOUBLE(obj);
+        memcpy(e->scalar, &d, 8);
+        set_single(e, K_FLOAT, e->scalar, 8);
+        return 0;
+    }
+    else if (tp == &PyBytes_Type) {
+        Py_INCREF(obj);
+        e->keep = obj;
+        set_single(e, K_BYTES, PyBytes_AS_STRING(obj), (size_t)PyBytes_GET_SIZE(obj));
+        return 0;
+    }
+    else if (tp == &PyByteArray_Type) {
+        /* The export stops another thread from resizing it while we copy without the GIL. */
+        if (PyObject_GetBuffer(obj, &e->own_view, PyBUF_SIMPLE) < 0)
+            return -1;
+        e->has_own_view = 1;
+        set_single(e, K_BYTEARRAY, e->own_view.buf, (size_t)e->own_view.len);
+        return 0;
+    }
+    else if (tp == &PyUnicode_Type) {
+        Py_ssize_t n;
+        const char *s = PyUnicode_AsUTF8AndSize(obj, &n);
+        if (s) {
+            Py_INCREF(obj);
+            e->keep = obj;
+            set_single(e, K_STR, s, (size_t)n);
+            return 0;
+        }
+        PyErr_Clear(); /* lone surrogates: pickle copes */
+    }
+    else if (tp == &PyMemoryView_Type) {
+        /* memoryview does not pickle; as a PickleBuffer it goes out of band and arrives as a
+           memoryview (over a bytearray in the receiver). */
+        PyObject *pb = PyObject_CallOneArg((PyObject *)&PyPickleBuffer_Type, obj);
+        if (!pb)
+            return -1;
+        int rc = encode_pickle(q, pb, e);
+        Py_DECREF(pb);
+        return rc;
+    }
+    return encode_pickle(q, obj, e);
+}
+
+/* ---- decoding one record ---- */
+
+/* owner: the object the payload was copied into, when it is exactly what the kind wants
+   (a bytes or bytearray of the right size); else NULL and ptr is scratch memory. */
+static PyObject *decode(QueueObject *q, uint32_t kind, const char *ptr, uint64_t len, PyObject *owner)
+{
+    switch (kind) {
+    case K_NONE:
+        Py_RETURN_NONE;
+    case K_TRUE:
+        Py_RETURN_TRUE;
+    case K_FALSE:
+        Py_RETURN_FALSE;
+    case K_INT: {
+        long long v;
+        memcpy(&v, ptr, 8);
+        return PyLong_FromLongLong(v);
+    }
+    case K_FLOAT: {
+        double d;
+        memcpy(&d, ptr, 8);
+        return PyFloat_FromDouble(d);
+    }
+    case K_BYTES:
+        if (owner && PyBytes_CheckExact(owner) && (uint64_t)PyBytes_GET_SIZE(owner) == len)
+            return Py_NewRef(owner);
+        return PyBytes_FromStringAndSize(ptr, (Py_ssize_t)len);
+    case K_BYTEARRAY:
+        if (owner && PyByteArray_CheckExact(owner) && (uint64_t)PyByteArray_GET_SIZE(owner) == len)
+            return Py_NewRef(owner);
+        return PyByteArray_FromStringAndSize(ptr, (Py_ssize_t)len);
+    case K_STR:
+        return PyUnicode_DecodeUTF8(ptr, (Py_ssize_t)len, NULL);
+    case K_PICKLE: {
+        PyObject *mv = PyMemoryView_FromMemory((char *)ptr, (Py_ssize_t)len, PyBUF_READ);
+        if (!mv)
+            return NULL;
+        PyObject *res = PyObject_CallOneArg(q->loads, mv);
+        Py_DECREF(mv);
+        return res;
+    }
+    case K_PICKLE5:
+        break;
+    default:
+        PyErr_Format(PyExc_ValueError, "corrupt queue record (kind %u)", kind);
+        return NULL;
+    }
+    /* Out-of-band buffers become slices of one bytearray holding the record, so numpy arrays
+       and memoryviews use that memory without another copy. */
+    PyObject *ba;
+    if (owner && PyByteArray_CheckExact(owner) && (uint64_t)PyByteArray_GET_SIZE(owner) == len)
+        ba = Py_NewRef(owner);
+    else if (!(ba = PyByteArray_FromStringAndSize(ptr, (Py_ssize_t)len)))
+        return NULL;
+    const char *base = PyByteArray_AS_STRING(ba);
+    uint64_t nbuf, plen;
+    PyObject *res = NULL, *mv = NULL, *buffers = NULL, *pick = NULL;
+    if (len < 16)
+        goto corrupt;
+    memcpy(&nbuf, base, 8);
+    memcpy(&plen, base + 8, 8);
+    if (nbuf > (len - 16) / 8 || plen > len - 16 - 8 * nbuf)
+        goto corrupt;
+    uint64_t at = 16 + 8 * nbuf;
+    if (!(mv = PyMemoryView_FromObject(ba)) || !(buffers = PyList_New((Py_ssize_t)nbuf)))
+        goto done;
+    if (!(pick = PySequence_GetSlice(mv, (Py_ssize_t)at, (Py_ssize_t)(at + plen))))
+        goto done;
+    at += plen;
+    for (uint64_t i = 0; i < nbuf; i++) {
+        uint64_t blen;
+        memcpy(&blen, base + 16 + 8 * i, 8);
+        at = (at + 7) & ~7ULL;
+        if (at > len || blen > len - at)
+            goto corrupt;
+        PyObject *s = PySequence_GetSlice(mv, (Py_ssize_t)at, (Py_ssize_t)(at + blen));
+        if (!s)
+            goto done;
+        PyList_SET_ITEM(buffers, (Py_ssize_t)i, s);
+        at += blen;
+    }
+    PyObject *args[2] = {pick, buffers};
+    res = PyObject_Vectorcall(q->loads, args, 1, q->kw_buffers);
+    goto done;
+corrupt:
+    PyErr_SetString(PyExc_ValueError, "corrupt queue record (out-of-band layout)");
+done:
+    Py_XDECREF(pick);
+    Py_XDECREF(buffers);
+    Py_XDECREF(mv);
+    Py_DECREF(ba);
+    return res;
+}
+
+/* ---- argument helpers ---- */
+
+/* Fill out[0..n) from positional args then keywords named in names; missing ones stay as
+   given (defaults). 0 or -1. */
+static int parse_args(const char *fname, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
+                      const char *const *names, int n, int nrequired, PyObject **out)
+{
+    if (nargs > n) {
+        PyErr_Format(PyExc_TypeError, "%s() takes at most %d arguments (%zd given)", fname, n, nargs);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < nargs; i++)
+        out[i] = args[i];
+    if (kwnames) {
+        Py_ssize_t nk = PyTuple_GET_SIZE(kwnames);
+        for (Py_ssize_t k = 0; k < nk; k++) {
+            const char *key = PyUnicode_AsUTF8(PyTuple_GET_ITEM(kwnames, k));
+            if (!key)
+                return -1;
+            int j = 0;
+            while (j < n && strcmp(names[j], key) != 0)
+                j++;
+            if (j == n) {
+                PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument '%s'", fname, key);
+                return -1;
+            }
+            if (j < nargs) {
+                PyErr_Format(PyExc_TypeError, "%s() got multiple values for argument '%s'", fname, key);
+                return -1;
+            }
+            out[j] = args[nargs + k];
+        }
+    }
+    for (int j = 0; j < nrequired; j++) {
+        if (!out[j]) {
+            PyErr_Format(PyExc_TypeError, "%s() missing required argument '%s'", fname, names[j]);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* block/timeout as the standard library reads them -> deadline; *blocking = 0 for no wait. */
+static int read_deadline(PyObject *block, PyObject *timeout, int *blocking, int64_t *deadline)
+{
+    *blocking = block ? PyObject_IsTrue(block) : 1;
+    if (*blocking < 0)
+        return -1;
+    *deadline = CP_NO_DEADLINE;
+    if (*blocking && timeout && timeout != Py_None) {
+        double t = PyFloat_AsDouble(timeout);
+        if (t == -1.0 && PyErr_Occurred())
+            return -1;
+        *deadline = cp_deadline_after(t);
+    }
+    return 0;
+}
+
+static int check_open(QueueObject *q)
+{
+    if (!q->attached) {
+        PyErr_SetString(PyExc_ValueError, "queue not initialized");
+        return -1;
+    }
+    if (q->closed) {
+        PyErr_Format(PyExc_ValueError, "Queue %R is closed", (PyObject *)q);
+        return -1;
+    }
+    return 0;
+}
+
+/* The start of every put/get: the queue must be open; block/timeout -> deadline. */
+static int begin_op(QueueObject *q, PyObject *block, PyObject *timeout, int *blocking, int64_t *deadline)
+{
+    if (check_open(q) < 0)
+        return -1;
+    return read_deadline(block, timeout, blocking, deadline);
+}
+
+/* After a wait returned rc: 0 to retry, -1 with an exception (Ctrl-C, or exc on timeout). */
+static int after_wait(int rc, PyObject *timeout_exc)
+{
+    if (rc == -EINTR)
+        return PyErr_CheckSignals() < 0 ? -1 : 0;
+    if (rc == -ETIMEDOUT) {
+        PyErr_SetNone(timeout_exc);
+        return -1;
+    }
+    if (rc < 0) {
+        cp_err_errno(rc, "futex");
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- put ---- */
+
+/* Put msgs[0..n) in order, waiting for room as block/deadline say. 0 or -1 (Full, Ctrl-C...).
+   *done tells how many went in. */
+static int put_msgs(QueueObject *q, cp_ring_msg *msgs, size_t n, uint64_t bytes, int blocking,
+                    int64_t deadline, size_t *done_total)
+{
+    int flags = q->joinable ? CP_RING_TASK : 0;
+    int big = bytes > BIG_COPY;
+    int hot_only = blocking && bytes >= FLOW_MIN;
+    int64_t flow_end = 0;
+    *done_total = 0;
+    for (;;) {
+        uint64_t seen = 0;
+        size_t done = 0;
+        int rc = -EBUSY, fl = flags | (hot_only ? CP_RING_HOT_ONLY : 0);
+        if (!big)
+            rc = cp_ring_put(&q->ring, msgs + *done_total, n - *done_total, fl | CP_RING_TRYLOCK, &done, &seen);
+        if (rc == -EBUSY) {
+            Py_BEGIN_ALLOW_THREADS
+            rc = cp_ring_put(&q->ring, msgs + *done_total, n - *done_total, fl, &done, &seen);
+            Py_END_ALLOW_THREADS
+        }
+        *done_total += done;
+        if (rc == 0)
+            return 0;
+        if (rc == -ETIMEDOUT) {
+            /* The lock's holder is stopped: stay interruptible and honour our deadline. */
+            if (PyErr_CheckSignals() < 0)
+                return -1;
+            if (cp_deadline_left_ns(deadline) == 0) {
+                PyErr_SetNone(q->full_exc);
+                return -1;
+            }
+            continue;
+        }
+        if (rc == -EMSGSIZE) {
+            PyErr_Format(PyExc_ValueError, "message of %llu bytes is larger than the queue's capacity",
+                         (unsigned long long)msgs[*done_total].len);
+            return -1;
+        }
+        if (rc == -ENOSPC) {
+            /* Hot ring full: worth a short wait only while a reader is taking records. */
+            int64_t now = cp_now_ns();
+            if (!flow_end)
+                flow_end = now + FLOW_MAX_NS;
+            int64_t d = now + FLOW_STEP_NS;
+            if (d > flow_end)
+                d = flow_end;
+            if (d > deadline)
+                d = deadline;
+            Py_BEGIN_ALLOW_THREADS
+            rc = cp_ring_wait_writable(&q->ring, seen, d);
+            Py_END_ALLOW_THREADS
+            if (rc == -EINTR && PyErr_CheckSignals() < 0)
+                return -1;
+            if (rc == -ETIMEDOUT || cp_now_ns() >= flow_end)
+                hot_only = 0;
+            continue;
+        }
+        if (rc != -EAGAIN) {
+            cp_err_errno(rc, "queue put");
+            return -1;
+        }
+        if (!blocking) {
+            PyErr_SetNone(q->full_exc);
+            return -1;
+        }
+        Py_BEGIN_ALLOW_THREADS
+        rc = cp_ring_wait_writable(&q->ring, seen, deadline);
+        Py_END_ALLOW_THREADS
+        if (after_wait(rc, q->full_exc) < 0)
+            return -1;
+    }
+}
+
+static PyObject *do_put(QueueObject *q, PyObject *obj, PyObject *block, PyObject *timeout)
+{
+    int blocking;
+    int64_t deadline;
+    if (begin_op(q, block, timeout, &blocking, &deadline) < 0)
+        return NULL;
+    encoded e;
+    if (encode(q, obj, &e) < 0) {
+        encoded_clear(&e);
+        return NULL;
+    }
+    size_t done;
+    int rc = put_msgs(q, &e.msg, 1, e.msg.len, blocking, deadline, &done);
+    encoded_clear(&e);
+    if (rc < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Queue_put(QueueObject *q, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    if (nargs == 1 && !kwnames)
+        return do_put(q, args[0], NULL, NULL);
+    static const char *const names[] = {"obj", "block", "timeout"};
+    PyObject *a[3] = {NULL, NULL, NULL};
+    if (parse_args("put", args, nargs, kwnames, names, 3, 1, a) < 0)
+        return NULL;
+    return do_put(q, a[0], a[1], a[2]);
+}
+
+static PyObject *Queue_put_nowait(QueueObject *q, PyObject *obj)
+{
+    return do_put(q, obj, Py_False, NULL);
+}
+
+static PyObject *Queue_put_many(QueueObject *q, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    static const char *const names[] = {"iterable", "block", "timeout"};
+    PyObject *a[3] = {NULL, NULL, NULL};
+    int blocking;
+    int64_t deadline;
+    if (parse_args("put_many", args, nargs, kwnames, names, 3, 1, a) < 0 ||
+        begin_op(q, a[1], a[2], &blocking, &deadline) < 0)
+        return NULL;
+    PyObject *seq = PySequence_Fast(a[0], "put_many() needs an iterable");
+    if (!seq)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    encoded *enc = PyMem_Calloc(n ? (size_t)n : 1, sizeof(encoded));
+    cp_ring_msg *msgs = PyMem_Calloc(n ? (size_t)n : 1, sizeof(cp_ring_msg));
+    PyObject *res = NULL;
+    Py_ssize_t nenc = 0;
+    if (!enc || !msgs) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    /* Everything is encoded before anything is put: an unpicklable item puts nothing. */
+    uint64_t bytes = 0;
+    for (; nenc < n; nenc++) {
+        if (encode(q, PySequence_Fast_GET_ITEM(seq, nenc), &enc[nenc]) < 0) {
+            encoded_clear(&enc[nenc]);
+            goto done;
+        }
+        msgs[nenc] = enc[nenc].msg;
+        bytes += enc[nenc].msg.len;
+    }
+    size_t done_n;
+    if (put_msgs(q, msgs, (size_t)n, bytes, blocking, deadline, &done_n) == 0)
+        res = Py_NewRef(Py_None);
+done:
+    for (Py_ssize_t i = 0; i < nenc; i++)
+        encoded_clear(&enc[i]);
+    PyMem_Free(enc);
+    PyMem_Free(msgs);
+    Py_DECREF(seq);
+    return res;
+}
+
+/* ---- get ---- */
+
+/* One attempt at taking up to maxn records into dst; the lock is tried with the GIL held
+   and waited for without it. */
+static long try_get(QueueObject *q, void *dst, size_t cap, size_t maxn, cp_ring_got *got, int nogil)
+{
+    long n = -EBUSY;
+    if (!nogil)
+        n = cp_ring_get(&q->ring, dst, cap, maxn, got, CP_RING_TRYLOCK);
+    while (n == -EBUSY || n == -ETIMEDOUT) {
+        if (n == -ETIMEDOUT && PyErr_CheckSignals() < 0)
+            return -EINTR; /* the lock's holder is stopped and Ctrl-C came */
+        Py_BEGIN_ALLOW_THREADS
+        n = cp_ring_get(&q->ring, dst, cap, maxn, got, 0);
+        Py_END_ALLOW_THREADS
+    }
+    return n;
+}
+
+/* A failed try_get as an exception (-EINTR: KeyboardInterrupt is already set). NULL. */
+static PyObject *get_error(long n)
+{
+    if (n == -EINTR)
+        return NULL;
+    return cp_err_errno((int)n, "queue get");
+}
+
+/* Wait until a record may be there. 0 to retry, -1 with Empty / KeyboardInterrupt. */
+static int wait_readable(QueueObject *q, int blocking, int64_t deadline)
+{
+    if (!blocking) {
+        PyErr_SetNone(q->empty_exc);
+        return -1;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = cp_ring_wait_readable(&q->ring, deadline);
+    Py_END_ALLOW_THREADS
+    return after_wait(rc, q->empty_exc);
+}
+
+/* Take one record whose payload is too big for the stack: into a bytes/bytearray made for
+   it when that is what it decodes to (one copy), else into heap scratch. */
+static PyObject *get_large(QueueObject *q, const cp_ring_got *want, int *again)
+{
+    PyObject *owner = NULL;
+    char *scratch = NULL, *dst;
+    size_t cap = (size_t)want->len;
+    if (want->kind == K_BYTES) {
+        owner = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)cap);
+        dst = owner ? PyBytes_AS_STRING(owner) : NULL;
+    }
+    else if (want->kind == K_BYTEARRAY || want->kind == K_PICKLE5) {
+        owner = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)cap);
+        dst = owner ? PyByteArray_AS_STRING(owner) : NULL;
+    }
+    else {
+        dst = scratch = PyMem_RawMalloc(cap ? cap : 1);
+        if (!scratch)
+            PyErr_NoMemory();
+    }
+    if (!dst)
+        return NULL;
+    cp_ring_got got;
+    long n = try_get(q, dst, cap, 1, &got, cap > BIG_COPY);
+    PyObject *res = NULL;
+    if (n == 1)
+        res = decode(q, got.kind, dst + got.offset, got.len, got.offset == 0 ? owner : NULL);
+    else if (n == -EMSGSIZE || n == -EAGAIN)
+        *again = 1; /* another reader took it first */
+    else
+        get_error(n);
+    Py_XDECREF(owner);
+    PyMem_RawFree(scratch);
+    return res;
+}
+
+static PyObject *do_get(QueueObject *q, PyObject *block, PyObject *timeout)
+{
+    int blocking;
+    int64_t deadline;
+    if (begin_op(q, block, timeout, &blocking, &deadline) < 0)
+        return NULL;
+    _Alignas(8) char buf[STACK_GET];
+    for (;;) {
+        cp_ring_got got;
+        long n = try_get(q, buf, sizeof buf, 1, &got, 0);
+        if (n == 1)
+            return decode(q, got.kind, buf, got.len, NULL);
+        if (n == -EMSGSIZE) {
+            int again = 0;
+            PyObject *res = get_large(q, &got, &again);
+            if (res || !again)
+                return res;
+            continue;
+        }
+        if (n != -EAGAIN)
+            return get_error(n);
+        if (wait_readable(q, blocking, deadline) < 0)
+            return NULL;
+    }
+}
+
+static PyObject *Queue_get(QueueObject *q, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    if (nargs == 0 && !kwnames)
+        return do_get(q, NULL, NULL);
+    static const char *const names[] = {"block", "timeout"};
+    PyObject *a[2] = {NULL, NULL};
+    if (parse_args("get", args, nargs, kwnames, names, 2, 0, a) < 0)
+        return NULL;
+    return do_get(q, a[0], a[1]);
+}
+
+static PyObject *Queue_get_nowait(QueueObject *q, PyObject *unused)
+{
+    return do_get(q, Py_False, NULL);
+}
+
+/* get_many(max_messages=1000, block=True, timeout=None) -> list of at least one message. */
+static PyObject *Queue_get_many(QueueObject *q, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    static const char *const names[] = {"max_messages", "block", "timeout"};
+    PyObject *a[3] = {NULL, NULL, NULL};
+    int blocking;
+    int64_t deadline;
+    if (parse_args("get_many", args, nargs, kwnames, names, 3, 0, a) < 0 ||
+        begin_op(q, a[1], a[2], &blocking, &deadline) < 0)
+        return NULL;
+    Py_ssize_t maxn = 1000;
+    if (a[0] && a[0] != Py_None) {
+        maxn = PyLong_AsSsize_t(a[0]);
+        if (maxn == -1 && PyErr_Occurred())
+            return NULL;
+        if (maxn < 1) {
+            PyErr_SetString(PyExc_ValueError, "max_messages must be at least 1");
+            return NULL;
+        }
+    }
+    size_t cap = MANY_CHUNK;
+    char *buf = PyMem_RawMalloc(cap);
+    cp_ring_got *got = PyMem_RawMalloc(sizeof(cp_ring_got) * (size_t)(maxn < 4096 ? maxn : 4096));
+    PyObject *list = NULL;
+    if (!buf || !got) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (maxn > 4096)
+        maxn = 4096; /* a bound on the got[] array; callers loop for more */
+    for (;;) {
+        long n = try_get(q, buf, cap, (size_t)maxn, got, 0);
+        if (n > 0) {
+            if (!(list = PyList_New(n)))
+                goto done;
+            for (long i = 0; i < n; i++) {
+                PyObject *o = decode(q, got[i].kind, buf + got[i].offset, got[i].len, NULL);
+                if (!o) {
+                    Py_CLEAR(list);
+                    goto done;
+                }
+                PyList_SET_ITEM(list, i, o);
+            }
+            goto done;
+        }
+        if (n == -EMSGSIZE) {
+            int again = 0;
+            PyObject *o = get_large(q, &got[0], &again);
+            if (o) {
+                list = PyList_New(1);
+                if (list)
+                    PyList_SET_ITEM(list, 0, o);
+                else
+                    Py_DECREF(o);
+                goto done;
+            }
+            if (!again)
+                goto done;
+            continue;
+        }
+        if (n != -EAGAIN) {
+            get_error(n);
+            goto done;
+        }
+        if (wait_readable(q, blocking, deadline) < 0)
+            goto done;
+    }
+done:
+    PyMem_RawFree(buf);
+    PyMem_RawFree(got);
+    return list;
+}
+
+/* ---- the rest of the API ---- */
+
+static PyObject *Queue_qsize(QueueObject *q, PyObject *unused)
+{
+    if (!q->attached)
+        return PyLong_FromLong(0);
+    return PyLong_FromUnsignedLongLong(cp_ring_count(&q->ring));
+}
+
+static PyObject *Queue_empty(QueueObject *q, PyObject *unused)
+{
+    return PyBool_FromLong(!q->attached || cp_ring_count(&q->ring) == 0);
+}
+
+static PyObject *Queue_full(QueueObject *q, PyObject *unused)
+{
+    if (!q->attached)
+        Py_RETURN_FALSE;
+    uint64_t m = q->ring.h->maxsize;
+    return PyBool_FromLong(m && cp_ring_count(&q->ring) >= m);
+}
+
+static PyObject *Queue_close(QueueObject *q, PyObject *unused)
+{
+    /* The mapping stays until the object goes: another thread may be inside get(). */
+    q->closed = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Queue_task_done(QueueObject *q, PyObject *unused)
+{
+    if (!q->attached) {
+        PyErr_SetString(PyExc_ValueError, "queue not initialized");
+        return NULL;
+    }
+    int rc = cp_ring_task_done(&q->ring);
+    if (rc == -ERANGE) {
+        PyErr_SetString(PyExc_ValueError, "task_done() called too many times");
+        return NULL;
+    }
+    if (rc < 0)
+        return cp_err_errno(rc, "task_done");
+    Py_RETURN_NONE;
+}
+
+/* join(timeout=None): None as in the standard library; with a timeout (cpool's extra) True
+   when every task was done, False at the timeout. */
+static PyObject *Queue_join(QueueObject *q, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    static const char *const names[] = {"timeout"};
+    PyObject *a[1] = {NULL};
+    if (parse_args("join", args, nargs, kwnames, names, 1, 0, a) < 0)
+        return NULL;
+    if (!q->attached) {
+        PyErr_SetString(PyExc_ValueError, "queue not initialized");
+        return NULL;
+    }
+    int blocking;
+    int64_t deadline;
+    if (read_deadline(NULL, a[0], &blocking, &deadline) < 0)
+        return NULL;
+    while (cp_ring_unfinished(&q->ring) != 0) {
+        int rc;
+        Py_BEGIN_ALLOW_THREADS
+        rc = cp_ring_wait_joined(&q->ring, deadline);
+        Py_END_ALLOW_THREADS
+        if (rc == -ETIMEDOUT)
+            Py_RETURN_FALSE;
+        if (after_wait(rc, PyExc_TimeoutError) < 0)
+            return NULL;
+    }
+    if (!a[0] || a[0] == Py_None)
+        Py_RETURN_NONE; /* the standard library's join() returns None */
+    Py_RETURN_TRUE;
+}
+
+static PyObject *Queue_fileno(QueueObject *q, PyObject *unused)
+{
+    if (!q->attached) {
+        PyErr_SetString(PyExc_ValueError, "queue not initialized");
+        return NULL;
+    }
+    return PyLong_FromLong(q->ring.shm.fd);
+}
+
+static PyObject *Queue_get_maxsize(QueueObject *q, void *unused)
+{
+    return PyLong_FromUnsignedLongLong(q->attached ? q->ring.h->maxsize : 0);
+}
+
+static PyObject *Queue_get_closed(QueueObject *q, void *unused)
+{
+    return PyBool_FromLong(q->closed);
+}
+
+static PyObject *Queue_get_joinable(QueueObject *q, void *unused)
+{
+    return PyBool_FromLong(q->joinable);
+}
+
+static PyObject *Queue_get_unfinished(QueueObject *q, void *unused)
+{
+    return PyLong_FromUnsignedLongLong(q->attached ? cp_ring_unfinished(&q->ring) : 0);
+}
+
+/* ---- life cycle ---- */
+
+/* Queue(maxsize=0, *, joinable=False, fd=-1, hot=0, cold=0): a new ring (sizes 0 = defaults),
+   or the one in memfd fd (a child attaching to its parent's queue). */
+static int Queue_init(QueueObject *q, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"maxsize", "joinable", "fd", "hot", "cold", NULL};
+    Py_ssize_t maxsize = 0;
+    int joinable = 0, fd = -1;
+    unsigned long long hot = 0, cold = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|n$piKK:Queue", kwlist, &maxsize, &joinable, &fd,
+                                     &hot, &cold))
+        return -1;
+    if (q->attached) {
+        PyErr_SetString(PyExc_RuntimeError, "Queue already initialized");
+        return -1;
+    }
+    cp_state *st = cp_state_from_type(Py_TYPE(q));
+    if (!st)
+        return -1;
+    int rc;
+    if (fd >= 0)
+        rc = cp_ring_attach(&q->ring, fd);
+    else
+        rc = cp_ring_create(&q->ring, hot, cold, maxsize > 0 ? (uint64_t)maxsize : 0);
+    if (rc < 0) {
+        cp_err_errno(rc, fd >= 0 ? "queue attach" : "queue create");
+        return -1;
+    }
+    q->attached = 1;
+    q->joinable = joinable;
+    Py_XSETREF(q->dumps, Py_NewRef(st->slot[CP_OBJ_PICKLE_DUMPS]));
+    Py_XSETREF(q->loads, Py_NewRef(st->slot[CP_OBJ_PICKLE_LOADS]));
+    Py_XSETREF(q->empty_exc, Py_NewRef(st->slot[CP_OBJ_QUEUE_EMPTY]));
+    Py_XSETREF(q->full_exc, Py_NewRef(st->slot[CP_OBJ_QUEUE_FULL]));
+    Py_XSETREF(q->protocol, PyLong_FromLong(5));
+    Py_XSETREF(q->kw_callback, Py_BuildValue("(s)", "buffer_callback"));
+    Py_XSETREF(q->kw_buffers, Py_BuildValue("(s)", "buffers"));
+    if (!q->protocol || !q->kw_callback || !q->kw_buffers)
+        return -1;
+    return 0;
+}
+
+static void Queue_dealloc(QueueObject *q)
+{
+    PyTypeObject *tp = Py_TYPE(q);
+    if (q->attached)
+        cp_ring_close(&q->ring);
+    Py_CLEAR(q->dumps);
+    Py_CLEAR(q->loads);
+    Py_CLEAR(q->empty_exc);
+    Py_CLEAR(q->full_exc);
+    Py_CLEAR(q->protocol);
+    Py_CLEAR(q->kw_callback);
+    Py_CLEAR(q->kw_buffers);
+    tp->tp_free((PyObject *)q);
+    Py_DECREF(tp);
+}
+
+#define FASTKW (METH_FASTCALL | METH_KEYWORDS)
+
+static PyMethodDef Queue_methods[] = {
+    {"put", (PyCFunction)(void (*)(void))Queue_put, FASTKW,
+     "put(obj, block=True, timeout=None): append obj; queue.Full if no room in time."},
+    {"get", (PyCFunction)(void (*)(void))Queue_get, FASTKW,
+     "get(block=True, timeout=None): remove and return the oldest item; queue.Empty if none in time."},
+    {"put_nowait", (PyCFunction)Queue_put_nowait, METH_O, "put(obj, False)."},
+    {"get_nowait", (PyCFunction)Queue_get_nowait, METH_NOARGS, "get(False)."},
+    {"put_many", (PyCFunction)(void (*)(void))Queue_put_many, FASTKW,
+     "put_many(iterable, block=True, timeout=None): append every item, batched under one lock.\n"
+     "Nothing is put if an item cannot be pickled. On queue.Full, the items before were put."},
+    {"get_many", (PyCFunction)(void (*)(void))Queue_get_many, FASTKW,
+     "get_many(max_messages=1000, block=True, timeout=None): a list of 1..max_messages items\n"
+     "taken under one lock (as many as are there); queue.Empty if none in time."},
+    {"qsize", (PyCFunction)Queue_qsize, METH_NOARGS, "Approximate number of items."},
+    {"empty", (PyCFunction)Queue_empty, METH_NOARGS, "True if the queue is empty (approximate)."},
+    {"full", (PyCFunction)Queue_full, METH_NOARGS, "True if the queue is full (approximate)."},
+    {"close", (PyCFunction)Queue_close, METH_NOARGS,
+     "This process will use the queue no more: put/get raise ValueError."},
+    {"task_done", (PyCFunction)Queue_task_done, METH_NOARGS,
+     "A task got from the queue is complete (JoinableQueue)."},
+    {"join", (PyCFunction)(void (*)(void))Queue_join, FASTKW,
+     "Block until every item put has been got and marked task_done() (JoinableQueue)."},
+    {"fileno", (PyCFunction)Queue_fileno, METH_NOARGS, "The memfd holding the ring."},
+    {NULL},
+};
+
+static PyObject *Queue_get_recoveries(QueueObject *q, void *unused)
+{
+    return PyLong_FromUnsignedLongLong(q->attached ? atomic_load(&q->ring.h->recoveries) : 0);
+}
+
+static PyObject *Queue_get_waiters(QueueObject *q, void *unused)
+{
+    if (!q->attached)
+        return Py_BuildValue("(iii)", 0, 0, 0);
+    cp_ring_header *h = q->ring.h;
+    return Py_BuildValue("(III)", atomic_load(&h->get_waiters), atomic_load(&h->put_waiters),
+                         atomic_load(&h->join_waiters));
+}
+
+static PyObject *Queue_get_armed(QueueObject *q, void *unused)
+{
+    if (!q->attached)
+        return Py_BuildValue("(iii)", 0, 0, 0);
+    cp_ring_header *h = q->ring.h;
+    return Py_BuildValue("(III)", atomic_load(&h->get_seq) & 1, atomic_load(&h->put_seq) & 1,
+                         atomic_load(&h->join_seq) & 1);
+}
+
+static PyGetSetDef Queue_getset[] = {
+    {"_waiters", (getter)Queue_get_waiters, NULL,
+     "processes counted as sleeping in (get, put, join); killed sleepers stay counted", NULL},
+    {"_armed", (getter)Queue_get_armed, NULL,
+     "whether the next (put, get, task_done) will make a wake-up system call", NULL},
+    {"_recoveries", (getter)Queue_get_recoveries, NULL,
+     "times the lock was taken over from a process that died holding it", NULL},
+    {"_maxsize", (getter)Queue_get_maxsize, NULL, "maxsize, 0 for unbounded", NULL},
+    {"_closed", (getter)Queue_get_closed, NULL, "close() was called in this process", NULL},
+    {"_joinable", (getter)Queue_get_joinable, NULL, "put() counts tasks", NULL},
+    {"_unfinished_tasks", (getter)Queue_get_unfinished, NULL, "tasks not yet done", NULL},
+    {NULL},
+};
+
+static PyType_Slot Queue_slots[] = {
+    {Py_tp_doc, "A multi-producer multi-consumer queue in shared memory (base of cpool.queues)."},
+    {Py_tp_init, Queue_init},
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_dealloc, Queue_dealloc},
+    {Py_tp_methods, Queue_methods},
+    {Py_tp_getset, Queue_getset},
+    {0, NULL},
+};
+
+static PyType_Spec Queue_spec = {
+    .name = "cpool._core.Queue",
+    .basicsize = sizeof(QueueObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .slots = Queue_slots,
+};
+
+int cp_exec_queue(PyObject *module)
+{
+    cp_state *st = cp_get_state(module);
+    PyObject *queue = PyImport_ImportModule("queue");
+    if (!queue)
+        return -1;
+    st->slot[CP_OBJ_QUEUE_EMPTY] = PyObject_GetAttrString(queue, "Empty");
+    st->slot[CP_OBJ_QUEUE_FULL] = PyObject_GetAttrString(queue, "Full");
+    Py_DECREF(queue);
+    if (!st->slot[CP_OBJ_QUEUE_EMPTY] || !st->slot[CP_OBJ_QUEUE_FULL])
+        return -1;
+    return cp_add_type(module, CP_TYPE_QUEUE, &Queue_spec, NULL);
+}
