@@ -172,6 +172,14 @@ def worker_main(args):
     suite.run(result)
     import faulthandler
     faulthandler.cancel_dump_traceback_later()
+    if os.environ.get('CPOOL_SUITE_TARGET') == 'cpool':
+        # Nothing may have slipped past the alias to the standard library's package.
+        stdlib_mp = os.path.join(os.path.dirname(os.__file__), 'multiprocessing')
+        leaked = sorted(name for name, m in list(sys.modules.items())
+                        if (getattr(m, '__file__', None) or '').startswith(stdlib_mp))
+        if leaked:
+            result.emit(event='fixture_error', id='stdlib multiprocessing imported',
+                        detail='the run imported %s' % ', '.join(leaked))
     for tid in args.tests:
         if tid not in result.reported:
             why = '\n'.join('%s: %s' % fe for fe in result.fixture_errors) or 'not run'
