@@ -1,5 +1,4 @@
 """Each program in examples/ runs with cpool and with the standard library and prints the same."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -26,13 +25,6 @@ def run(name, module, *args, timeout=60):
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
-def need(*parts):
-    """Skip while a part of cpool has not landed (the test runs as soon as it does)."""
-    missing = [p for p in parts if importlib.util.find_spec('cpool.' + p) is None]
-    if missing:
-        pytest.skip('cpool.%s is not there yet' % ', cpool.'.join(missing))
-
-
 def same_output(name, *args, rc=0):
     std = run(name, 'multiprocessing', *args)
     assert std.returncode == rc, std.stderr
@@ -50,14 +42,12 @@ def test_every_example_is_listed():
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize('name', sorted(CASES))
 def test_example_same_output(name):
-    args, parts = CASES[name]
-    need(*parts)
+    args, _parts_exercised = CASES[name]
     same_output(name, *args)
 
 
 @pytest.mark.timeout(150)
 def test_gc_content_of_a_file(tmp_path):
-    need('pool')
     fa = tmp_path / 'x.fa'
     fa.write_text('>a desc\nACGTNN\nggcc\n>b\nNNNN\n>c\nAT\n')
     out = same_output('gc_content', str(fa), '--chunksize', '1').stdout.splitlines()
@@ -66,7 +56,6 @@ def test_gc_content_of_a_file(tmp_path):
 
 @pytest.mark.timeout(150)
 def test_gene_stats_reports_a_bad_line_and_keeps_the_others(tmp_path):
-    need('pool')
     tsv = tmp_path / 'm.tsv'
     tsv.write_text('gene\tc1\tc2\tt1\tt2\nG1\t1\t3\t5\t7\nG2\t1\tNA\t3\t4\nG3\t2\t2\t2\t2\n')
     res = same_output('gene_stats', str(tsv), '--chunk', '1', rc=1)
@@ -76,7 +65,6 @@ def test_gene_stats_reports_a_bad_line_and_keeps_the_others(tmp_path):
 
 @pytest.mark.timeout(150)
 def test_parallel_writers_keeps_the_bound():
-    need('synchronize')
     res = same_output('parallel_writers', '--samples', '6', '--max-active', '2', '--reads', '600', '--block', '400')
     assert 'blocks whole: yes' in res.stdout and 'at most 2 samples at once: yes' in res.stdout
 
@@ -88,6 +76,5 @@ def test_parallel_writers_keeps_the_bound():
     ('fastq_quality', ['--reads', '1500'], ('queues',)),  # a Queue handed to spawned Processes
     ('parallel_writers', ['--samples', '4', '--reads', '300'], ('synchronize',)),  # Lock, Semaphore
 ])
-def test_example_under_other_start_methods(name, args, parts, method):
-    need(*parts, 'popen_' + ('spawn_posix' if method == 'spawn' else 'forkserver'))
+def test_example_under_other_start_methods(name, args, parts, method):  # noqa: ARG001
     same_output(name, *args, '--start-method', method)

@@ -14,18 +14,6 @@ import pytest
 from conftest import zombies
 
 
-def _has_start_method(mod, method):
-    if mod.__name__ == 'cpool':
-        name = {'spawn': 'cpool.popen_spawn_posix',
-                'forkserver': 'cpool.popen_forkserver'}.get(method)
-        if name is not None:
-            try:
-                importlib.import_module(name)
-            except ImportError:
-                return False
-    return True
-
-
 @pytest.fixture
 def manager(mpmod):
     with mpmod.Manager() as m:
@@ -198,8 +186,6 @@ def _child_appends(lst, d, n):
 
 @pytest.mark.parametrize('method', ['fork', 'spawn', 'forkserver'])
 def test_proxies_passed_to_children(mpmod, method):
-    if not _has_start_method(mpmod, method):
-        pytest.skip('cpool has no %s start method on this branch yet' % method)
     ctx = mpmod.get_context(method)
     with ctx.Manager() as m:
         lst, d = m.list(), m.dict()
@@ -584,8 +570,6 @@ def _square(x):
 
 
 def test_pool_through_manager(manager, mpmod):
-    if mpmod.__name__ == 'cpool':
-        pytest.importorskip('cpool.pool')
     with manager.Pool(2) as p:
         assert p.map(_square, range(5)) == [0, 1, 4, 9, 16]
         assert p.apply_async(_square, (7,)).get(10) == 49

@@ -14,6 +14,7 @@
 
 #include "deadline.h"
 #include "futex.h"
+#include "relax.h"
 
 /* Spin before sleeping: when the peer runs on another core it answers within a microsecond or
    two, and a futex sleep + wake costs several on each side. When the peer is not running
@@ -26,14 +27,6 @@
 #define SPIN_PROBE_NS 2000
 #define SPIN_PROBE_EVERY 16
 
-static inline void cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield");
-#endif
-}
 
 /* ---- own pid, cached (getpid is a syscall on current glibc) ---- */
 
@@ -110,7 +103,7 @@ static int spin_until(int (*test)(void *), void *arg, cp_spin_t *spin)
                 spin->ns = grown < SPIN_START_NS ? SPIN_START_NS : grown;
                 return 1;
             }
-            cpu_relax();
+            cp_cpu_relax();
             if ((i & 31) == 0 && cp_now_ns() >= end)
                 break;
         }

@@ -8,6 +8,7 @@
 
 #include "deadline.h"
 #include "futex.h"
+#include "relax.h"
 
 static uint64_t pow2_at_least(uint64_t n)
 {
@@ -194,12 +195,6 @@ void cp_tr_pop(cp_tr_t *r, uint64_t len)
     }
 }
 
-static inline void cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
-}
 
 int cp_tr_wait_data(cp_tr_t *r, int64_t spin_ns, int64_t deadline)
 {
@@ -209,7 +204,7 @@ int cp_tr_wait_data(cp_tr_t *r, int64_t spin_ns, int64_t deadline)
         int64_t until = cp_now_ns() + spin_ns;
         for (;;) {
             for (int k = 0; k < 64; k++) {
-                cpu_relax();
+                cp_cpu_relax();
                 if (!cp_tr_empty(r))
                     return 0;
             }
@@ -262,7 +257,7 @@ int cp_tr_wait_bell(cp_tr_t *r, uint32_t seen, int64_t spin_ns, int64_t deadline
             until = deadline;
         for (;;) {
             for (int k = 0; k < 64; k++) {
-                cpu_relax();
+                cp_cpu_relax();
                 if (!cp_tr_empty(r) || atomic_load_explicit(&r->bell, memory_order_acquire) != seen)
                     return 0;
             }
