@@ -146,6 +146,13 @@ def _short_id(test):
 
 def worker_main(args):
     """Runs the given tests of one start method in this interpreter; events go to args.events."""
+    # A runner started in the background (`cmd &` in a script) hands its workers SIGINT ignored,
+    # and Python then installs no KeyboardInterrupt handler: the tests that Ctrl-C a blocking
+    # wait would wait out their timeout instead. Give the worker a normal interpreter's setup.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGQUIT) is signal.SIG_IGN:
+        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
     out = open(args.events, 'a', buffering=1)
     result = _StreamingResult(out, args.timeout)
     result.trace_file = open(args.trace, 'w')
