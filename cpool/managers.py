@@ -1327,8 +1327,29 @@ class _Condition(threading.Condition):
             self.release = self._lock.release
 
     def wait(self, timeout=None):
-        # A notify cannot slip between two slices: the lock is held there.
-        return _sliced(super().wait, timeout)
+        if getattr(_serving, 'conn', None) is None:
+            return super().wait(timeout)
+        # threading.Condition's own wait, with only the sleep on the waiter lock sliced: a
+        # notify that lands between two slices releases that lock, so the next slice sees it.
+        # (Slicing super().wait() instead lost such a notify: the timed-out slice dropped its
+        # waiter after notify() had taken it, and the next slice waited for another one.)
+        if not self._is_owned():
+            raise RuntimeError("cannot wait on un-acquired lock")
+        waiter = threading.Lock()
+        waiter.acquire()
+        self._waiters.append(waiter)
+        saved_state = self._release_save()
+        gotit = False
+        try:
+            gotit = _sliced(lambda t: waiter.acquire(True, t), timeout)
+            return gotit
+        finally:
+            self._acquire_restore(saved_state)
+            if not gotit:
+                try:
+                    self._waiters.remove(waiter)
+                except ValueError:
+                    pass
 
 
 class _Event(threading.Event):

@@ -97,6 +97,24 @@ class SimpleQueue(Queue):
     def __init__(self, *, ctx=None):
         Queue.__init__(self, 0, ctx=ctx)
 
+    # The standard library's SimpleQueue closes both pipe ends in close(), so every use after it
+    # is an OSError about the closed handle (a Queue's put says ValueError instead).
+    def _check_open(self):
+        if self._closed:
+            raise OSError('handle is closed')
+
+    def put(self, obj):
+        self._check_open()
+        Queue.put(self, obj)
+
+    def get(self):
+        self._check_open()
+        return Queue.get(self)
+
+    def empty(self):
+        self._check_open()
+        return Queue.empty(self)
+
     __class_getitem__ = classmethod(type(list[int]))
 
 

@@ -722,3 +722,23 @@ def test_ring_core_from_c(tmp_path):
     out = subprocess.run([exe], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert 'ring: ok' in out.stdout
+
+
+def _closed_queue_outcomes(mod, cls):
+    q = getattr(mod, cls)()
+    q.put(1)
+    q.close()
+    out = []
+    for op in (q.empty, q.get, lambda: q.put(2)):
+        try:
+            out.append(('ok', type(op()).__name__))
+        except Exception as e:
+            out.append((type(e).__name__, str(e) if isinstance(e, OSError) else ''))
+    return out
+
+
+@pytest.mark.parametrize('cls', ['Queue', 'SimpleQueue', 'JoinableQueue'])
+def test_use_after_close_raises_as_stdlib(cls):
+    import multiprocessing
+    import cpool
+    assert _closed_queue_outcomes(cpool, cls) == _closed_queue_outcomes(multiprocessing, cls)
