@@ -1445,20 +1445,10 @@ class ConditionProxy(AcquirerProxy):
     def notify_all(self):
         return self._callmethod('notify_all')
 
+    # The predicate loop of cpool's own Condition; only wait() differs (a call to the manager).
     def wait_for(self, predicate, timeout=None):
-        result = predicate()
-        if result:
-            return result
-        endtime = None if timeout is None else time.monotonic() + timeout
-        waittime = None
-        while not result:
-            if endtime is not None:
-                waittime = endtime - time.monotonic()
-                if waittime <= 0:
-                    break
-            self.wait(waittime)
-            result = predicate()
-        return result
+        from .synchronize import Condition
+        return Condition.wait_for(self, predicate, timeout)
 
 
 class EventProxy(BaseProxy):
