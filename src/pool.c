@@ -647,8 +647,13 @@ static int imap_topup(PoolJob *j, cp_state *st)
             while (got < j->chunksize) {
                 PyObject *item = PyIter_Next(j->iter);
                 if (!item) {
-                    if (PyErr_Occurred())
+                    if (PyErr_Occurred()) {
                         j->iter_exc = fetch_exc();
+                        /* As the standard library does: a chunk whose input failed is not
+                           run; the items read into it are dropped (the tuple frees them) and
+                           the error is raised in its place. */
+                        got = 0;
+                    }
                     j->exhausted = 1;
                     break;
                 }

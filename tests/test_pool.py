@@ -883,3 +883,34 @@ def test_no_stdlib_multiprocessing_import():
             "with cpool.Pool(1) as p: print(p.map(abs, [-1]))" % ROOT)
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=30)
     assert r.stdout.strip() == '[1]', r.stderr
+
+
+class _InputFailed(Exception):
+    pass
+
+
+def _input_failing_at(n, when):
+    for i in range(n):
+        if i == when:
+            raise _InputFailed
+        yield i
+
+
+def _imap_until_input_error(mod, chunksize):
+    out = []
+    with mod.Pool(2) as p:
+        try:
+            for x in p.imap(sqr, _input_failing_at(20, 7), chunksize):
+                out.append(x)
+        except _InputFailed:
+            out.append('input error')
+    return out
+
+
+@pytest.mark.parametrize('chunksize', [1, 2, 4])
+def test_imap_input_error_drops_its_chunk_as_stdlib(chunksize):
+    # The chunk whose reading raised is not run; the error comes in its place.
+    import multiprocessing
+    import cpool
+    assert (_imap_until_input_error(cpool, chunksize)
+            == _imap_until_input_error(multiprocessing, chunksize))
