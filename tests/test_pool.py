@@ -900,7 +900,7 @@ def _imap_until_input_error(mod, chunksize):
     out = []
     with mod.Pool(2) as p:
         try:
-            for x in p.imap(sqr, _input_failing_at(20, 7), chunksize):
+            for x in p.imap(sq, _input_failing_at(20, 7), chunksize):
                 out.append(x)
         except _InputFailed:
             out.append('input error')
