@@ -786,3 +786,27 @@ def test_proxy_reprs_and_copies(manager, mpmod):
     with pytest.raises(AttributeError):
         ns.b
     assert mpmod.managers.ValueProxy[int] is not None
+
+
+def test_condition_notify_given_while_waiter_between_slices(manager):
+    # The server waits in slices (to notice dead clients); a notify given while the notifier
+    # holds the lock across a slice boundary must still wake the waiter (it once got lost).
+    cond = manager.Condition()
+    ready = threading.Event()
+    got = []
+
+    def waiter():
+        with cond:
+            ready.set()
+            t = time.monotonic()
+            got.append((cond.wait(5), time.monotonic() - t))
+
+    th = threading.Thread(target=waiter)
+    th.start()
+    ready.wait(5)
+    time.sleep(0.05)
+    with cond:
+        time.sleep(0.35)  # several server-side slices time out while we hold the lock
+        cond.notify()
+    th.join(10)
+    assert got and got[0][0] is True and got[0][1] < 2.5, got
