@@ -1,10 +1,9 @@
 """Starting a child through the forkserver: the child is the server's, so its exit code comes
 back over a status pipe, which is also the sentinel."""
-import io
 import os
 import select
 
-from . import _core, context, forkserver, popen_fork, reduction, spawn
+from . import _core, forkserver, popen_fork, spawn
 
 __all__ = ['Popen']
 
@@ -30,18 +29,10 @@ class Popen(popen_fork.Popen):
         return len(self._fds) - 1
 
     def _launch(self, process_obj):
-        prep_data = spawn.get_preparation_data(process_obj._name)
-        buf = io.BytesIO()
-        context.set_spawning_popen(self)
-        try:
-            reduction.dump(prep_data, buf)
-            reduction.dump(process_obj, buf)
-        finally:
-            context.set_spawning_popen(None)
-
+        data = spawn.dump_for_child(self, process_obj)
         self.sentinel, w = forkserver.connect_to_new_process(self._fds)
         with open(w, 'wb', closefd=True) as f:
-            f.write(buf.getbuffer())
+            f.write(data)
         self.pid = forkserver.read_signed(self.sentinel)
         try:
             # Signals go through a pidfd (this child is the server's, not ours).

@@ -1,9 +1,8 @@
 """Starting a child as a fresh interpreter (spawn): the pickled Process goes through a pipe, the
 fds it needs are inherited through exec under their own numbers."""
-import io
 import os
 
-from . import _core, context, popen_fork, reduction, spawn, util
+from . import _core, popen_fork, spawn, util
 
 __all__ = ['Popen']
 
@@ -29,14 +28,7 @@ class Popen(popen_fork.Popen):
         return fd
 
     def _launch(self, process_obj):
-        prep_data = spawn.get_preparation_data(process_obj._name)
-        fp = io.BytesIO()
-        context.set_spawning_popen(self)
-        try:
-            reduction.dump(prep_data, fp)
-            reduction.dump(process_obj, fp)
-        finally:
-            context.set_spawning_popen(None)
+        data = spawn.dump_for_child(self, process_obj)
 
         child_r, parent_w = os.pipe2(os.O_CLOEXEC)
         try:
@@ -50,7 +42,7 @@ class Popen(popen_fork.Popen):
             # if the child dies first we get BrokenPipeError instead of hanging.
             with open(parent_w, 'wb', closefd=True) as f:
                 parent_w = None
-                f.write(fp.getbuffer())
+                f.write(data)
         finally:
             for fd in (child_r, parent_w):
                 if fd is not None:

@@ -68,6 +68,23 @@ def spawn_main(pipe_handle, parent_pid=None, tracker_fd=None):
     sys.exit(exitcode)
 
 
+def dump_for_child(popen, process_obj):
+    """What a spawned or forkserver child reads first: the preparation data, then the Process.
+
+    Pickled while popen is the spawning popen, so objects holding fds hand them to popen."""
+    import io
+    from . import context, reduction
+    prep_data = get_preparation_data(process_obj._name)
+    buf = io.BytesIO()
+    context.set_spawning_popen(popen)
+    try:
+        reduction.dump(prep_data, buf)
+        reduction.dump(process_obj, buf)
+    finally:
+        context.set_spawning_popen(None)
+    return buf.getbuffer()
+
+
 def _main(fd, parent_sentinel):
     from . import reduction
     with os.fdopen(fd, 'rb', closefd=True) as from_parent:
