@@ -17,7 +17,9 @@ def _flag(name):
 
 extra_compile = ["-std=gnu11", "-fvisibility=hidden", "-Wall", "-Wextra",
                  "-Wno-missing-field-initializers", "-Wno-unused-parameter"]
-extra_link = []
+# Symbols bound at load time: with lazy binding every forked child would resolve (and write a
+# copy-on-write page for) each libc/Python function it calls first, again in every child.
+extra_link = ["-Wl,-z,now"]
 undef = []
 if _flag("CPOOL_WERROR"):
     extra_compile.append("-Werror")

@@ -216,11 +216,15 @@ class DefaultContext(BaseContext):
 
 class ForkProcess(process.BaseProcess):
     _start_method = 'fork'
+    _popen_class = None  # popen_fork.Popen, imported on first use, then kept
 
-    @staticmethod
-    def _Popen(process_obj):
-        from .popen_fork import Popen
-        return Popen(process_obj)
+    @classmethod
+    def _Popen(cls, process_obj):
+        popen_class = ForkProcess._popen_class
+        if popen_class is None:
+            from .popen_fork import Popen as popen_class
+            ForkProcess._popen_class = popen_class
+        return popen_class(process_obj)
 
 
 class SpawnProcess(process.BaseProcess):

@@ -8,12 +8,10 @@ the fork); children started by spawn or forkserver get each chunk's fd through
 `reduction.DupFd` when the Process object is pickled, which is the only pickling allowed.
 """
 import sys
-import threading
 
 from . import _core
 from . import context
 from . import reduction
-from . import util
 
 __all__ = ['BufferWrapper', 'arena_stats']
 
@@ -61,24 +59,6 @@ for _t in (_core.SemLock, _core.Event, _core.SharedBlock):
 del _t
 
 
-# ---- a forked child gives its references back when it exits ----
-# (the main process and spawned children do it from a C atexit handler, after finalization;
-# a forked child ends with os._exit, so it does it from its last finalizer)
-
-class _ArenaForkHook(object):
-    pass
-
-
-def _release_at_child_exit():
-    # A thread still running after the child's run() may still use a lock: then keeping the
-    # references (a leak until the chunk goes) is better than freeing a slot in use.
-    if threading.active_count() == 1:
-        _core.arena_release_all()
-
-
-def _after_fork(_):
-    util.Finalize(None, _release_at_child_exit, exitpriority=-sys.maxsize)
-
-
-_arena_fork_hook = _ArenaForkHook()
-util.register_after_fork(_arena_fork_hook, _after_fork)
+# A forked or forkserver child gives its references back when it exits: the bootstraps
+# (src/process.c child_main, process.BaseProcess._bootstrap) call _core.arena_release_all, as
+# the C atexit handler does in the main process and in spawned children.

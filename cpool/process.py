@@ -1,9 +1,10 @@
 """Process objects and the per-process state: current_process, parent_process, active_children."""
-import itertools
 import os
 import signal
 import sys
 import threading
+
+from . import _core
 
 __all__ = ['BaseProcess', 'current_process', 'active_children', 'parent_process']
 
@@ -27,9 +28,12 @@ def active_children():
 def parent_process():
     """The parent's Process object, or None in the main process."""
     global _parent_process
-    if _parent_process is None and _parent_info is not None:
-        # Made on first use: a child that never asks saves the work (and its page faults).
-        _parent_process = _ParentProcess(*_parent_info)
+    me = _current_process
+    if _parent_process is None and me._parent_pid is not None:
+        # Made on first use from what the child's Process object knows: a child that never
+        # asks saves the work (and its copy-on-write page faults).
+        _parent_process = _ParentProcess(me._parent_name, me._parent_pid,
+                                         getattr(me, '_parent_sentinel', None))
     return _parent_process
 
 
@@ -51,7 +55,7 @@ class BaseProcess(object):
     def __init__(self, group=None, target=None, name=None, args=(), kwargs={},
                  *, daemon=None):
         assert group is None, 'group argument must be None for now'
-        count = next(_process_counter)
+        count = _core.next_process_count()
         self._identity = _current_process._identity + (count,)
         self._config = _current_process._config.copy()
         self._parent_pid = os.getpid()
@@ -61,7 +65,9 @@ class BaseProcess(object):
         self._target = target
         self._args = tuple(args)
         self._kwargs = dict(kwargs)
-        self._name = name or type(self).__name__ + '-' + ':'.join(str(i) for i in self._identity)
+        # The default name is made when first asked for: most are never read, and every object
+        # a start allocates costs copy-on-write faults after the fork.
+        self._name = name or None
         if daemon is not None:
             self.daemon = daemon
 
@@ -82,12 +88,18 @@ class BaseProcess(object):
             'can only start a process object created by current process'
         assert not _current_process._config.get('daemon'), \
             'daemonic processes are not allowed to have children'
-        _cleanup()
-        self._popen = self._Popen(self)
-        self._sentinel = self._popen.sentinel
+        if _children:
+            _cleanup()
+        # Bookkeeping before the fork: every page the parent writes between fork and join is a
+        # copy-on-write fault (a second one if it was written before the fork, too).
+        _children.add(self)
+        try:
+            self._popen = self._Popen(self)
+        except BaseException:
+            _children.discard(self)
+            raise
         # The child has what it needs; drop our references so the objects can be freed.
         del self._target, self._args, self._kwargs
-        _children.add(self)
 
     def terminate(self):
         """Send SIGTERM to the child."""
@@ -132,12 +144,13 @@ class BaseProcess(object):
                                  "You should first call join() or terminate().")
             self._popen.close()
             self._popen = None
-            del self._sentinel
             _children.discard(self)
         self._closed = True
 
     @property
     def name(self):
+        if self._name is None:
+            self._name = type(self).__name__ + '-' + ':'.join(str(i) for i in self._identity)
         return self._name
 
     @name.setter
@@ -186,10 +199,9 @@ class BaseProcess(object):
     def sentinel(self):
         """An fd that becomes readable when the process ends (usable with connection.wait)."""
         self._check_closed()
-        try:
-            return self._sentinel
-        except AttributeError:
-            raise ValueError("process not started") from None
+        if self._popen is None:
+            raise ValueError("process not started")
+        return self._popen.sentinel
 
     def __repr__(self):
         exitcode = None
@@ -204,7 +216,7 @@ class BaseProcess(object):
         else:
             exitcode = self._popen.poll()
             status = 'started' if exitcode is None else 'stopped'
-        info = [type(self).__name__, 'name=%r' % self._name]
+        info = [type(self).__name__, 'name=%r' % self.name]
         if self._popen is not None:
             info.append('pid=%s' % self._popen.pid)
         info.append('parent=%s' % self._parent_pid)
@@ -217,20 +229,22 @@ class BaseProcess(object):
         return '<%s>' % ' '.join(info)
 
     def _bootstrap(self, parent_sentinel=None):
-        """Run in the child: become the current process, run(), turn the outcome into an exit code."""
-        global _current_process, _parent_process, _parent_info, _process_counter, _children
+        """Run in a spawned or forkserver child: become the current process, run(), turn the
+        outcome into an exit code. A forked child runs the same sequence in C
+        (child_main in src/process.c), calling back into _child_exitcode and the helpers here."""
+        global _current_process, _parent_process, _children
         util = sys.modules['cpool.util']  # imported by every Popen; no import machinery here
         try:
             if self._start_method is not None:
-                sys.modules['cpool.context']._force_start_method(self._start_method)
-            _process_counter = itertools.count(1)
+                _child_start_method(self._start_method)
+            _core.reset_process_count()
             if _children:
                 _children = set()
             util._close_stdin()
             old_process = _current_process
             _current_process = self
             _parent_process = None
-            _parent_info = (self._parent_name, self._parent_pid, parent_sentinel)
+            self._parent_sentinel = parent_sentinel
             if threading._HAVE_THREAD_NATIVE_ID:
                 threading.main_thread()._set_native_id()
             try:
@@ -245,24 +259,17 @@ class BaseProcess(object):
             finally:
                 # The child's own children are joined and its finalizers run, as at any exit.
                 util._exit_function()
-        except SystemExit as e:
-            if e.code is None:
-                exitcode = 0
-            elif isinstance(e.code, int):
-                exitcode = e.code
-            else:
-                sys.stderr.write(str(e.code) + '\n')
-                exitcode = 1
-        except:
-            exitcode = 1
-            import traceback
-            sys.stderr.write('Process %s:\n' % self.name)
-            traceback.print_exc()
+        except BaseException as e:
+            exitcode = _child_exitcode(self, e)
         finally:
             if threading.active_count() > 1 or getattr(threading, '_threading_atexits', None):
                 threading._shutdown()  # joins the non-daemon threads run() left behind
             util.info('process exiting with exitcode %d', exitcode)
             util._flush_std_streams()
+            if threading.active_count() == 1:
+                # A forkserver child ends with os._exit, past the C atexit handler that gives
+                # back its references to shared locks (a thread still running keeps them).
+                _core.arena_release_all()
         return exitcode
 
     @staticmethod
@@ -271,6 +278,27 @@ class BaseProcess(object):
         if util._finalizer_registry:
             util._finalizer_registry.clear()
         util._run_after_forkers()
+
+
+def _child_start_method(method):
+    # A child started by a context's Process keeps that context's start method as its default.
+    sys.modules['cpool.context']._force_start_method(method)
+
+
+def _child_exitcode(process_obj, exc):
+    """The exit code of a child whose run() (or exit sequence) raised exc: SystemExit's code,
+    else 1 with the traceback on stderr, as the standard library reports it."""
+    if isinstance(exc, SystemExit):
+        if exc.code is None:
+            return 0
+        if isinstance(exc.code, int):
+            return exc.code
+        sys.stderr.write(str(exc.code) + '\n')
+        return 1
+    import traceback
+    sys.stderr.write('Process %s:\n' % process_obj.name)
+    traceback.print_exception(type(exc), exc, exc.__traceback__)
+    return 1
 
 
 class AuthenticationString(bytes):
@@ -356,9 +384,7 @@ class _MainProcess(BaseProcess):
 
 
 _parent_process = None
-_parent_info = None
 _current_process = _MainProcess()
-_process_counter = itertools.count(1)
 _children = set()
 del _MainProcess
 

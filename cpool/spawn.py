@@ -74,7 +74,7 @@ def dump_for_child(popen, process_obj):
     Pickled while popen is the spawning popen, so objects holding fds hand them to popen."""
     import io
     from . import context, reduction
-    prep_data = get_preparation_data(process_obj._name)
+    prep_data = get_preparation_data(process_obj.name)
     buf = io.BytesIO()
     context.set_spawning_popen(popen)
     try:

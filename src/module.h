@@ -19,12 +19,18 @@ enum {
     CP_TYPE_QUEUE,
     CP_TYPE_POOL,
     CP_TYPE_POOLJOB,
+    CP_TYPE_FORK_POPEN,
     CP_TYPE_EVENT, CP_TYPE_SHAREDBLOCK, CP_WARN_OWNER_DIED, /* synchronize.c */
     CP_OBJ_PICKLE_DUMPS,   /* pickle.dumps / loads cached for the hot paths */
     CP_OBJ_PICKLE_LOADS,
     CP_OBJ_QUEUE_EMPTY, CP_OBJ_QUEUE_FULL, /* queue.Empty / queue.Full */
-    CP_NSLOTS = 32
+    /* process.c: what a forked child's bootstrap reads (set by fork_setup) */
+    CP_OBJ_FORK_KEYS, CP_OBJ_FORK_PROCESS_DICT, CP_OBJ_FORK_UTIL_DICT, CP_OBJ_FORK_AFTERFORK,
+    CP_OBJ_FORK_THREADING_DICT, CP_OBJ_FORK_SYS_DICT,
+    CP_NSLOTS_USED
 };
+#define CP_NSLOTS 32
+_Static_assert(CP_NSLOTS_USED <= CP_NSLOTS, "module state: raise CP_NSLOTS");
 
 typedef struct {
     PyObject *slot[CP_NSLOTS];
@@ -42,6 +48,33 @@ static inline cp_state *cp_state_from_type(PyTypeObject *tp)
 {
     PyObject *m = PyType_GetModuleByDef(tp, &cp_moduledef);
     return m ? cp_get_state(m) : NULL;
+}
+
+/* The raised exception as one object, normalised, traceback attached (the error indicator is
+   cleared); and back. The 3.12 API, on 3.11 too. */
+static inline PyObject *cp_fetch_exc(void)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    return PyErr_GetRaisedException();
+#else
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyErr_NormalizeException(&t, &v, &tb);
+    if (tb && v)
+        PyException_SetTraceback(v, tb);
+    Py_XDECREF(t);
+    Py_XDECREF(tb);
+    return v;
+#endif
+}
+
+static inline void cp_restore_exc(PyObject *exc)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(exc);
+#else
+    PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(exc)), exc, PyException_GetTraceback(exc));
+#endif
 }
 
 /* Raise OSError from a negative errno, naming the syscall ("read: Bad file descriptor").

@@ -184,32 +184,6 @@ static PyObject *decode(cp_state *st, const uint8_t *buf, uint64_t len, uint32_t
     return r;
 }
 
-/* The raised exception, normalised, with its traceback attached (clears the error). */
-static PyObject *fetch_exc(void)
-{
-#if PY_VERSION_HEX >= 0x030C0000
-    return PyErr_GetRaisedException();
-#else
-    PyObject *t, *v, *tb;
-    PyErr_Fetch(&t, &v, &tb);
-    PyErr_NormalizeException(&t, &v, &tb);
-    if (tb && v)
-        PyException_SetTraceback(v, tb);
-    Py_XDECREF(t);
-    Py_XDECREF(tb);
-    return v;
-#endif
-}
-
-static void restore_exc(PyObject *exc)
-{
-#if PY_VERSION_HEX >= 0x030C0000
-    PyErr_SetRaisedException(exc);
-#else
-    PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(exc)), exc, PyException_GetTraceback(exc));
-#endif
-}
-
 static int64_t timeout_arg(PyObject *o, int *err)
 {
     *err = 0;
@@ -648,7 +622,7 @@ static int imap_topup(PoolJob *j, cp_state *st)
                 PyObject *item = PyIter_Next(j->iter);
                 if (!item) {
                     if (PyErr_Occurred()) {
-                        j->iter_exc = fetch_exc();
+                        j->iter_exc = cp_fetch_exc();
                         /* As the standard library does: a chunk whose input failed is not
                            run; the items read into it are dropped (the tuple frees them) and
                            the error is raised in its place. */
@@ -693,7 +667,7 @@ static int imap_topup(PoolJob *j, cp_state *st)
                     Py_DECREF(one);
                     if (sent == 0)
                         continue;
-                    PyObject *exc = fetch_exc();
+                    PyObject *exc = cp_fetch_exc();
                     PyObject *none = NULL;
                     int r = job_set_chunk(j, first + (uint64_t)k, 0, exc, &none);
                     Py_XDECREF(exc);
@@ -935,7 +909,7 @@ static int process_result(PoolCore *c, cp_state *st, uint32_t w, const uint8_t *
     PyObject *out = decode(st, msg + sizeof h, len - sizeof h, h.flags);
     if (!out) {
         /* Cannot unpickle the result here: that is the task's outcome. */
-        PyObject *exc = fetch_exc();
+        PyObject *exc = cp_fetch_exc();
         rc = 0;
         for (uint32_t i = 0; i < h.nchunks && rc == 0; i++)
             rc = job_set_chunk(j, h.first_chunk + i, 0, exc, finished);
@@ -1630,7 +1604,7 @@ static PyObject *run_chunk(PyObject *func, uint32_t kind, PyObject *chunk, cp_tr
 /* The exception of a failed task, ready to travel: wrapped with its traceback text. */
 static PyObject *wrapped_exc(PoolCore *c)
 {
-    PyObject *exc = fetch_exc();
+    PyObject *exc = cp_fetch_exc();
     if (!exc)
         return Py_NewRef(Py_None);
     if (c->wrap_exc) {
@@ -1682,7 +1656,7 @@ static int encode_outcome(PoolCore *c, cp_state *st, bytebuf *out, PyObject *val
             probe.len = 0;
             if (encode_to(st, &probe, v, &e) == 0)
                 continue;
-            PyObject *exc = fetch_exc();
+            PyObject *exc = cp_fetch_exc();
             PyObject *err = c->encoding_error ? PyObject_CallFunctionObjArgs(c->encoding_error, exc, v, NULL)
                                               : NULL;
             if (!err) {
@@ -2300,7 +2274,7 @@ static PyObject *imap_next(PoolJob *j, int64_t deadline)
             if (j->iter_exc) {
                 PyObject *e = j->iter_exc;
                 j->iter_exc = NULL;
-                restore_exc(e);
+                cp_restore_exc(e);
                 return NULL;
             }
             if (!j->done) {

@@ -337,3 +337,88 @@ def test_authkey_not_picklable_outside_spawning():
     import cpool
     with pytest.raises(TypeError):
         pickle.dumps(cpool.current_process().authkey)
+
+
+def _child_life(path, modname, parent_pid):
+    # What a child sees and leaves behind; each fact goes to the file as it is known, and the
+    # last lines are written by a finalizer and a thread that must run before the child exits.
+    import importlib
+    mod = importlib.import_module(modname)
+    util = importlib.import_module(modname + '.util')
+    out = open(path, 'a')
+
+    def say(*fact):
+        out.write(repr(fact) + '\n')
+        out.flush()
+    say('stdin', sys.stdin.read(), os.read(0, 10))
+    me = mod.current_process()
+    say('me', me.name, me.pid == os.getpid(), mod.parent_process().pid == parent_pid)
+    say('children', mod.active_children())
+    grandchild = mod.Process(target=_noop)
+    grandchild.start()
+    grandchild.join()
+    say('grandchild', grandchild.name.split('-')[1].split(':')[-1], grandchild.exitcode,
+        grandchild.name.count(':') == len(me._identity))
+    util.Finalize(None, say, args=('finalizer',), exitpriority=1)
+
+    def late():
+        time.sleep(0.2)
+        say('thread')
+    threading.Thread(target=late).start()
+
+
+def test_child_life_matches_stdlib(ctx, mpmod, tmp_path):
+    # The bootstrap of a child: stdin is /dev/null, it is the current process and its parent is
+    # ours, it has no children of ours, its own children are numbered from 1 again; at exit its
+    # finalizers run, then its non-daemon threads are joined (in that order, as the stdlib).
+    path = str(tmp_path / 'life')
+    p = ctx.Process(target=_child_life, args=(path, mpmod.__name__, os.getpid()), name='life')
+    p.start()
+    p.join(30)
+    with open(path) as f:
+        facts = [eval(line) for line in f]
+    assert facts == [('stdin', '', b''), ('me', 'life', True, True), ('children', []),
+                     ('grandchild', '1', 0, True), ('finalizer',), ('thread',)]
+    assert p.exitcode == 0
+
+
+def _make_subclass(base):
+    class Child(base):
+        def run(self):
+            sys.exit(7 if self._target is None else 8)
+    return Child
+
+
+@pytest.mark.parametrize('how,expected', [('falsy_target', 0), ('subclass_run', 7),
+                                          ('keyboard_interrupt', 1)])
+def test_run_variants_exit_codes(ctx, how, expected):
+    if how == 'falsy_target':
+        p = ctx.Process(target=None)
+    elif how == 'subclass_run':
+        if ctx.get_start_method() != 'fork':
+            pytest.skip('a local subclass cannot be pickled for spawn/forkserver')
+        p = _make_subclass(ctx.Process)()
+    else:
+        p = ctx.Process(target=_raise_keyboard_interrupt)
+    p.start()
+    p.join(30)
+    assert p.exitcode == expected
+
+
+def _raise_keyboard_interrupt():
+    raise KeyboardInterrupt
+
+
+def _report_native_id(path):
+    with open(path, 'w') as f:
+        f.write('%d %d' % (threading.main_thread().native_id, threading.get_native_id()))
+
+
+def test_child_main_thread_native_id_is_its_own(ctx, tmp_path):
+    path = str(tmp_path / 'tid')
+    p = ctx.Process(target=_report_native_id, args=(path,))
+    p.start()
+    p.join(30)
+    with open(path) as f:
+        main_id, own_id = map(int, f.read().split())
+    assert main_id == own_id == p.pid

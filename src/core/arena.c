@@ -346,6 +346,11 @@ void cp_arena_release_all(void)
     cp_arena_unlock();
 }
 
+int cp_arena_has_chunks(void)
+{
+    return chunks != NULL;
+}
+
 void cp_arena_stats(uint64_t *nchunks, uint64_t *nhandles, uint64_t *nslots_used,
                     uint64_t *nrefs)
 {

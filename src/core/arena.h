@@ -83,6 +83,10 @@ extern __thread int cp_arena_fork_execs;
    stay, so a straggling handle still points at valid memory. */
 void cp_arena_release_all(void);
 
+/* Whether this process has any chunk mapped (read without the lock: for a single-threaded
+   caller, such as a forked child deciding whether there is anything to release). */
+int cp_arena_has_chunks(void);
+
 /* Counters for tests: chunks mapped and handles held by this process; slots in use in those
    chunks and the sum of their shared reference counts (all processes). */
 void cp_arena_stats(uint64_t *nchunks, uint64_t *nhandles, uint64_t *nslots_used,

@@ -93,3 +93,15 @@ int cp_pidfd_open(pid_t pid)
     return -ENOSYS;
 #endif
 }
+
+int cp_pidfd_send_signal(int pidfd, int sig)
+{
+#ifdef SYS_pidfd_send_signal
+    return (int)syscall(SYS_pidfd_send_signal, pidfd, sig, NULL, 0);
+#else
+    (void)pidfd;
+    (void)sig;
+    errno = ENOSYS;
+    return -1;
+#endif
+}

@@ -13,4 +13,7 @@ pid_t cp_spawn(const char *path, char *const argv[], const int *pass_fds, int np
 /* pidfd_open(2): an fd that becomes readable when pid exits. -errno on failure. */
 int cp_pidfd_open(pid_t pid);
 
+/* pidfd_send_signal(2): 0, or -1 with errno (ESRCH once the process is gone). */
+int cp_pidfd_send_signal(int pidfd, int sig);
+
 #endif
