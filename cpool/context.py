@@ -172,7 +172,8 @@ class Process(process.BaseProcess):
 
     @staticmethod
     def _Popen(process_obj):
-        return _default_context.get_context().Process._Popen(process_obj)
+        ctx = _default_context._actual_context or _default_context.get_context()
+        return ctx.Process._Popen(process_obj)
 
     @staticmethod
     def _after_fork():
@@ -216,15 +217,15 @@ class DefaultContext(BaseContext):
 
 class ForkProcess(process.BaseProcess):
     _start_method = 'fork'
-    _popen_class = None  # popen_fork.Popen, imported on first use, then kept
 
-    @classmethod
-    def _Popen(cls, process_obj):
-        popen_class = ForkProcess._popen_class
-        if popen_class is None:
-            from .popen_fork import Popen as popen_class
-            ForkProcess._popen_class = popen_class
-        return popen_class(process_obj)
+    @staticmethod
+    def _Popen(process_obj):
+        # On first use this method replaces itself with popen_fork.Popen, a C type: calling it
+        # then runs no Python frame around the fork, whose locals the parent would write after
+        # the fork (copy-on-write faults).
+        from .popen_fork import Popen
+        ForkProcess._Popen = staticmethod(Popen)
+        return Popen(process_obj)
 
 
 class SpawnProcess(process.BaseProcess):

@@ -57,7 +57,9 @@ class BaseProcess(object):
         assert group is None, 'group argument must be None for now'
         count = _core.next_process_count()
         self._identity = _current_process._identity + (count,)
-        self._config = _current_process._config.copy()
+        # Shared with the creating process, never mutated: every writer replaces the dict
+        # (_set_config), so sharing is a copy that costs nothing until someone writes.
+        self._config = _current_process._config
         self._parent_pid = os.getpid()
         self._parent_name = _current_process.name
         self._popen = None
@@ -166,7 +168,7 @@ class BaseProcess(object):
     @daemon.setter
     def daemon(self, daemonic):
         assert self._popen is None, 'process has already started'
-        self._config['daemon'] = daemonic
+        self._set_config('daemon', daemonic)
 
     @property
     def authkey(self):
@@ -174,7 +176,13 @@ class BaseProcess(object):
 
     @authkey.setter
     def authkey(self, authkey):
-        self._config['authkey'] = AuthenticationString(authkey)
+        self._set_config('authkey', AuthenticationString(authkey))
+
+    def _set_config(self, key, value):
+        # A new dict: the old one may be shared with other Process objects (see __init__).
+        config = dict(self._config)
+        config[key] = value
+        self._config = config
 
     @property
     def exitcode(self):

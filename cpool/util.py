@@ -82,7 +82,7 @@ def get_temp_dir():
         tempdir = tempfile.mkdtemp(prefix='pymp-')
         info('created temp directory %s', tempdir)
         Finalize(None, shutil.rmtree, args=(tempdir, True), exitpriority=-100)
-        process.current_process()._config['tempdir'] = tempdir
+        process.current_process()._set_config('tempdir', tempdir)
     return tempdir
 
 

@@ -422,3 +422,20 @@ def test_child_main_thread_native_id_is_its_own(ctx, tmp_path):
     with open(path) as f:
         main_id, own_id = map(int, f.read().split())
     assert main_id == own_id == p.pid
+
+
+def test_config_is_a_copy_of_the_parents(mpmod):
+    # Process objects start from the creating process's config (authkey, ...), and writes on
+    # either side do not reach the other (cpool shares the dict until a write replaces it).
+    me = mpmod.current_process()
+    old_key = me.authkey
+    p = mpmod.Process(target=_noop)
+    q = mpmod.Process(target=_noop, daemon=True)
+    try:
+        assert p.authkey == old_key and q.daemon and not p.daemon and not me.daemon
+        me.authkey = b'changed'
+        assert p.authkey == old_key and me.authkey == b'changed'
+        p.authkey = b'mine'
+        assert me.authkey == b'changed' and q.authkey == old_key
+    finally:
+        me.authkey = old_key
