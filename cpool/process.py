@@ -92,16 +92,12 @@ class BaseProcess(object):
             'daemonic processes are not allowed to have children'
         if _children:
             _cleanup()
-        # Bookkeeping before the fork: every page the parent writes between fork and join is a
-        # copy-on-write fault (a second one if it was written before the fork, too).
-        _children.add(self)
-        try:
-            self._popen = self._Popen(self)
-        except BaseException:
-            _children.discard(self)
-            raise
+        self._popen = self._Popen(self)
         # The child has what it needs; drop our references so the objects can be freed.
         del self._target, self._args, self._kwargs
+        # Listed after the fork: the child does not inherit itself as a child, and the set is
+        # written only after the fork (a page written on both sides of it faults twice).
+        _children.add(self)
 
     def terminate(self):
         """Send SIGTERM to the child."""

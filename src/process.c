@@ -5,6 +5,7 @@
 #include "structmember.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdio.h>
@@ -485,8 +486,13 @@ static int fork_and_run(cp_state *st, PyObject *obj, pid_t *pid_out, int *pidfd_
             return -1;
         devnull = made;
     }
-    child_plan plan = {obj, devnull, PyObject_AsFileDescriptor(devnull)};
-    if (plan.devnull_fd < 0 || plan_make(&refs, obj, &plan) < 0) {
+    /* fd 0 of every forked child: opened once, kept for the life of the process (asking the
+       stdin object for its fileno would be three method calls, pages written per start). */
+    static int devnull_fd = -1;
+    if (devnull_fd < 0)
+        devnull_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    child_plan plan = {obj, devnull, devnull_fd};
+    if (plan_make(&refs, obj, &plan) < 0) {
         plan_clear(&plan);
         Py_XDECREF(made);
         return -1;
