@@ -13,6 +13,7 @@
 
 #include "deadline.h"
 #include "frame.h"
+#include "spin.h"
 
 /* A message without maxlength is allocated at its full size up to this; above it the buffer
    grows (by doubling, mremap for large blocks, so no copy) as data arrives, so a garbage
@@ -29,6 +30,7 @@ typedef struct {
     char writable;
     char is_sock;
     char grown; /* kernel buffer already enlarged for bulk transfers */
+    cp_spin_t spin; /* how long a recv polls for the next message before it blocks */
     PyObject *weakreflist;
 } ConnObject;
 
@@ -161,11 +163,25 @@ static int write_frame(ConnObject *self, const void *data, size_t len)
     }
 }
 
+static int fd_has_input(void *fd)
+{
+    struct pollfd p = {.fd = *(int *)fd, .events = POLLIN};
+    return poll(&p, 1, 0) != 0; /* ready, hung up, or an error the read will report */
+}
+
 /* Read a frame header. 0 and *len; -1 with an exception (EOFError when nothing came). */
 static int read_header(ConnObject *self, int fd, uint64_t *len, int64_t deadline)
 {
     unsigned char h[CP_FRAME_HDR_MAX];
     size_t done = 0;
+    if (deadline == CP_NO_DEADLINE || cp_deadline_left_ns(deadline) > CP_SPIN_MAX_NS) {
+        /* A reply often comes within microseconds when the peer runs on another core; a
+           sleep in read() and the wake-up cost far more (tens of microseconds in a VM whose
+           idle core halts). So poll for a while first; the budget adapts (spin.h). */
+        Py_BEGIN_ALLOW_THREADS
+        cp_spin_until(fd_has_input, &fd, &self->spin, 1);
+        Py_END_ALLOW_THREADS
+    }
     int r = read_exact(self, fd, h, 4, &done, deadline);
     if (r == CP_FRAME_EOF) {
         if (done == 0)
@@ -267,8 +283,10 @@ static int conn_init(PyObject *op, PyObject *args, PyObject *kwds)
 static PyObject *conn_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     ConnObject *self = (ConnObject *)type->tp_alloc(type, 0);
-    if (self)
+    if (self) {
         self->fd = -1;
+        self->spin = (cp_spin_t)CP_SPIN_LONG;
+    }
     return (PyObject *)self;
 }
 

@@ -712,3 +712,30 @@ def test_fuzz_frames():
                 assert not isinstance(e, (SystemError, MemoryError)), e
                 break
         c.close()
+
+
+def _reply_later(conn, delay, count):
+    for _ in range(count):
+        conn.recv()
+        time.sleep(delay)
+        conn.send('late')
+
+
+def test_waiting_recv_does_not_burn_cpu():
+    # recv polls briefly before blocking (a fast peer answers within microseconds); a slow peer
+    # must cost at most that short poll per message, not a core for the whole wait.
+    import resource
+    a, b = cpool.Pipe()
+    p = cpool.Process(target=_reply_later, args=(b, 0.05, 20))
+    p.start()
+    t0 = resource.getrusage(resource.RUSAGE_SELF)
+    wall = time.perf_counter()
+    for _ in range(20):
+        a.send('ping')
+        assert a.recv() == 'late'
+    wall = time.perf_counter() - wall
+    t1 = resource.getrusage(resource.RUSAGE_SELF)
+    p.join(10)
+    cpu = (t1.ru_utime - t0.ru_utime) + (t1.ru_stime - t0.ru_stime)
+    assert wall >= 1.0
+    assert cpu < 0.1 * wall, (cpu, wall)

@@ -13,19 +13,14 @@
 #include "deadline.h"
 #include "futex.h"
 #include "relax.h"
+#include "spin.h"
 
 #define PAGE 4096ULL
 #define HEADER_BYTES PAGE
 #define PUNCH_BATCH (1ULL << 20)   /* cold bytes consumed before they are given back */
 #define POPULATE_MIN (64ULL << 10) /* cold records from this size have their pages faulted in bulk */
-/* Polling before a futex sleep: the budget doubles after a poll that saw the condition come
-   true and halves after one that did not; under SPIN_MIN_NS it stops polling but still probes
-   once every SPIN_PROBE_EVERY waits, to notice when polling pays again. */
-#define SPIN_START_NS 4000
-#define SPIN_MIN_NS 1000
-#define SPIN_MAX_NS 50000
-#define SPIN_PROBE_NS 2000
-#define SPIN_PROBE_EVERY 16
+/* Polling before a futex sleep adapts as spin.h describes (the CP_SPIN_* budgets); the budget
+   lives in the handle as an atomic, since threads of one process may share a queue handle. */
 #define MAX_SLEEP_NS 500000000LL   /* re-check at least this often: a woken peer may have died */
 #define LOCK_SLICE_NS 100000000LL  /* longest wait for the lock before checking for signals */
 
@@ -232,7 +227,7 @@ int cp_ring_create(cp_ring_t *r, uint64_t hot, uint64_t cold, uint64_t maxsize)
     r->h = h;
     r->hot = (unsigned char *)r->shm.addr + HEADER_BYTES;
     r->cold = r->hot + hot;
-    r->spin_ns = SPIN_START_NS;
+    r->spin_ns = CP_SPIN_START_NS;
     return 0;
 }
 
@@ -252,7 +247,7 @@ int cp_ring_attach(cp_ring_t *r, int fd)
     r->h = h;
     r->hot = (unsigned char *)r->shm.addr + HEADER_BYTES;
     r->cold = r->hot + h->hot;
-    r->spin_ns = SPIN_START_NS;
+    r->spin_ns = CP_SPIN_START_NS;
     return 0;
 }
 
@@ -415,16 +410,16 @@ long cp_ring_get(cp_ring_t *r, void *dst, size_t cap, size_t maxn, cp_ring_got *
 static int poll_until(cp_ring_t *r, int (*ready)(cp_ring_t *, uint64_t), uint64_t arg)
 {
     int64_t budget = atomic_load_explicit(&r->spin_ns, memory_order_relaxed);
-    if (budget < SPIN_MIN_NS) {
-        if (atomic_fetch_add_explicit(&r->spin_probe, 1, memory_order_relaxed) % SPIN_PROBE_EVERY)
+    if (budget < CP_SPIN_MIN_NS) {
+        if (atomic_fetch_add_explicit(&r->spin_probe, 1, memory_order_relaxed) % CP_SPIN_PROBE_EVERY)
             return ready(r, arg);
-        budget = SPIN_PROBE_NS;
+        budget = CP_SPIN_PROBE_NS;
     }
     int64_t start = cp_now_ns();
     for (;;) {
         for (int i = 0; i < 32; i++) {
             if (ready(r, arg)) {
-                int64_t b = budget * 2 > SPIN_MAX_NS ? SPIN_MAX_NS : budget * 2;
+                int64_t b = budget * 2 > CP_SPIN_MAX_NS ? CP_SPIN_MAX_NS : budget * 2;
                 atomic_store_explicit(&r->spin_ns, b, memory_order_relaxed);
                 return 1;
             }

@@ -14,19 +14,6 @@
 
 #include "deadline.h"
 #include "futex.h"
-#include "relax.h"
-
-/* Spin before sleeping: when the peer runs on another core it answers within a microsecond or
-   two, and a futex sleep + wake costs several on each side. When the peer is not running
-   (more runnable processes than cores) spinning only steals its time: so each handle adapts
-   its budget, doubling it after a spin that succeeded and halving it after one that failed;
-   below SPIN_MIN_NS it stops spinning, but probes every SPIN_PROBE_EVERY waits. */
-#define SPIN_START_NS 4000
-#define SPIN_MIN_NS 1000
-#define SPIN_MAX_NS 50000
-#define SPIN_PROBE_NS 2000
-#define SPIN_PROBE_EVERY 16
-
 
 /* ---- own pid, cached (getpid is a syscall on current glibc) ---- */
 
@@ -87,33 +74,6 @@ static inline int is_mutex(const cp_sem_t *s)
     return s->kind == CP_SEM_MUTEX || s->kind == CP_SEM_RECURSIVE;
 }
 
-/* Spin until test(arg) holds, for up to spin's budget, then yield once; 1 if it held. */
-static int spin_until(int (*test)(void *), void *arg, cp_spin_t *spin)
-{
-    if (!spin)
-        return test(arg);
-    int32_t budget = spin->ns;
-    if (budget == 0 && (++spin->waits % SPIN_PROBE_EVERY) == 0)
-        budget = SPIN_PROBE_NS; /* spinning did not pay lately: see whether it does again */
-    if (budget > 0) {
-        int64_t end = cp_now_ns() + budget;
-        for (unsigned i = 1;; i++) {
-            if (test(arg)) {
-                int32_t grown = budget > SPIN_MAX_NS / 2 ? SPIN_MAX_NS : budget * 2;
-                spin->ns = grown < SPIN_START_NS ? SPIN_START_NS : grown;
-                return 1;
-            }
-            cp_cpu_relax();
-            if ((i & 31) == 0 && cp_now_ns() >= end)
-                break;
-        }
-        spin->ns = budget / 2 < SPIN_MIN_NS ? 0 : budget / 2;
-    }
-    /* The peer may be waiting for our core: let it run once before sleeping. */
-    sched_yield();
-    return test(arg);
-}
-
 static int sem_taken(void *s)
 {
     return cp_sem_trywait(s) == 0;
@@ -154,7 +114,7 @@ static int semaphore_wait(cp_sem_t *s, int64_t deadline)
 
 int cp_sem_wait(cp_sem_t *s, int64_t deadline, cp_spin_t *spin)
 {
-    if (spin_until(sem_taken, s, spin))
+    if (cp_spin_until(sem_taken, s, spin, 0))
         return 0;
     return is_mutex(s) ? mutex_wait(s, deadline) : semaphore_wait(s, deadline);
 }
@@ -234,7 +194,7 @@ static int event_changed(void *arg)
 int cp_event_wait(cp_sem_t *s, uint32_t start, int64_t deadline, cp_spin_t *spin)
 {
     event_arg a = {s, start};
-    if (spin_until(event_changed, &a, spin))
+    if (cp_spin_until(event_changed, &a, spin, 0))
         return 1;
     for (;;) {
         atomic_fetch_add(&s->nwaiters, 1);

@@ -18,6 +18,8 @@
 #include <stdint.h>
 #include <sys/types.h>
 
+#include "spin.h"
+
 /* Kinds: the first two are the standard library's numbers (RECURSIVE_MUTEX, SEMAPHORE). */
 enum { CP_SEM_RECURSIVE = 0, CP_SEM_SEMAPHORE = 1, CP_SEM_MUTEX = 2, CP_SEM_EVENT = 3 };
 
@@ -32,12 +34,6 @@ typedef struct {
     uint32_t maxvalue;
 } cp_sem_t;
 
-/* A handle's spin budget before it sleeps (process-private, adapts to how often spinning pays). */
-typedef struct {
-    int32_t ns;      /* 0: sleep at once (but probe now and then) */
-    uint32_t waits;
-} cp_spin_t;
-#define CP_SPIN_INIT 4000
 
 /* The caller's pid as stored in mutex words: cached (getpid is a system call on current
    glibc), refreshed in forked children. cp_sem_self_init() once before any use. */
