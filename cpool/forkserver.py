@@ -1,5 +1,6 @@
 """The forkserver start method: a small server process, started once, that forks a child per
 request; the parent sends it the child's fds over a Unix socket (SCM_RIGHTS)."""
+import atexit
 import errno
 import os
 import selectors
@@ -206,11 +207,18 @@ def main(listener_fd, alive_r, preload, main_path=None, sys_path=None):
                                 selector.close()
                                 unused_fds = [alive_r, child_w, sig_r, sig_w]
                                 unused_fds.extend(pid_to_fd.values())
+                                if process._EXIT_FUNCTION_FROM_ATEXIT:
+                                    # 3.13+: the child's atexit callbacks are its own.
+                                    atexit._clear()
+                                    atexit.register(util._exit_function)
                                 code = _serve_one(child_r, fds, unused_fds, old_handlers)
                             except Exception:
                                 sys.excepthook(*sys.exc_info())
                                 sys.stderr.flush()
                             finally:
+                                if process._EXIT_FUNCTION_FROM_ATEXIT:
+                                    atexit._run_exitfuncs()
+                                    util._flush_std_streams()
                                 os._exit(code)
                         else:
                             try:

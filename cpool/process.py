@@ -261,8 +261,10 @@ class BaseProcess(object):
                 self.run()
                 exitcode = 0
             finally:
-                # The child's own children are joined and its finalizers run, as at any exit.
-                util._exit_function()
+                # The child's own children are joined and its finalizers run, as at any exit:
+                # here up to 3.12; from 3.13 on from atexit, after the threads are joined.
+                if not _EXIT_FUNCTION_FROM_ATEXIT:
+                    util._exit_function()
         except BaseException as e:
             exitcode = _child_exitcode(self, e)
         finally:
@@ -282,6 +284,11 @@ class BaseProcess(object):
         if util._finalizer_registry:
             util._finalizer_registry.clear()
         util._run_after_forkers()
+
+
+# 3.13+: a child's atexit callbacks run at its exit (util._exit_function among them); before,
+# the bootstrap called util._exit_function itself and a child ran no atexit callback.
+_EXIT_FUNCTION_FROM_ATEXIT = sys.version_info >= (3, 13)
 
 
 def _child_start_method(method):

@@ -26,7 +26,7 @@ enum {
     CP_OBJ_QUEUE_EMPTY, CP_OBJ_QUEUE_FULL, /* queue.Empty / queue.Full */
     /* process.c: what a forked child's bootstrap reads (set by fork_setup) */
     CP_OBJ_FORK_KEYS, CP_OBJ_FORK_PROCESS_DICT, CP_OBJ_FORK_UTIL_DICT, CP_OBJ_FORK_AFTERFORK,
-    CP_OBJ_FORK_THREADING_DICT, CP_OBJ_FORK_SYS_DICT,
+    CP_OBJ_FORK_THREADING_DICT, CP_OBJ_FORK_SYS_DICT, CP_OBJ_FORK_ATEXIT_DICT,
     CP_NSLOTS_USED
 };
 #define CP_NSLOTS 32

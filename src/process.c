@@ -130,7 +130,8 @@ enum {
     K_RUN, K_FINREG, K_LOGGER, K_EXIT_FUNCTION, K_RUN_AFTER_FORKERS, K_CLOSE_STDIN, K_INFO,
     K_TH_ATEXITS, K_TH_SHUTDOWN, K_STDIN, K_DUNDER_STDIN, K_STDOUT, K_STDERR, K_FLUSH,
     K_DEVNULL, K_PREPARE_DEVNULL, K_LAUNCH, K_TARGET, K_ARGS, K_KWARGS, K_BASE_PROCESS,
-    K_MAIN_THREAD, K_HAVE_NATIVE_ID, K_SET_NATIVE_ID,
+    K_MAIN_THREAD, K_HAVE_NATIVE_ID, K_SET_NATIVE_ID, K_AT_CLEAR, K_AT_REGISTER,
+    K_AT_NCALLBACKS, K_AT_RUN,
     K_COUNT
 };
 
@@ -140,7 +141,8 @@ static const char *const fork_key_names[K_COUNT] = {
     "_run_after_forkers", "_close_stdin", "info", "_threading_atexits", "_shutdown", "stdin",
     "__stdin__", "stdout", "stderr", "flush", "_devnull_stdin", "_prepare_devnull_stdin",
     "_launch", "_target", "_args", "_kwargs", "BaseProcess", "_main_thread",
-    "_HAVE_THREAD_NATIVE_ID", "_set_native_id",
+    "_HAVE_THREAD_NATIVE_ID", "_set_native_id", "_clear", "register", "_ncallbacks",
+    "_run_exitfuncs",
 };
 
 /* The identity counter of Process objects made in this process (restarts in each child). */
@@ -178,13 +180,17 @@ static PyObject *cp_fork_setup(PyObject *module, PyObject *const *args, Py_ssize
         }
         PyTuple_SET_ITEM(keys, i, k);
     }
-    PyObject *sys = PyImport_ImportModule("sys");
-    if (!sys) {
+    PyObject *sys = PyImport_ImportModule("sys"), *atexit = PyImport_ImportModule("atexit");
+    if (!sys || !atexit) {
+        Py_XDECREF(sys);
+        Py_XDECREF(atexit);
         Py_DECREF(keys);
         return NULL;
     }
     Py_XSETREF(st->slot[CP_OBJ_FORK_SYS_DICT], Py_NewRef(PyModule_GetDict(sys)));
+    Py_XSETREF(st->slot[CP_OBJ_FORK_ATEXIT_DICT], Py_NewRef(PyModule_GetDict(atexit)));
     Py_DECREF(sys);
+    Py_DECREF(atexit);
     Py_XSETREF(st->slot[CP_OBJ_FORK_KEYS], keys);
     Py_XSETREF(st->slot[CP_OBJ_FORK_PROCESS_DICT], Py_NewRef(args[0]));
     Py_XSETREF(st->slot[CP_OBJ_FORK_UTIL_DICT], Py_NewRef(args[1]));
@@ -194,7 +200,7 @@ static PyObject *cp_fork_setup(PyObject *module, PyObject *const *args, Py_ssize
 }
 
 typedef struct {
-    PyObject *keys, *pd, *ud, *afterfork, *td, *sd;
+    PyObject *keys, *pd, *ud, *afterfork, *td, *sd, *ad;
 } fork_refs;
 
 #define KEY(r, i) PyTuple_GET_ITEM((r)->keys, (i))
@@ -263,6 +269,15 @@ static int thread_states(void)
          t = PyThreadState_Next(t))
         n++;
     return n;
+}
+
+/* Whether util._exit_function would do anything: finalizers to run, children to join, or a
+   logger to tell. Read-only: otherwise the child need not call it (nor touch its pages). */
+static int exit_function_has_work(fork_refs *r)
+{
+    return container_size(dict_get(r->ud, KEY(r, K_FINREG))) ||
+           container_size(dict_get(r->pd, KEY(r, K_CHILDREN))) ||
+           container_size(dict_get(r->ud, KEY(r, K_LOGGER)));
 }
 
 /* sys.stdout.flush(), sys.stderr.flush(); errors ignored (a closed or broken stream must not
@@ -356,6 +371,15 @@ static void _Py_NO_RETURN child_main(fork_refs *r, child_plan *plan)
     int code = 1;
 
     process_count = 0;
+#if PY_VERSION_HEX >= 0x030D0000
+    /* 3.13+: the child's atexit callbacks are its own (the parent's are dropped, util's exit
+       function registered); they run after its threads are joined, as popen_fork does. */
+    if (call_from_void(r->ad, KEY(r, K_AT_CLEAR), NULL, 0) < 0)
+        goto failed;
+    v = dict_get(r->ud, KEY(r, K_EXIT_FUNCTION));
+    if (!v || call_from_void(r->ad, KEY(r, K_AT_REGISTER), &v, 1) < 0)
+        goto failed;
+#endif
     if (plan->start_method &&
         call_from_void(r->pd, KEY(r, K_SET_START_METHOD), &plan->start_method, 1) < 0)
         goto failed;
@@ -408,11 +432,10 @@ static void _Py_NO_RETURN child_main(fork_refs *r, child_plan *plan)
         Py_DECREF(v);
     else
         exc = cp_fetch_exc();
-    /* The child's own children are joined and its finalizers run, as at any exit. Nothing to
-       do (and nothing to touch) when it made neither and logs nothing. */
-    if (exc || container_size(dict_get(r->ud, KEY(r, K_FINREG))) ||
-        container_size(dict_get(r->pd, KEY(r, K_CHILDREN))) ||
-        container_size(dict_get(r->ud, KEY(r, K_LOGGER)))) {
+#if PY_VERSION_HEX < 0x030D0000
+    /* Up to 3.12 the child's own children are joined and its finalizers run right after run(),
+       as at any exit (3.13+: at the end, from atexit). */
+    if (exc || exit_function_has_work(r)) {
         if (call_from_void(r->ud, KEY(r, K_EXIT_FUNCTION), NULL, 0) < 0) {
             PyObject *later = cp_fetch_exc();
             if (exc && later)
@@ -422,6 +445,7 @@ static void _Py_NO_RETURN child_main(fork_refs *r, child_plan *plan)
             exc = later;
         }
     }
+#endif
     if (!exc) {
         code = 0;
         goto finish;
@@ -453,6 +477,18 @@ finish:
     }
     child_log(r, "process exiting with exitcode %d", code);
     flush_streams(r);
+#if PY_VERSION_HEX >= 0x030D0000
+    /* atexit: util's exit function, and what run() registered (only the former: nothing to do
+       when it has no work). Flushed again: what the callbacks print must not be lost. */
+    v = call_from(r->ad, KEY(r, K_AT_NCALLBACKS), NULL, 0);
+    if (!v || !PyLong_Check(v) || PyLong_AsLong(v) != 1 || exit_function_has_work(r)) {
+        PyErr_Clear();
+        if (call_from_void(r->ad, KEY(r, K_AT_RUN), NULL, 0) < 0)
+            PyErr_Print();
+        flush_streams(r);
+    }
+    Py_XDECREF(v);
+#endif
     /* A thread still running may still use a shared lock: then its reference stays. */
     if (thread_states() == 1 && cp_arena_has_chunks())
         cp_arena_release_all();
@@ -463,7 +499,8 @@ static int fork_refs_of(cp_state *st, fork_refs *r)
 {
     *r = (fork_refs){st->slot[CP_OBJ_FORK_KEYS], st->slot[CP_OBJ_FORK_PROCESS_DICT],
                      st->slot[CP_OBJ_FORK_UTIL_DICT], st->slot[CP_OBJ_FORK_AFTERFORK],
-                     st->slot[CP_OBJ_FORK_THREADING_DICT], st->slot[CP_OBJ_FORK_SYS_DICT]};
+                     st->slot[CP_OBJ_FORK_THREADING_DICT], st->slot[CP_OBJ_FORK_SYS_DICT],
+                     st->slot[CP_OBJ_FORK_ATEXIT_DICT]};
     if (!r->keys) {
         PyErr_SetString(PyExc_RuntimeError, "cpool._core.fork_setup() was not called");
         return -1;

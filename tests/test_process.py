@@ -370,15 +370,18 @@ def _child_life(path, modname, parent_pid):
 def test_child_life_matches_stdlib(ctx, mpmod, tmp_path):
     # The bootstrap of a child: stdin is /dev/null, it is the current process and its parent is
     # ours, it has no children of ours, its own children are numbered from 1 again; at exit its
-    # finalizers run, then its non-daemon threads are joined (in that order, as the stdlib).
+    # finalizers run and its non-daemon threads are joined (in the stdlib's order).
     path = str(tmp_path / 'life')
     p = ctx.Process(target=_child_life, args=(path, mpmod.__name__, os.getpid()), name='life')
     p.start()
     p.join(30)
     with open(path) as f:
         facts = [eval(line) for line in f]
+    # 3.13 moved the finalizers to atexit, which runs after the threads are joined.
+    last = [('thread',), ('finalizer',)] if sys.version_info >= (3, 13) else \
+        [('finalizer',), ('thread',)]
     assert facts == [('stdin', '', b''), ('me', 'life', True, True), ('children', []),
-                     ('grandchild', '1', 0, True), ('finalizer',), ('thread',)]
+                     ('grandchild', '1', 0, True)] + last
     assert p.exitcode == 0
 
 
@@ -439,3 +442,36 @@ def test_config_is_a_copy_of_the_parents(mpmod):
         assert me.authkey == b'changed' and q.authkey == old_key
     finally:
         me.authkey = old_key
+
+
+def _register_atexit(path):
+    import atexit
+
+    def note():
+        with open(path, 'a') as f:
+            f.write('child\n')
+    atexit.register(note)
+
+
+def test_atexit_in_child_as_stdlib(ctx, tmp_path):
+    # A callback the parent registered never runs in a child; one the child registered runs at
+    # its exit from 3.13 on (and never before, the child leaving with os._exit) -- except under
+    # spawn, where the child is a whole interpreter that exits normally.
+    import atexit
+    path = str(tmp_path / 'atexit')
+    parent_note = lambda: open(path, 'a').write('parent\n')  # noqa: E731
+    atexit.register(parent_note)
+    try:
+        p = ctx.Process(target=_register_atexit, args=(path,))
+        p.start()
+        p.join(30)
+    finally:
+        atexit.unregister(parent_note)
+    try:
+        with open(path) as f:
+            lines = f.read().split()
+    except FileNotFoundError:
+        lines = []
+    ran = sys.version_info >= (3, 13) or ctx.get_start_method() == 'spawn'
+    assert lines == (['child'] if ran else [])
+    assert p.exitcode == 0
