@@ -39,6 +39,7 @@ typedef struct {
     cp_ring_t ring;
     int attached;
     int closed;   /* this handle only, as in the standard library */
+    int put_used; /* put() was called through this handle (empty() after close() raises) */
     int joinable; /* put() counts a task that task_done() finishes */
     PyObject *dumps, *loads, *empty_exc, *full_exc;
     PyObject *protocol;        /* 5 */
@@ -560,6 +561,7 @@ static PyObject *do_put(QueueObject *q, PyObject *obj, PyObject *block, PyObject
     int64_t deadline;
     if (begin_op(q, block, timeout, &blocking, &deadline) < 0)
         return NULL;
+    q->put_used = 1;
     encoded e;
     if (encode(q, obj, &e) < 0) {
         encoded_clear(&e);
@@ -598,6 +600,7 @@ static PyObject *Queue_put_many(QueueObject *q, PyObject *const *args, Py_ssize_
     if (parse_args("put_many", args, nargs, kwnames, names, 3, 1, a) < 0 ||
         begin_op(q, a[1], a[2], &blocking, &deadline) < 0)
         return NULL;
+    q->put_used = 1;
     PyObject *seq = PySequence_Fast(a[0], "put_many() needs an iterable");
     if (!seq)
         return NULL;
@@ -835,6 +838,12 @@ static PyObject *Queue_qsize(QueueObject *q, PyObject *unused)
 
 static PyObject *Queue_empty(QueueObject *q, PyObject *unused)
 {
+    /* The standard library's Queue closes its reading end once the feeder thread of a used
+       queue is done after close(): empty() then raises. cpool has no feeder: at once. */
+    if (q->closed && q->put_used) {
+        PyErr_SetString(PyExc_OSError, "handle is closed");
+        return NULL;
+    }
     return PyBool_FromLong(!q->attached || cp_ring_count(&q->ring) == 0);
 }
 

@@ -728,6 +728,9 @@ def _closed_queue_outcomes(mod, cls):
     q = getattr(mod, cls)()
     q.put(1)
     q.close()
+    if cls != 'SimpleQueue':
+        # the stdlib's feeder closes the reading end when it is done: wait for it
+        q.join_thread()
     out = []
     for op in (q.empty, q.get, lambda: q.put(2)):
         try:
@@ -742,3 +745,13 @@ def test_use_after_close_raises_as_stdlib(cls):
     import multiprocessing
     import cpool
     assert _closed_queue_outcomes(cpool, cls) == _closed_queue_outcomes(multiprocessing, cls)
+
+
+@pytest.mark.parametrize('cls', ['Queue', 'JoinableQueue'])
+def test_empty_after_close_of_unused_queue(mpmod, cls):
+    # Only a queue that was used has a reading end to lose: close() of an unused one leaves
+    # empty() working (CPython's test_closed_queue_empty_exceptions).
+    q = getattr(mpmod, cls)()
+    q.close()
+    q.join_thread()
+    assert q.empty()
