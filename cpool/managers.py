@@ -14,7 +14,9 @@ Where cpool differs (same results, fewer failure modes, fewer round trips):
 - A call interrupted between request and reply (Ctrl-C) throws its connection away instead of
   leaving a stale reply to be read by the next call.
 - A server thread blocked for a client that dies (q.get(), lock.acquire(), event.wait()...)
-  gives up without taking the item or the lock; locks a dead client held are released.
+  gives up without taking the item or the lock; locks a dead client held are released (a client
+  that exits normally says so first, and the Locks it holds stay held, as in the standard
+  library: another process may release them).
 - A handshake that stalls is dropped after a deadline; a manager whose parent was killed exits.
 """
 import array
@@ -132,7 +134,7 @@ class Server(object):
               'number_of_objects', 'dummy', 'incref', 'decref', 'open_session']
     # Control requests a persistent connection may make with ident None.
     _control = frozenset(['create', 'get_methods', 'debug_info', 'number_of_objects', 'dummy',
-                          'incref', 'decref'])
+                          'incref', 'decref', 'leave_session'])
 
     def __init__(self, registry, address, authkey, serializer):
         if not isinstance(authkey, bytes):
@@ -155,6 +157,10 @@ class Server(object):
         # when its anchor connection closes, and its references are dropped then.
         self.session_refs = {}
         self.conn_session = {}
+        # session id -> {'left': bool}: a client process that exits normally says so first
+        # (leave_session), and the locks it still holds then stay held, as in the standard
+        # library; only a client that vanished without a word has its locks released.
+        self.session_state = {}
         self._next_session = 1
         self.stop_event = threading.Event()
         self._parent_pid = None
@@ -254,16 +260,22 @@ class Server(object):
         control = self._control
         _serving.conn = conn
         _serving.held = []
+        state = self.session_state.get(self.conn_session.get(conn))
         try:
             self._serve_loop(conn, recv_bytes, send_bytes, id_to_obj, control)
         except _PeerGone:
             util.debug('peer gone during a blocking call -- exiting thread serving %r',
                        threading.current_thread().name)
         finally:
-            # Locks the dead client held are released, or they would be held for ever.
+            # Locks a dead client held are released, or they would be held for ever; a client
+            # that left in order meant to leave them held (another process may release them).
             held, _serving.held, _serving.conn = _serving.held, None, None
+            left = state is not None and state['left']
             for lock in reversed(held):
-                lock._release_for_dead_peer()
+                if left:
+                    lock._forget_holder()
+                else:
+                    lock._release_for_dead_peer()
 
     def _serve_loop(self, conn, recv_bytes, send_bytes, id_to_obj, control):
         while True:
@@ -415,6 +427,7 @@ class Server(object):
             session = self._next_session
             self._next_session += 1
             self.session_refs[session] = {}
+            self.session_state[session] = {'left': False}
         self.conn_session[c] = session
         try:
             c.send(('#RETURN', session))
@@ -422,9 +435,16 @@ class Server(object):
         finally:
             self._end_session(session)
 
+    def leave_session(self, c):
+        """The client process is exiting normally (see session_state)."""
+        state = self.session_state.get(self.conn_session.get(c))
+        if state is not None:
+            state['left'] = True
+
     def _end_session(self, session):
         with self.mutex:
             refs = self.session_refs.pop(session, {})
+            self.session_state.pop(session, None)
         if refs:
             util.debug('session %r ended holding %d objects; releasing them', session, len(refs))
         for ident, count in refs.items():
@@ -825,6 +845,10 @@ class _Peer(object):
                     if self.anchor is None and not self.legacy:
                         try:
                             self.anchor, self.session = self._open('open_session', ())
+                            # At a normal exit, tell the server before the connections drop
+                            # (before the proxies' finalizers, priority 10, close them).
+                            util.Finalize(self, _Peer._leave, args=(self.anchor, self.lock),
+                                          exitpriority=100)
                         except RemoteError:
                             # A standard library manager: references are counted the
                             # standard library's way, over connections of their own.
@@ -889,6 +913,19 @@ class _Peer(object):
             raise convert_to_error(kind, result)
         finally:
             del result
+
+    @staticmethod
+    def _leave(anchor, lock):
+        # The server leaves the locks this process still holds held (see Server.session_state).
+        if not lock.acquire(timeout=1.0):
+            return
+        try:
+            if not anchor.closed:
+                dispatch(anchor, None, 'leave_session')
+        except Exception:
+            pass  # the manager is gone, or this process's anchor was dropped
+        finally:
+            lock.release()
 
     def decref(self, ident):
         """Drop one reference (called from finalizers, possibly at any point of any thread)."""
@@ -1267,6 +1304,10 @@ class _Acquirer(object):
     def _owner_checked(self):
         return True
 
+    def _forget_holder(self):
+        # The client left in order holding the lock: it stays held, as in the standard library.
+        _remove_identical(self._holders, getattr(_serving, 'held', None))
+
     def _release_for_dead_peer(self):
         held = getattr(_serving, 'held', None)
         _remove_identical(self._holders, held)
@@ -1299,6 +1340,11 @@ class _RLock(_Acquirer):
     def _owner_checked(self):
         # Only the owning thread may release an RLock: a stray release raises below.
         return False
+
+    def _forget_holder(self):
+        # Owned by the server thread that served the departed client: nobody could ever
+        # release it again, so it is released even though the client left in order.
+        self._release_for_dead_peer()
 
     # What threading.Condition needs to wait on this lock.
     def _is_owned(self):

@@ -615,6 +615,33 @@ def test_locks_of_a_killed_client_are_released(cmanager):
     rlock.release()
 
 
+def _take_and_exit(lock, rlock):
+    lock.acquire()
+    rlock.acquire()
+
+
+@pytest.mark.parametrize('method', ['fork', 'spawn'])
+def test_lock_left_held_by_a_client_that_exits_normally(mpmod, method):
+    # A Lock may be released by another process than the one that acquired it: a client that
+    # exits normally holding it leaves it held, for the parent to release (CPython's
+    # TestSyncManagerTypes.test_lock). An RLock it held can be released by nobody else, so
+    # cpool releases that one (the stdlib leaves it held for ever).
+    with mpmod.Manager() as m:
+        lock, rlock = m.Lock(), m.RLock()
+        p = mpmod.get_context(method).Process(target=_take_and_exit, args=(lock, rlock))
+        p.start()
+        p.join(30)
+        assert p.exitcode == 0
+        time.sleep(0.2)  # the server notices the closed connections
+        assert not lock.acquire(timeout=0.1)
+        lock.release()
+        with pytest.raises(RuntimeError):
+            lock.release()
+        if mpmod.__name__ == 'cpool':
+            assert rlock.acquire(timeout=5)
+            rlock.release()
+
+
 def test_no_fd_or_zombie_left_behind():
     from conftest import open_fds
     import cpool
