@@ -190,7 +190,10 @@ def _start_worker(ctx, channel, initializer, initargs, maxtasks, workers, core, 
     w.daemon = True
     w.start()
     workers[index] = w
-    core.set_worker(index, w.pid, w.sentinel)
+    # A context's stand-in Process without pid/sentinel (CPython's tests use one) is started
+    # and stopped like the others, but not watched for its death (pid 0, no pidfd).
+    pid, sentinel = getattr(w, 'pid', None), getattr(w, 'sentinel', None)
+    core.set_worker(index, 0 if pid is None else pid, -1 if sentinel is None else sentinel)
     util.debug('added worker %s', w.name)
     return w
 

@@ -914,3 +914,36 @@ def test_imap_input_error_drops_its_chunk_as_stdlib(chunksize):
     import cpool
     assert (_imap_until_input_error(cpool, chunksize)
             == _imap_until_input_error(multiprocessing, chunksize))
+
+
+def test_pool_with_a_stand_in_process_that_fails_to_start(mpmod):
+    # A context's Process may be any object with start/terminate/join/is_alive (CPython's
+    # TestPoolNotLeakOnFailure): when the fourth fails to start, the pool raises and the
+    # three started ones are stopped, not leaked.
+    import unittest.mock
+    started = []
+
+    class StandIn:
+        def __init__(self, **kwargs):
+            self.name, self.exitcode, self.state = 'stand-in', None, None
+            started.append(self)
+
+        def start(self):
+            if len(started) > 3:
+                raise OSError('induced')
+            self.state = 'started'
+
+        def terminate(self):
+            self.state = 'stopping'
+
+        def join(self, timeout=None):
+            if self.state == 'stopping':
+                self.state = 'stopped'
+
+        def is_alive(self):
+            return self.state in ('started', 'stopping')
+
+    pool_module = importlib.import_module(mpmod.__name__ + '.pool')
+    with pytest.raises(OSError, match='induced'):
+        pool_module.Pool(5, context=unittest.mock.MagicMock(Process=StandIn))
+    assert len(started) == 4 and not any(p.is_alive() for p in started)
