@@ -18,22 +18,6 @@
 #include "spawn.h"
 #include "arena.h"
 
-/* Flush sys.stdout/sys.stderr so buffered output is not printed again by the child. */
-static void flush_std_streams(void)
-{
-    static const char *names[] = {"stdout", "stderr"};
-    for (int i = 0; i < 2; i++) {
-        PyObject *f = PySys_GetObject(names[i]); /* borrowed */
-        if (f && f != Py_None) {
-            PyObject *r = PyObject_CallMethod(f, "flush", NULL);
-            if (r)
-                Py_DECREF(r);
-            else
-                PyErr_Clear(); /* a closed or broken stream must not stop the fork */
-        }
-    }
-}
-
 #if PY_VERSION_HEX >= 0x030C0000
 /* How many threads this process has: /proc first (it sees threads Python does not know),
    else the threading module's own count. */
@@ -102,20 +86,6 @@ static pid_t fork_as_os_does(int *err)
     return pid;
 }
 
-static PyObject *cp_fork(PyObject *module, PyObject *unused)
-{
-    flush_std_streams();
-    int err;
-    pid_t pid = fork_as_os_does(&err);
-    if (pid == 0) {
-        PyOS_AfterFork_Child();
-        return PyLong_FromLong(0);
-    }
-    if (pid < 0)
-        return cp_err_errno(-err, "fork");
-    return PyLong_FromLong(pid);
-}
-
 /* ---- the forked child: a Process object's bootstrap in C ----
 
    Every page a forked child writes is a copy-on-write fault (~2 us here), so the child's
@@ -169,29 +139,6 @@ static PyObject *cp_fork_setup(PyObject *module, PyObject *const *args, Py_ssize
         return NULL;
     }
     cp_state *st = cp_get_state(module);
-    PyObject *keys = PyTuple_New(K_COUNT);
-    if (!keys)
-        return NULL;
-    for (int i = 0; i < K_COUNT; i++) {
-        PyObject *k = PyUnicode_InternFromString(fork_key_names[i]);
-        if (!k) {
-            Py_DECREF(keys);
-            return NULL;
-        }
-        PyTuple_SET_ITEM(keys, i, k);
-    }
-    PyObject *sys = PyImport_ImportModule("sys"), *atexit = PyImport_ImportModule("atexit");
-    if (!sys || !atexit) {
-        Py_XDECREF(sys);
-        Py_XDECREF(atexit);
-        Py_DECREF(keys);
-        return NULL;
-    }
-    Py_XSETREF(st->slot[CP_OBJ_FORK_SYS_DICT], Py_NewRef(PyModule_GetDict(sys)));
-    Py_XSETREF(st->slot[CP_OBJ_FORK_ATEXIT_DICT], Py_NewRef(PyModule_GetDict(atexit)));
-    Py_DECREF(sys);
-    Py_DECREF(atexit);
-    Py_XSETREF(st->slot[CP_OBJ_FORK_KEYS], keys);
     Py_XSETREF(st->slot[CP_OBJ_FORK_PROCESS_DICT], Py_NewRef(args[0]));
     Py_XSETREF(st->slot[CP_OBJ_FORK_UTIL_DICT], Py_NewRef(args[1]));
     Py_XSETREF(st->slot[CP_OBJ_FORK_AFTERFORK], Py_NewRef(args[2]));
@@ -280,15 +227,16 @@ static int exit_function_has_work(fork_refs *r)
            container_size(dict_get(r->ud, KEY(r, K_LOGGER)));
 }
 
-/* sys.stdout.flush(), sys.stderr.flush(); errors ignored (a closed or broken stream must not
-   stop a fork or an exit). flush_std_streams() without a temporary string per name. */
-static void flush_streams(fork_refs *r)
+/* sys.stdout.flush(), sys.stderr.flush(), so buffered output is not printed again by a child;
+   errors ignored (a closed or broken stream must not stop a fork or an exit). The names are
+   the interned keys, sys's dict is read directly: no temporary string per call. */
+static void flush_streams(PyObject *keys, PyObject *sysdict)
 {
-    PyObject *names[2] = {KEY(r, K_STDOUT), KEY(r, K_STDERR)};
+    PyObject *names[2] = {PyTuple_GET_ITEM(keys, K_STDOUT), PyTuple_GET_ITEM(keys, K_STDERR)};
     for (int i = 0; i < 2; i++) {
-        PyObject *f = dict_get(r->sd, names[i]);
+        PyObject *f = dict_get(sysdict, names[i]);
         if (f && f != Py_None) {
-            PyObject *v = PyObject_VectorcallMethod(KEY(r, K_FLUSH), &f,
+            PyObject *v = PyObject_VectorcallMethod(PyTuple_GET_ITEM(keys, K_FLUSH), &f,
                                                     1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
             if (v)
                 Py_DECREF(v);
@@ -296,6 +244,22 @@ static void flush_streams(fork_refs *r)
                 PyErr_Clear();
         }
     }
+}
+
+/* fork() -> pid, as os.fork() does it (stdout/stderr flushed first): the forkserver's. */
+static PyObject *cp_fork(PyObject *module, PyObject *unused)
+{
+    cp_state *st = cp_get_state(module);
+    flush_streams(st->slot[CP_OBJ_FORK_KEYS], st->slot[CP_OBJ_FORK_SYS_DICT]);
+    int err;
+    pid_t pid = fork_as_os_does(&err);
+    if (pid == 0) {
+        PyOS_AfterFork_Child();
+        return PyLong_FromLong(0);
+    }
+    if (pid < 0)
+        return cp_err_errno(-err, "fork");
+    return PyLong_FromLong(pid);
 }
 
 /* Everything from "become the Process" to _exit: the order of process.py's _bootstrap. */
@@ -476,7 +440,7 @@ finish:
             PyErr_Print();
     }
     child_log(r, "process exiting with exitcode %d", code);
-    flush_streams(r);
+    flush_streams(r->keys, r->sd);
 #if PY_VERSION_HEX >= 0x030D0000
     /* atexit: util's exit function, and what run() registered (only the former: nothing to do
        when it has no work). Flushed again: what the callbacks print must not be lost. */
@@ -485,7 +449,7 @@ finish:
         PyErr_Clear();
         if (call_from_void(r->ad, KEY(r, K_AT_RUN), NULL, 0) < 0)
             PyErr_Print();
-        flush_streams(r);
+        flush_streams(r->keys, r->sd);
     }
     Py_XDECREF(v);
 #endif
@@ -501,7 +465,7 @@ static int fork_refs_of(cp_state *st, fork_refs *r)
                      st->slot[CP_OBJ_FORK_UTIL_DICT], st->slot[CP_OBJ_FORK_AFTERFORK],
                      st->slot[CP_OBJ_FORK_THREADING_DICT], st->slot[CP_OBJ_FORK_SYS_DICT],
                      st->slot[CP_OBJ_FORK_ATEXIT_DICT]};
-    if (!r->keys) {
+    if (!r->pd) {
         PyErr_SetString(PyExc_RuntimeError, "cpool._core.fork_setup() was not called");
         return -1;
     }
@@ -534,7 +498,7 @@ static int fork_and_run(cp_state *st, PyObject *obj, pid_t *pid_out, int *pidfd_
         Py_XDECREF(made);
         return -1;
     }
-    flush_streams(&refs);
+    flush_streams(refs.keys, refs.sd);
     int saved;
     pid_t pid = fork_as_os_does(&saved);
     if (pid == 0) {
@@ -702,21 +666,6 @@ static int deadline_of(PyObject *timeout, int64_t *deadline)
         *deadline = cp_deadline_after(t);
     }
     return 0;
-}
-
-/* wait_exit(pid, pidfd, timeout) -> exit code, or None if still running at the deadline. */
-static PyObject *cp_wait_exit(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "wait_exit(pid, pidfd, timeout)");
-        return NULL;
-    }
-    long pid = PyLong_AsLong(args[0]);
-    long pidfd = PyLong_AsLong(args[1]);
-    int64_t deadline;
-    if (PyErr_Occurred() || deadline_of(args[2], &deadline) < 0)
-        return NULL;
-    return wait_exit(pid, pidfd, deadline);
 }
 
 /* ---- ForkPopen: the fork start method's Popen (popen_fork.Popen), base of the others ----
@@ -992,14 +941,41 @@ static PyMethodDef process_methods[] = {
     {"pidfd_open", cp_pidfd, METH_O, "pidfd_open(pid) -> fd readable once pid has exited."},
     {"spawnv_passfds", (PyCFunction)(void (*)(void))cp_spawnv_passfds, METH_FASTCALL,
      "spawnv_passfds(path, args, passfds) -> pid\n\nfork+exec with only passfds inherited."},
-    {"wait_exit", (PyCFunction)(void (*)(void))cp_wait_exit, METH_FASTCALL,
-     "wait_exit(pid, pidfd, timeout) -> exitcode or None"},
     {NULL, NULL, 0, NULL},
 };
 
+/* The interned names the fork paths look up, and the dicts of sys and atexit (fork_setup adds
+   cpool's own modules' dicts once they exist). */
+static int fork_state_init(cp_state *st)
+{
+    PyObject *keys = PyTuple_New(K_COUNT);
+    if (!keys)
+        return -1;
+    for (int i = 0; i < K_COUNT; i++) {
+        PyObject *k = PyUnicode_InternFromString(fork_key_names[i]);
+        if (!k) {
+            Py_DECREF(keys);
+            return -1;
+        }
+        PyTuple_SET_ITEM(keys, i, k);
+    }
+    st->slot[CP_OBJ_FORK_KEYS] = keys;
+    const char *mods[2] = {"sys", "atexit"};
+    int slots[2] = {CP_OBJ_FORK_SYS_DICT, CP_OBJ_FORK_ATEXIT_DICT};
+    for (int i = 0; i < 2; i++) {
+        PyObject *m = PyImport_ImportModule(mods[i]);
+        if (!m)
+            return -1;
+        st->slot[slots[i]] = Py_NewRef(PyModule_GetDict(m));
+        Py_DECREF(m);
+    }
+    return 0;
+}
+
 int cp_exec_process(PyObject *module)
 {
-    if (cp_add_type(module, CP_TYPE_FORK_POPEN, &fp_spec, NULL) < 0)
+    if (fork_state_init(cp_get_state(module)) < 0 ||
+        cp_add_type(module, CP_TYPE_FORK_POPEN, &fp_spec, NULL) < 0)
         return -1;
     return PyModule_AddFunctions(module, process_methods);
 }
