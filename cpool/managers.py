@@ -1309,8 +1309,7 @@ class _Acquirer(object):
         _remove_identical(self._holders, getattr(_serving, 'held', None))
 
     def _release_for_dead_peer(self):
-        held = getattr(_serving, 'held', None)
-        _remove_identical(self._holders, held)
+        _Acquirer._forget_holder(self)  # not an RLock's: it comes back here
         try:
             self._lock.release()
         except RuntimeError:

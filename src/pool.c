@@ -16,7 +16,6 @@
 #include <poll.h>
 #include <signal.h>
 #include <string.h>
-#include <sys/syscall.h>
 #include <sys/types.h>
 #include <unistd.h>
 
@@ -1262,7 +1261,7 @@ static void check_timeouts(PoolCore *c, int64_t now)
             c->pids[w] > 0) {
             c->timed_out[w] = seq;
             /* Through the pidfd: a forkserver worker is not our child, its pid may be reused. */
-            if (c->pidfds[w] < 0 || syscall(SYS_pidfd_send_signal, c->pidfds[w], SIGKILL, NULL, 0) < 0)
+            if (c->pidfds[w] < 0 || cp_pidfd_send_signal(c->pidfds[w], SIGKILL) < 0)
                 kill(c->pids[w], SIGKILL);
         }
     }
