@@ -88,6 +88,8 @@ static int cp_exec(PyObject *m)
         return -1;
     if (cp_exec_synchronize(m) < 0)
         return -1;
+    if (cp_exec_shared_memory(m) < 0)
+        return -1;
     return 0;
 }
 

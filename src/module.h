@@ -90,5 +90,6 @@ int cp_exec_pool(PyObject *module);
 int cp_exec_connection(PyObject *module);
 int cp_exec_synchronize(PyObject *module);
 int cp_exec_queue(PyObject *module);
+int cp_exec_shared_memory(PyObject *module);
 
 #endif

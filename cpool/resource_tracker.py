@@ -1,0 +1,81 @@
+"""The standard library's resource_tracker names, over cpool's tracker-less cleanup.
+
+cpool runs no tracker server: a tracked shared-memory segment is unlinked by a small watcher
+process that outlives every process of the program (see cpool.shared_memory). register() and
+unregister() add a name to / take it from that watcher's list, so code written for the standard
+library (``resource_tracker.unregister(shm._name, "shared_memory")``) runs unchanged and is
+honoured. Other resource types ("semaphore", "folder", ...) are accepted and need no cleanup in
+cpool: its semaphores live in memfd arenas that vanish with their last user.
+"""
+import os
+import subprocess
+import sys
+import threading
+
+__all__ = ["ensure_running", "register", "unregister", "getfd", "ResourceTracker", "main"]
+
+
+class ResourceTracker:
+    """One per program: the write end of the pipe into the watcher, started on first use."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._fd = None
+        self._pid = None
+        self._owner = None
+
+    def getfd(self):
+        self.ensure_running()
+        return self._fd
+
+    def ensure_running(self):
+        """Start the watcher unless this process (or a parent it was forked from) did."""
+        with self._lock:
+            if self._fd is not None:
+                return
+            rfd, wfd = os.pipe2(os.O_CLOEXEC)
+            try:
+                proc = subprocess.Popen(
+                    [sys.executable, "-c", "from cpool._shm_watcher import main; main()"],
+                    stdin=rfd, stdout=subprocess.DEVNULL,
+                    start_new_session=True, close_fds=True)
+            finally:
+                os.close(rfd)
+            # Held so that the Popen is not collected (and warned about) while it runs.
+            self._proc = proc
+            self._fd, self._pid, self._owner = wfd, proc.pid, os.getpid()
+
+    def _send(self, verb, name):
+        self.ensure_running()
+        msg = ("%s %s\n" % (verb, name)).encode("utf-8", "surrogateescape")
+        if len(msg) > 512:
+            raise ValueError("shared memory name too long")
+        os.write(self._fd, msg)
+
+    def register(self, name, rtype):
+        if rtype == "shared_memory":
+            self._send("R", name)
+
+    def unregister(self, name, rtype):
+        if rtype == "shared_memory":
+            self._send("U", name)
+
+    def _stop(self):
+        """For tests: close our write end; the watcher cleans up once every holder has."""
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
+_resource_tracker = ResourceTracker()
+ensure_running = _resource_tracker.ensure_running
+register = _resource_tracker.register
+unregister = _resource_tracker.unregister
+getfd = _resource_tracker.getfd
+
+
+def main(fd):
+    """Run the watcher loop on fd (the stdlib's main(fd) runs its tracker server)."""
+    from cpool._shm_watcher import main as watch
+    watch(fd)
