@@ -3,6 +3,7 @@ import os
 import signal
 import sys
 import threading
+import weakref
 
 from . import _core
 
@@ -72,6 +73,7 @@ class BaseProcess(object):
         self._name = name or None
         if daemon is not None:
             self.daemon = daemon
+        _dangling.add(self)
 
     def _check_closed(self):
         if self._closed:
@@ -397,6 +399,9 @@ class _MainProcess(BaseProcess):
 _parent_process = None
 _current_process = _MainProcess()
 _children = set()
+# Every Process object still alive, as the standard library keeps it: leak checks (CPython's
+# test support, libraries' test suites) read it.
+_dangling = weakref.WeakSet()
 del _MainProcess
 
 _exitcode_to_name = {}

@@ -30,6 +30,10 @@ from . import context
 
 __all__ = ['Queue', 'SimpleQueue', 'JoinableQueue']
 
+# The standard library's feeder-thread stop marker; cpool has no feeder thread, but libraries
+# (loky, joblib) import the name and compare items against it.
+_sentinel = object()
+
 Empty = _queue.Empty
 Full = _queue.Full
 

@@ -6,6 +6,8 @@ import sys
 import threading
 import weakref
 
+from subprocess import _args_from_interpreter_flags  # noqa: F401  (imported from here by loky)
+
 from . import process
 
 __all__ = ['sub_debug', 'debug', 'info', 'sub_warning', 'get_logger', 'log_to_stderr',
