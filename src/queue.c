@@ -479,6 +479,42 @@ static int after_wait(int rc, PyObject *timeout_exc)
     return 0;
 }
 
+/* ---- Ctrl-C during a large copy ---- */
+
+/* The GIL released around a ring operation, with a cancel check the core calls between slices
+   of a large copy: it takes the GIL back for PyErr_CheckSignals (which runs the handlers; a
+   handler that raises stops the copy and its exception stays set). */
+typedef struct {
+    cp_ring_cancel cancel;
+    PyThreadState *ts;
+} nogil_call;
+
+static int check_signals_nogil(void *arg)
+{
+    nogil_call *c = arg;
+    PyEval_RestoreThread(c->ts);
+    int stop = PyErr_CheckSignals() < 0;
+    c->ts = PyEval_SaveThread();
+    return stop;
+}
+
+static int put_nogil(QueueObject *q, const cp_ring_msg *msgs, size_t n, int flags, size_t *done,
+                     uint64_t *seen)
+{
+    nogil_call c = {{check_signals_nogil, &c}, PyEval_SaveThread()};
+    int rc = cp_ring_put(&q->ring, msgs, n, flags, done, seen, &c.cancel);
+    PyEval_RestoreThread(c.ts);
+    return rc;
+}
+
+static long get_nogil(QueueObject *q, void *dst, size_t cap, size_t maxn, cp_ring_got *got)
+{
+    nogil_call c = {{check_signals_nogil, &c}, PyEval_SaveThread()};
+    long n = cp_ring_get(&q->ring, dst, cap, maxn, got, 0, &c.cancel);
+    PyEval_RestoreThread(c.ts);
+    return n;
+}
+
 /* ---- put ---- */
 
 /* Put msgs[0..n) in order, waiting for room as block/deadline say. 0 or -1 (Full, Ctrl-C...).
@@ -496,15 +532,15 @@ static int put_msgs(QueueObject *q, cp_ring_msg *msgs, size_t n, uint64_t bytes,
         size_t done = 0;
         int rc = -EBUSY, fl = flags | (hot_only ? CP_RING_HOT_ONLY : 0);
         if (!big)
-            rc = cp_ring_put(&q->ring, msgs + *done_total, n - *done_total, fl | CP_RING_TRYLOCK, &done, &seen);
-        if (rc == -EBUSY) {
-            Py_BEGIN_ALLOW_THREADS
-            rc = cp_ring_put(&q->ring, msgs + *done_total, n - *done_total, fl, &done, &seen);
-            Py_END_ALLOW_THREADS
-        }
+            rc = cp_ring_put(&q->ring, msgs + *done_total, n - *done_total, fl | CP_RING_TRYLOCK,
+                             &done, &seen, NULL);
+        if (rc == -EBUSY)
+            rc = put_nogil(q, msgs + *done_total, n - *done_total, fl, &done, &seen);
         *done_total += done;
         if (rc == 0)
             return 0;
+        if (rc == -ECANCELED)
+            return -1; /* a signal handler raised mid-copy: that message was not put */
         if (rc == -ETIMEDOUT) {
             /* The lock's holder is stopped: stay interruptible and honour our deadline. */
             if (PyErr_CheckSignals() < 0)
@@ -517,6 +553,13 @@ static int put_msgs(QueueObject *q, cp_ring_msg *msgs, size_t n, uint64_t bytes,
         }
         if (rc == -EMSGSIZE) {
             PyErr_Format(PyExc_ValueError, "message of %llu bytes is larger than the queue's capacity",
+                         (unsigned long long)msgs[*done_total].len);
+            return -1;
+        }
+        if (rc == -ENOMEM) {
+            PyErr_Format(PyExc_MemoryError,
+                         "queue cannot hold a message of %llu bytes: its shared memory could not "
+                         "grow to that size (address space limit?)",
                          (unsigned long long)msgs[*done_total].len);
             return -1;
         }
@@ -643,22 +686,24 @@ static long try_get(QueueObject *q, void *dst, size_t cap, size_t maxn, cp_ring_
 {
     long n = -EBUSY;
     if (!nogil)
-        n = cp_ring_get(&q->ring, dst, cap, maxn, got, CP_RING_TRYLOCK);
+        n = cp_ring_get(&q->ring, dst, cap, maxn, got, CP_RING_TRYLOCK, NULL);
     while (n == -EBUSY || n == -ETIMEDOUT) {
         if (n == -ETIMEDOUT && PyErr_CheckSignals() < 0)
             return -EINTR; /* the lock's holder is stopped and Ctrl-C came */
-        Py_BEGIN_ALLOW_THREADS
-        n = cp_ring_get(&q->ring, dst, cap, maxn, got, 0);
-        Py_END_ALLOW_THREADS
+        n = get_nogil(q, dst, cap, maxn, got);
     }
     return n;
 }
 
 /* A failed try_get as an exception (-EINTR: KeyboardInterrupt is already set). NULL. */
-static PyObject *get_error(long n)
+static PyObject *get_error(QueueObject *q, long n)
 {
-    if (n == -EINTR)
-        return NULL;
+    if (n == -EINTR || n == -ECANCELED)
+        return NULL; /* the exception is set (Ctrl-C, or what a signal handler raised) */
+    if (n == -ENOMEM)
+        return PyErr_Format(PyExc_MemoryError,
+                            "queue get: cannot map the queue's shared memory (%llu bytes)",
+                            (unsigned long long)q->ring.h->cold);
     return cp_err_errno((int)n, "queue get");
 }
 
@@ -706,7 +751,7 @@ static PyObject *get_large(QueueObject *q, const cp_ring_got *want, int *again)
     else if (n == -EMSGSIZE || n == -EAGAIN)
         *again = 1; /* another reader took it first */
     else
-        get_error(n);
+        get_error(q, n);
     Py_XDECREF(owner);
     PyMem_RawFree(scratch);
     return res;
@@ -732,7 +777,7 @@ static PyObject *do_get(QueueObject *q, PyObject *block, PyObject *timeout)
             continue;
         }
         if (n != -EAGAIN)
-            return get_error(n);
+            return get_error(q, n);
         if (wait_readable(q, blocking, deadline) < 0)
             return NULL;
     }
@@ -815,7 +860,7 @@ static PyObject *Queue_get_many(QueueObject *q, PyObject *const *args, Py_ssize_
             continue;
         }
         if (n != -EAGAIN) {
-            get_error(n);
+            get_error(q, n);
             goto done;
         }
         if (wait_readable(q, blocking, deadline) < 0)
@@ -868,7 +913,13 @@ static PyObject *Queue_task_done(QueueObject *q, PyObject *unused)
         PyErr_SetString(PyExc_ValueError, "queue not initialized");
         return NULL;
     }
-    int rc = cp_ring_task_done(&q->ring);
+    int rc = cp_ring_task_done(&q->ring, CP_RING_TRYLOCK);
+    if (rc == -EBUSY) {
+        /* Another holder: wait without the GIL, which that holder may need (a peer thread). */
+        Py_BEGIN_ALLOW_THREADS
+        rc = cp_ring_task_done(&q->ring, 0);
+        Py_END_ALLOW_THREADS
+    }
     if (rc == -ERANGE) {
         PyErr_SetString(PyExc_ValueError, "task_done() called too many times");
         return NULL;
@@ -940,16 +991,17 @@ static PyObject *Queue_get_unfinished(QueueObject *q, void *unused)
 
 /* ---- life cycle ---- */
 
-/* Queue(maxsize=0, *, joinable=False, fd=-1, hot=0, cold=0): a new ring (sizes 0 = defaults),
-   or the one in memfd fd (a child attaching to its parent's queue). */
+/* Queue(maxsize=0, *, joinable=False, fd=-1, hot=0, cold=0, cold_start=0): a new ring (sizes
+   0 = defaults; cold is the most the cold ring may grow to, cold_start its first size), or
+   the one in memfd fd (a child attaching to its parent's queue). */
 static int Queue_init(QueueObject *q, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"maxsize", "joinable", "fd", "hot", "cold", NULL};
+    static char *kwlist[] = {"maxsize", "joinable", "fd", "hot", "cold", "cold_start", NULL};
     Py_ssize_t maxsize = 0;
     int joinable = 0, fd = -1;
-    unsigned long long hot = 0, cold = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|n$piKK:Queue", kwlist, &maxsize, &joinable, &fd,
-                                     &hot, &cold))
+    unsigned long long hot = 0, cold = 0, cold_start = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|n$piKKK:Queue", kwlist, &maxsize, &joinable,
+                                     &fd, &hot, &cold, &cold_start))
         return -1;
     if (q->attached) {
         PyErr_SetString(PyExc_RuntimeError, "Queue already initialized");
@@ -962,7 +1014,7 @@ static int Queue_init(QueueObject *q, PyObject *args, PyObject *kwds)
     if (fd >= 0)
         rc = cp_ring_attach(&q->ring, fd);
     else
-        rc = cp_ring_create(&q->ring, hot, cold, maxsize > 0 ? (uint64_t)maxsize : 0);
+        rc = cp_ring_create(&q->ring, hot, cold_start, cold, maxsize > 0 ? (uint64_t)maxsize : 0);
     if (rc < 0) {
         cp_err_errno(rc, fd >= 0 ? "queue attach" : "queue create");
         return -1;

@@ -44,6 +44,13 @@ static inline uint64_t record_bytes(uint64_t len)
     return 8 + align8(len);
 }
 
+/* Offset of a position in an area: the hot ring is a power of two, the cold one any number
+   of pages (so a message can use all the address space there is). */
+static inline uint64_t wrap(uint64_t pos, uint64_t size)
+{
+    return (size & (size - 1)) ? pos % size : pos & (size - 1);
+}
+
 /* ---- the lock and the counter slots ---- */
 
 static inline cp_ring_counters *live(cp_ring_header *h)
@@ -76,8 +83,14 @@ static int ring_lock(cp_ring_header *h, int flags)
         return 0;
     if (e == EOWNERDEAD) {
         /* The previous holder died inside put/get/task_done: it flipped cur or it did not, so
-           the committed slot is whole either way. Nothing to repair. */
+           the committed slot is whole either way. Only a resize it began needs finishing: its
+           size goes with the counters it committed, or is dropped when it committed none. */
         atomic_fetch_add(&h->recoveries, 1);
+        if (h->resize_to) {
+            if (atomic_load(&h->cur) != h->resize_cur)
+                h->cold = h->resize_to;
+            h->resize_to = 0;
+        }
         pthread_mutex_consistent(&h->lock);
         return 0;
     }
@@ -89,83 +102,232 @@ static inline void ring_unlock(cp_ring_header *h)
     pthread_mutex_unlock(&h->lock);
 }
 
-/* ---- copying at a position of one circular area, in two pieces where it wraps ---- */
+/* ---- copying at a position of one circular area, in slices, in two pieces where it wraps ---- */
 
-static void copy_in(unsigned char *area, uint64_t size, uint64_t pos, const void *src, uint64_t len)
-{
-    uint64_t off = pos & (size - 1);
-    uint64_t first = len < size - off ? len : size - off;
-    memcpy(area + off, src, first);
-    if (len > first)
-        memcpy(area, (const unsigned char *)src + first, len - first);
-}
+/* One operation's copying: bytes since the last cancel check, and whether it checked at all. */
+typedef struct {
+    const cp_ring_cancel *cancel;
+    uint64_t since;
+    int sliced;
+} copier;
 
-static void copy_out(const unsigned char *area, uint64_t size, uint64_t pos, void *dst, uint64_t len)
-{
-    uint64_t off = pos & (size - 1);
-    uint64_t first = len < size - off ? len : size - off;
-    memcpy(dst, area + off, first);
-    if (len > first)
-        memcpy((unsigned char *)dst + first, area, len - first);
-}
-
-/* Headers are 8-aligned and sizes multiples of 8, so a header never wraps. */
-static void write_record(unsigned char *area, uint64_t size, uint64_t pos, const cp_ring_msg *m)
-{
-    uint64_t word = (m->len << 8) | m->kind;
-    memcpy(area + (pos & (size - 1)), &word, 8);
-    uint64_t at = pos + 8;
-    for (uint32_t k = 0; k < m->npieces; k++) {
-        copy_in(area, size, at, m->pieces[k].base, m->pieces[k].len);
-        at += m->pieces[k].len;
-    }
-}
-
-/* ---- taking cold pages, and giving them back ---- */
-
-/* Fault in the cold pages a big record is about to fill with one system call rather than one
-   trap per page (MADV_POPULATE_WRITE, Linux 5.14; older kernels just fault as they go). */
-static void populate(unsigned char *area, uint64_t size, uint64_t pos, uint64_t len)
+/* Fault in the pages of [p, p + n) with one system call rather than one trap per page
+   (MADV_POPULATE_WRITE, Linux 5.14; older kernels just fault as they go). */
+static void populate(unsigned char *p, uint64_t n)
 {
 #ifdef MADV_POPULATE_WRITE
-    while (len > 0) {
-        uint64_t off = pos & (size - 1);
-        uint64_t n = len < size - off ? len : size - off;
-        uint64_t s = page_down(off), e = page_up(off + n);
-        madvise(area + s, e - s, MADV_POPULATE_WRITE);
-        pos += n;
-        len -= n;
-    }
+    uintptr_t s = (uintptr_t)p & ~(uintptr_t)(PAGE - 1);
+    uintptr_t e = ((uintptr_t)p + n + PAGE - 1) & ~(uintptr_t)(PAGE - 1);
+    madvise((void *)s, e - s, MADV_POPULATE_WRITE);
 #endif
 }
 
-/* Punch out the cold pages wholly inside positions [a, b). Called under the lock with b at
-   most the cold tail, and writers stay below creleased + cold size: nobody uses them. */
-static void punch_cold(cp_ring_t *r, uint64_t a, uint64_t b)
+/* memcpy in slices of CP_RING_SLICE with the cancel check between them; with fault, the
+   destination pages of each slice are populated first (so that too is sliced). 0 or
+   -ECANCELED. */
+static int slice_copy(copier *k, unsigned char *dst, const unsigned char *src, uint64_t n, int fault)
 {
-    uint64_t size = r->h->cold;
+    while (n > 0) {
+        uint64_t room = CP_RING_SLICE - k->since;
+        uint64_t m = n < room ? n : room;
+        if (fault)
+            populate(dst, m);
+        memcpy(dst, src, m);
+        dst += m;
+        src += m;
+        n -= m;
+        k->since += m;
+        if (k->since >= CP_RING_SLICE) {
+            k->since = 0;
+            k->sliced = 1;
+            if (k->cancel && k->cancel->check(k->cancel->arg))
+                return -ECANCELED;
+        }
+    }
+    return 0;
+}
+
+/* The last check of a sliced copy, right before its commit: a signal that came during the
+   last slice still stops it, so the window where Ctrl-C lands after the commit is tiny. */
+static int copy_finished(copier *k)
+{
+    if (k->sliced && k->since > 0 && k->cancel && k->cancel->check(k->cancel->arg))
+        return -ECANCELED;
+    k->since = 0;
+    k->sliced = 0;
+    return 0;
+}
+
+static int copy_in(copier *k, unsigned char *area, uint64_t size, uint64_t pos, const void *src,
+                   uint64_t len, int fault)
+{
+    uint64_t off = wrap(pos, size);
+    uint64_t first = len < size - off ? len : size - off;
+    int rc = slice_copy(k, area + off, src, first, fault);
+    if (rc == 0 && len > first)
+        rc = slice_copy(k, area, (const unsigned char *)src + first, len - first, fault);
+    return rc;
+}
+
+static int copy_out(copier *k, const unsigned char *area, uint64_t size, uint64_t pos, void *dst,
+                    uint64_t len)
+{
+    uint64_t off = wrap(pos, size);
+    uint64_t first = len < size - off ? len : size - off;
+    int rc = slice_copy(k, dst, area + off, first, 0);
+    if (rc == 0 && len > first)
+        rc = slice_copy(k, (unsigned char *)dst + first, area, len - first, 0);
+    return rc;
+}
+
+/* Headers are 8-aligned and sizes multiples of 8, so a header never wraps. */
+static int write_record(copier *k, unsigned char *area, uint64_t size, uint64_t pos,
+                        const cp_ring_msg *m, int fault)
+{
+    uint64_t word = (m->len << 8) | m->kind;
+    memcpy(area + wrap(pos, size), &word, 8);
+    uint64_t at = pos + 8;
+    for (uint32_t i = 0; i < m->npieces; i++) {
+        int rc = copy_in(k, area, size, at, m->pieces[i].base, m->pieces[i].len, fault);
+        if (rc < 0)
+            return rc;
+        at += m->pieces[i].len;
+    }
+    return copy_finished(k);
+}
+
+/* ---- giving cold pages back, and resizing the cold ring ---- */
+
+/* Punch out the cold pages wholly inside positions [a, b) of a ring of size bytes. Only for
+   consumed positions (below the committed tail) that writers do not use yet. */
+static void punch_cold(cp_ring_t *r, uint64_t size, uint64_t a, uint64_t b)
+{
     off_t base = (off_t)(HEADER_BYTES + r->h->hot);
     a = page_up(a);
     b = page_down(b);
     while (a < b) {
-        uint64_t off = a & (size - 1);
+        uint64_t off = wrap(a, size);
         uint64_t n = b - a < size - off ? b - a : size - off;
         fallocate(r->shm.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, base + (off_t)off, (off_t)n);
         a += n;
     }
 }
 
-/* Which consumed cold pages to give back now: in batches, and all of them once the cold ring
-   is empty. Sets c->creleased; the caller punches [*from, c->creleased) after its commit (a
-   punch before it would zero records that a holder killed in between never consumed). */
-static int release_cold(cp_ring_counters *c, uint64_t *from)
+/* Map this handle's view of the cold ring at size bytes (mremap keeps the pages and may move
+   them; the memfd must be that long). 0 or -errno; the old mapping stays on failure. */
+static int map_cold(cp_ring_t *r, uint64_t size)
 {
+    void *p;
+    if (r->cold)
+        p = mremap(r->cold, r->cold_mapped, size, MREMAP_MAYMOVE);
+    else
+        p = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, r->shm.fd,
+                 (off_t)(HEADER_BYTES + r->h->hot));
+    if (p == MAP_FAILED)
+        return -errno;
+    r->cold = p;
+    r->cold_mapped = size;
+    return 0;
+}
+
+/* Under the lock: follow a resize another process made. */
+static inline int sync_cold(cp_ring_t *r)
+{
+    return r->cold_mapped == r->h->cold ? 0 : map_cold(r, r->h->cold);
+}
+
+static int set_file_size(cp_ring_t *r, uint64_t cold)
+{
+    return ftruncate(r->shm.fd, (off_t)(HEADER_BYTES + r->h->hot + cold)) < 0 ? -errno : 0;
+}
+
+/* Give the cold ring new_size bytes, re-basing *c so its live records keep their bytes, and
+   commit (see ring.h). The live records [ctail, chead) sit at offsets a.. of the old ring, the
+   part past its end wrapped to 0..; that part is copied to just past the old end, so in the
+   new ring they are one run from a (a growth always leaves room for it). 0 or -errno with
+   nothing changed. */
+static int resize_cold(cp_ring_t *r, cp_ring_counters *c, uint64_t new_size)
+{
+    cp_ring_header *h = r->h;
+    uint64_t old = h->cold, live = c->chead - c->ctail;
+    uint64_t a = live ? wrap(c->ctail, old) : 0;
+    uint64_t wrapped = live && a + live > old ? a + live - old : 0;
+    if (live == 0) {
+        /* Every cold byte is consumed: dropping the file's tail frees its pages at once. */
+        (void)set_file_size(r, 0);
+        int rc = set_file_size(r, new_size);
+        if (rc == 0 && new_size > r->cold_mapped)
+            rc = map_cold(r, new_size);
+        if (rc < 0) {
+            (void)set_file_size(r, old);
+            return rc;
+        }
+    }
+    else {
+        int rc = set_file_size(r, new_size);
+        if (rc == 0)
+            rc = map_cold(r, new_size);
+        if (rc < 0) {
+            (void)set_file_size(r, old);
+            return rc;
+        }
+        /* Consumed pages of the old layout: their offsets mean other positions from now on. */
+        punch_cold(r, old, c->creleased, c->ctail);
+    }
+    h->resize_cur = atomic_load(&h->cur);
+    h->resize_to = new_size;
+    if (wrapped)
+        memcpy(r->cold + old, r->cold, wrapped); /* the old copy stays until the commit */
+    c->ctail = a;
+    c->chead = a + live;
+    c->creleased = page_down(a);
+    commit(h, c);
+    h->cold = new_size;
+    h->resize_to = 0;
+    if (wrapped)
+        punch_cold(r, new_size, 0, wrapped); /* below a: free in the new layout */
+    if (new_size < r->cold_mapped)
+        (void)map_cold(r, new_size); /* a shrink (of an empty ring): the file is short already */
+    return 0;
+}
+
+/* Room for a cold record of need bytes that does not fit: twice the size when records are
+   live (so a backlog grows in few steps), else just enough; and when the address space does
+   not have twice, just enough. 0, -EMSGSIZE (beyond cold_max) or -ENOMEM. */
+static int grow_cold(cp_ring_t *r, cp_ring_counters *c, uint64_t need)
+{
+    cp_ring_header *h = r->h;
+    uint64_t live = c->chead - c->ctail;
+    uint64_t a = live ? wrap(c->ctail, h->cold) : 0;
+    uint64_t least = page_up(a + live + need + PAGE);
+    if (least > h->cold_max)
+        return live ? -EAGAIN : -EMSGSIZE;
+    uint64_t want = live && least < 2 * h->cold ? 2 * h->cold : least;
+    if (want > h->cold_max)
+        want = h->cold_max;
+    int rc = resize_cold(r, c, want);
+    if (rc == -ENOMEM && want > least)
+        rc = resize_cold(r, c, least);
+    /* With records live, readers may yet make room: wait as on a full ring. */
+    return rc == -ENOMEM && live ? -EAGAIN : rc;
+}
+
+/* At the start of an operation, under the lock: give back the cold pages earlier gets
+   consumed (in batches, and all of them once the cold ring is empty), or shrink an empty
+   grown cold ring. They were consumed by a committed get, so punching before this
+   operation's commit is safe; a holder killed in between leaves them to the next one.
+   1 when *c changed (commit it). */
+static int tidy_cold(cp_ring_t *r, cp_ring_counters *c)
+{
+    cp_ring_header *h = r->h;
+    if (c->ctail == c->chead && h->cold > h->cold_start && resize_cold(r, c, h->cold_start) == 0)
+        return 1;
     uint64_t target = page_down(c->ctail);
     if (target <= c->creleased)
         return 0;
     if (target - c->creleased < PUNCH_BATCH && c->ctail != c->chead)
         return 0;
-    *from = c->creleased;
+    punch_cold(r, h->cold, c->creleased, target);
     c->creleased = target;
     return 1;
 }
@@ -180,33 +342,40 @@ static uint64_t pow2_pages(uint64_t n)
     return p;
 }
 
-int cp_ring_create(cp_ring_t *r, uint64_t hot, uint64_t cold, uint64_t maxsize)
+int cp_ring_create(cp_ring_t *r, uint64_t hot, uint64_t cold_start, uint64_t cold_max,
+                   uint64_t maxsize)
 {
     memset(r, 0, sizeof *r);
     r->shm.fd = -1;
     if (hot == 0)
         hot = CP_RING_DEFAULT_HOT;
-    if (cold == 0)
-        cold = CP_RING_DEFAULT_COLD;
-    if (hot > (1ULL << 40) || cold > (1ULL << 46))
+    if (cold_max == 0)
+        cold_max = CP_RING_MAX_COLD;
+    if (cold_start == 0)
+        cold_start = CP_RING_COLD_START;
+    if (hot > (1ULL << 40) || cold_max > CP_RING_MAX_COLD)
         return -EINVAL;
     hot = pow2_pages(hot);
-    cold = pow2_pages(cold);
+    cold_max = pow2_pages(cold_max);
+    cold_start = page_up(cold_start < cold_max ? cold_start : cold_max);
 
-    int rc;
-    /* The cold ring is address space only; where that is limited (ulimit -v, sanitizers),
-       settle for less of it. */
-    while ((rc = cp_shm_create(&r->shm, HEADER_BYTES + hot + cold, "cpool-queue")) == -ENOMEM &&
-           cold > (64ULL << 20))
-        cold >>= 1;
+    /* The header and the hot ring are one mapping that never moves (peers read the counters
+       without the lock); the cold ring has its own, which grows. */
+    int rc = cp_shm_create(&r->shm, HEADER_BYTES + hot, "cpool-queue");
     if (rc < 0)
         return rc;
-    cp_ring_header *h = r->shm.addr;
+    cp_ring_header *h = r->h = r->shm.addr;
     h->version = CP_RING_VERSION;
     h->header_size = HEADER_BYTES;
     h->hot = hot;
-    h->cold = cold;
+    h->cold = cold_start;
+    h->cold_start = cold_start;
+    h->cold_max = cold_max;
     h->maxsize = maxsize;
+    if ((rc = set_file_size(r, cold_start)) < 0 || (rc = map_cold(r, cold_start)) < 0) {
+        cp_ring_close(r);
+        return rc;
+    }
 
     pthread_mutexattr_t a;
     int e = pthread_mutexattr_init(&a);
@@ -215,18 +384,18 @@ int cp_ring_create(cp_ring_t *r, uint64_t hot, uint64_t cold, uint64_t maxsize)
     if (!e)
         e = pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST);
     if (!e)
+        e = pthread_mutexattr_settype(&a, PTHREAD_MUTEX_ERRORCHECK);
+    if (!e)
         e = pthread_mutex_init(&h->lock, &a);
     pthread_mutexattr_destroy(&a);
     if (e) {
-        cp_shm_close(&r->shm);
+        cp_ring_close(r);
         return -e;
     }
     /* The rest of the header is zero (a fresh memfd). The magic goes last. */
     atomic_thread_fence(memory_order_release);
     h->magic = CP_RING_MAGIC;
-    r->h = h;
     r->hot = (unsigned char *)r->shm.addr + HEADER_BYTES;
-    r->cold = r->hot + hot;
     r->spin_ns = CP_SPIN_START_NS;
     return 0;
 }
@@ -235,27 +404,30 @@ int cp_ring_attach(cp_ring_t *r, int fd)
 {
     memset(r, 0, sizeof *r);
     r->shm.fd = -1;
-    int rc = cp_shm_attach(&r->shm, fd, 0);
+    /* The header first, to learn the hot ring's size; the cold ring is mapped under the lock
+       at the first operation (its size may change until then). */
+    cp_ring_header head;
+    if (pread(fd, &head, sizeof head, 0) != (ssize_t)sizeof head || head.magic != CP_RING_MAGIC ||
+        head.version != CP_RING_VERSION || head.header_size != HEADER_BYTES ||
+        head.hot == 0 || head.hot > (1ULL << 40))
+        return -EINVAL;
+    int rc = cp_shm_attach(&r->shm, fd, HEADER_BYTES + head.hot);
     if (rc < 0)
         return rc;
-    cp_ring_header *h = r->shm.addr;
-    if (r->shm.size < HEADER_BYTES || h->magic != CP_RING_MAGIC || h->version != CP_RING_VERSION ||
-        h->header_size != HEADER_BYTES || HEADER_BYTES + h->hot + h->cold != r->shm.size) {
-        cp_shm_close(&r->shm);
-        return -EINVAL;
-    }
-    r->h = h;
+    r->h = r->shm.addr;
     r->hot = (unsigned char *)r->shm.addr + HEADER_BYTES;
-    r->cold = r->hot + h->hot;
     r->spin_ns = CP_SPIN_START_NS;
     return 0;
 }
 
 void cp_ring_close(cp_ring_t *r)
 {
+    if (r->cold)
+        munmap(r->cold, r->cold_mapped);
     cp_shm_close(&r->shm);
     r->h = NULL;
     r->hot = r->cold = NULL;
+    r->cold_mapped = 0;
 }
 
 /* ---- put / get ---- */
@@ -284,16 +456,27 @@ static void wake(cp_ring_header *h, int kind)
     }
 }
 
+/* The lock, then this handle's view of the cold ring brought up to date. */
+static int lock_and_sync(cp_ring_t *r, int flags)
+{
+    int rc = ring_lock(r->h, flags);
+    if (rc == 0 && (rc = sync_cold(r)) < 0)
+        ring_unlock(r->h);
+    return rc;
+}
+
 int cp_ring_put(cp_ring_t *r, const cp_ring_msg *msgs, size_t n, int flags, size_t *done,
-                uint64_t *seen)
+                uint64_t *seen, const cp_ring_cancel *cancel)
 {
     cp_ring_header *h = r->h;
     *done = 0;
-    int rc = ring_lock(h, flags);
+    int rc = lock_and_sync(r, flags);
     if (rc < 0)
         return rc;
     cp_ring_counters c = *live(h);
-    uint64_t hot = h->hot, cold = h->cold;
+    int dirty = tidy_cold(r, &c);
+    uint64_t hot = h->hot;
+    copier k = {cancel, 0, 0};
     size_t i = 0;
     for (; i < n; i++) {
         const cp_ring_msg *m = &msgs[i];
@@ -302,34 +485,37 @@ int cp_ring_put(cp_ring_t *r, const cp_ring_msg *msgs, size_t n, int flags, size
             break;
         }
         uint64_t need = record_bytes(m->len);
-        if (m->len >= (1ULL << 56) || (need > hot && need > cold - PAGE)) {
+        if (m->len >= (1ULL << 56) || (need > hot && need + PAGE > h->cold_max)) {
             rc = -EMSGSIZE;
             break;
         }
         int cold_empty = c.chead == c.ctail;
         if (cold_empty && c.hhead + need - c.htail <= hot) {
-            write_record(r->hot, hot, c.hhead, m);
+            if ((rc = write_record(&k, r->hot, hot, c.hhead, m, 0)) < 0)
+                break;
             c.hhead += need;
         }
         else if (cold_empty && need <= hot && (flags & CP_RING_HOT_ONLY)) {
             rc = -ENOSPC;
             break;
         }
-        else if (c.chead + need - c.creleased <= cold) {
-            if (need >= POPULATE_MIN)
-                populate(r->cold, cold, c.chead, need);
-            write_record(r->cold, cold, c.chead, m);
-            c.chead += need;
-        }
         else {
-            rc = -EAGAIN;
-            break;
+            if (c.chead + need - c.creleased > h->cold) {
+                /* A resize commits: what this call put so far goes in with it. */
+                if ((rc = grow_cold(r, &c, need)) < 0)
+                    break;
+                *done = i;
+                dirty = 0;
+            }
+            if ((rc = write_record(&k, r->cold, h->cold, c.chead, m, need >= POPULATE_MIN)) < 0)
+                break;
+            c.chead += need;
         }
         c.count++;
         if (flags & CP_RING_TASK)
             c.unfinished++;
     }
-    if (i > 0)
+    if (i > *done || dirty)
         commit(h, &c);
     if (seen)
         *seen = c.consumed;
@@ -340,16 +526,18 @@ int cp_ring_put(cp_ring_t *r, const cp_ring_msg *msgs, size_t n, int flags, size
     return rc;
 }
 
-long cp_ring_get(cp_ring_t *r, void *dst, size_t cap, size_t maxn, cp_ring_got *got, int flags)
+long cp_ring_get(cp_ring_t *r, void *dst, size_t cap, size_t maxn, cp_ring_got *got, int flags,
+                 const cp_ring_cancel *cancel)
 {
     cp_ring_header *h = r->h;
-    int rc = ring_lock(h, flags);
+    int rc = lock_and_sync(r, flags);
     if (rc < 0)
         return rc;
     cp_ring_counters c = *live(h);
+    int dirty = tidy_cold(r, &c);
+    copier k = {cancel, 0, 0};
     long n = 0;
     size_t used = 0;
-    int took_cold = 0;
     while ((size_t)n < maxn && c.count > 0) {
         /* Hot first: while the cold ring holds records, every hot one is older. */
         int from_hot = c.hhead != c.htail;
@@ -358,7 +546,7 @@ long cp_ring_get(cp_ring_t *r, void *dst, size_t cap, size_t maxn, cp_ring_got *
         uint64_t *tail = from_hot ? &c.htail : &c.ctail;
         uint64_t avail = from_hot ? c.hhead - c.htail : c.chead - c.ctail;
         uint64_t word;
-        memcpy(&word, area + (*tail & (size - 1)), 8);
+        memcpy(&word, area + wrap(*tail, size), 8);
         uint32_t kind = (uint32_t)(word & 0xff);
         uint64_t len = word >> 8;
         if (avail < 8 || record_bytes(len) > avail) {
@@ -374,26 +562,24 @@ long cp_ring_get(cp_ring_t *r, void *dst, size_t cap, size_t maxn, cp_ring_got *
             }
             break;
         }
-        copy_out(area, size, *tail + 8, (unsigned char *)dst + used, len);
+        if ((rc = copy_out(&k, area, size, *tail + 8, (unsigned char *)dst + used, len)) < 0 ||
+            (rc = copy_finished(&k)) < 0) {
+            n = 0; /* stopped: nothing of this call is taken (a get_many retries whole) */
+            c = *live(h);
+            break;
+        }
         got[n].kind = kind;
         got[n].len = len;
         got[n].offset = used;
         used += align8(len);
         n++;
         *tail += record_bytes(len);
-        took_cold |= !from_hot;
         c.count--;
         c.consumed++;
     }
-    if (n > 0) {
-        uint64_t from = 0;
-        int punch = took_cold && release_cold(&c, &from);
+    /* The pages of what was taken are given back by the next operation, not here: see ring.h. */
+    if (n > 0 || dirty)
         commit(h, &c);
-        /* Still under the lock: writers stay below creleased + cold, so none is there yet. A
-           holder killed before this only leaves the pages allocated until they are reused. */
-        if (punch)
-            punch_cold(r, from, c.creleased);
-    }
     ring_unlock(h);
     if (n > 0) {
         wake(h, SLEEP_PUT);
@@ -484,11 +670,11 @@ int cp_ring_wait_joined(cp_ring_t *r, int64_t deadline)
     return wait_on(r, SLEEP_JOIN, deadline, joined, 0);
 }
 
-int cp_ring_task_done(cp_ring_t *r)
+int cp_ring_task_done(cp_ring_t *r, int flags)
 {
     cp_ring_header *h = r->h;
     int rc;
-    while ((rc = ring_lock(h, 0)) == -ETIMEDOUT)
+    while ((rc = ring_lock(h, flags & CP_RING_TRYLOCK)) == -ETIMEDOUT)
         ; /* task_done is not interruptible: it must not be lost half-way */
     if (rc < 0)
         return rc;

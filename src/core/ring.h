@@ -8,14 +8,30 @@
 
    Hot and cold. The hot ring (4 MiB by default) is where records go while readers keep up: its
    pages stay resident, so a busy queue never takes a page fault. When it is full, or for a
-   record bigger than it, records go to the cold ring instead: a large sparse area (16 GiB of
-   address space by default; memory only where written) whose consumed pages readers give back
-   to the kernel (fallocate PUNCH_HOLE), so memory follows the backlog, not its high-water mark.
+   record bigger than it, records go to the cold ring instead: a sparse area (memory only where
+   written) whose consumed pages are given back to the kernel (fallocate PUNCH_HOLE), so memory
+   follows the backlog, not its high-water mark. The cold ring starts small (8 MiB of address
+   space) and grows on demand, up to the address space the processes have (ulimit -v) or the
+   cap given at creation: a writer that finds it too small extends the memfd, remaps, and
+   re-bases the cold positions so the live records keep their place (a wrapped tail is copied
+   once, past the old end). Other processes remap under the lock when they see the new size.
+   Once empty, a grown cold ring shrinks back to its start size (ftruncate frees its pages).
+   Its size need not be a power of two, so a message can take all the address space there is.
    An unbounded queue's put() therefore returns at once even when nobody reads, and a message
    of hundreds of MB needs no reader to be there. Order stays FIFO: writers use the hot ring only
    while the cold one is empty, and readers empty the hot ring before the cold one, so every
    cold record is younger than every hot one. A writer blocks (or gets -EAGAIN) only when the
-   cold ring too is full, or at maxsize records.
+   cold ring too is full and cannot grow, or at maxsize records.
+
+   Giving pages back. A get never gives back the pages of the records it took: it would run
+   after its commit, when the record counts as delivered but the caller does not have it yet,
+   and a consumer killed then would lose the message. The next operation under the lock (any
+   put or get, in any process) gives them back before it commits, which is safe since they were
+   consumed by an earlier commit.
+
+   Large copies. A record is copied in slices (CP_RING_SLICE); between slices, and once more
+   before the commit, the caller's cancel check runs (Ctrl-C). When it says stop, nothing of
+   the interrupted record is committed: a get leaves it in the queue, a put enqueues nothing.
 
    Locking. One pthread mutex, PTHREAD_PROCESS_SHARED and PTHREAD_MUTEX_ROBUST: when its owner
    dies the kernel hands it to the next locker with EOWNERDEAD. Every operation copies under
@@ -23,7 +39,11 @@
    in two slots, an operation fills the slot not in use and then flips `cur` to it. A holder
    killed before the flip changed nothing (its half-written bytes lie beyond the head and are
    overwritten later); after it, everything. So a SIGKILL mid-put or mid-get leaves the queue
-   consistent: the message was put (got) entirely or not at all. The lock, `cur` and the
+   consistent: the message was put (got) entirely or not at all. A resize of the cold ring
+   journals its new size and the `cur` it started from, so the next holder after a dead one
+   knows whether the re-based counters were committed (cur moved) and which size goes with
+   them. The lock is ERRORCHECK: a thread that locks it again (a signal handler using the queue
+   while the cancel check runs under the lock) gets -EDEADLK, not a hang. The lock, `cur` and the
    waiter counts share one cache line, so an operation touches few lines: that line, the
    counter slots and the data.
 
@@ -48,11 +68,16 @@
 #include "shm.h"
 
 #define CP_RING_MAGIC 0x676e6972706375ULL /* "ucpring" */
-#define CP_RING_VERSION 1
+#define CP_RING_VERSION 2
 
-/* Defaults: the hot ring stays resident; the cold ring is address space, not memory. */
+/* Defaults: the hot ring stays resident; the cold ring starts small and grows up to the cap
+   (address space runs out long before it). */
 #define CP_RING_DEFAULT_HOT (4ULL << 20)
-#define CP_RING_DEFAULT_COLD (16ULL << 30)
+#define CP_RING_COLD_START (8ULL << 20)
+#define CP_RING_MAX_COLD (1ULL << 46)
+/* Records are copied in slices of this size, with a cancel check between them: about 2-8 ms
+   of copying each, so Ctrl-C waits far less than 100 ms. */
+#define CP_RING_SLICE (8ULL << 20)
 
 /* Record kinds (0..255) are the caller's: the ring never looks inside a payload. */
 
@@ -73,9 +98,13 @@ typedef struct {
     uint32_t version;
     uint32_t header_size;
     uint64_t hot;      /* bytes of the hot ring (a power of two) */
-    uint64_t cold;     /* bytes of the cold ring (a power of two) */
+    uint64_t cold;     /* bytes of the cold ring now (pages; changed under the lock) */
     uint64_t maxsize;  /* most records at once, 0 = unbounded */
     _Atomic uint64_t recoveries; /* times a dead holder's lock was taken over (for tests) */
+    uint64_t cold_start; /* the cold ring's size at creation, and after it empties */
+    uint64_t cold_max;   /* the most it may grow to */
+    uint64_t resize_to;  /* a resize in progress: the new size (0: none), see Locking */
+    uint32_t resize_cur; /* cur when it began */
 
     /* The line every operation takes: the lock, the committed slot, who sleeps. */
     _Alignas(CP_CACHELINE) pthread_mutex_t lock;
@@ -96,7 +125,8 @@ typedef struct {
     cp_shm_t shm;
     cp_ring_header *h;
     unsigned char *hot;  /* the hot ring's bytes */
-    unsigned char *cold; /* the cold ring's bytes */
+    unsigned char *cold; /* the cold ring's bytes (its own mapping: it moves when it grows) */
+    uint64_t cold_mapped; /* bytes of it this handle maps; follows h->cold under the lock */
     _Atomic int64_t spin_ns;  /* how long a wait polls before it sleeps (adapts, see ring.c) */
     _Atomic uint32_t spin_probe;
 } cp_ring_t;
@@ -121,7 +151,14 @@ typedef struct {
     size_t offset; /* in dst */
 } cp_ring_got;
 
-/* Flags for put/get. */
+/* A check run between slices of a large copy, with the lock held: nonzero means stop (the
+   operation returns -ECANCELED and commits nothing of the record it was copying). */
+typedef struct {
+    int (*check)(void *arg);
+    void *arg;
+} cp_ring_cancel;
+
+/* Flags for put/get/task_done. */
 #define CP_RING_TRYLOCK 1 /* return -EBUSY instead of sleeping on a held lock (without it,
                              put/get return -ETIMEDOUT after 100 ms without the lock: a
                              holder is stopped; check for signals and call again) */
@@ -129,9 +166,11 @@ typedef struct {
 #define CP_RING_HOT_ONLY 4 /* put: -ENOSPC rather than spilling a record that fits the hot ring
                               into the cold one (the caller may wait a little for a reader) */
 
-/* Create a ring; hot and cold 0 mean the defaults (rounded up to powers of two >= a page).
-   maxsize 0 = unbounded. */
-int cp_ring_create(cp_ring_t *r, uint64_t hot, uint64_t cold, uint64_t maxsize);
+/* Create a ring; hot 0 means the default (rounded up to a power of two >= a page); the cold
+   ring starts at cold_start bytes and grows up to cold_max (0: the defaults; both rounded up
+   to pages, cold_max then to a power of two). maxsize 0 = unbounded. */
+int cp_ring_create(cp_ring_t *r, uint64_t hot, uint64_t cold_start, uint64_t cold_max,
+                   uint64_t maxsize);
 
 /* Map the ring in memfd fd (which is dup'ed; the caller keeps its own). Checks magic/version. */
 int cp_ring_attach(cp_ring_t *r, int fd);
@@ -141,19 +180,23 @@ void cp_ring_close(cp_ring_t *r);
 
 /* Append msgs[0..n) in order, as many as fit, under one lock hold; *done says how many.
    Returns 0 when all went in, -EAGAIN when the ring was full (maxsize records, or both rings'
-   bytes) before all did, -ENOSPC (HOT_ONLY), -EMSGSIZE when msgs[*done] can never fit, -EBUSY
-   (TRYLOCK). On -EAGAIN/-ENOSPC *seen (if not NULL) is cp_ring_consumed() as of that moment,
-   for cp_ring_wait_writable().
-   Wakes sleeping readers. */
+   bytes and the cold ring cannot grow now) before all did, -ENOSPC (HOT_ONLY), -EMSGSIZE when
+   msgs[*done] can never fit (beyond cold_max), -ENOMEM when it would fit an empty cold ring
+   but the address space does not allow one that big, -EBUSY (TRYLOCK), -ECANCELED when cancel
+   stopped the copy of msgs[*done] (the ones before it went in). On -EAGAIN/-ENOSPC *seen (if
+   not NULL) is cp_ring_consumed() as of that moment, for cp_ring_wait_writable(). cancel may
+   be NULL. Wakes sleeping readers. */
 int cp_ring_put(cp_ring_t *r, const cp_ring_msg *msgs, size_t n, int flags, size_t *done,
-                uint64_t *seen);
+                uint64_t *seen, const cp_ring_cancel *cancel);
 
 /* Take up to maxn records, copying their payloads into dst[0..cap) at 8-byte aligned offsets
    (described in got[]); stops at the first that does not fit. Returns how many (>= 1), -EAGAIN
    when empty, -EMSGSIZE when the first record alone does not fit: nothing is taken and
-   got[0].kind/len describe it, so the caller can retry with a buffer of that size.
-   Wakes sleeping writers. */
-long cp_ring_get(cp_ring_t *r, void *dst, size_t cap, size_t maxn, cp_ring_got *got, int flags);
+   got[0].kind/len describe it, so the caller can retry with a buffer of that size; -ECANCELED
+   when cancel stopped the copy (nothing taken); -ENOMEM when this process cannot map the grown
+   cold ring. Wakes sleeping writers. */
+long cp_ring_get(cp_ring_t *r, void *dst, size_t cap, size_t maxn, cp_ring_got *got, int flags,
+                 const cp_ring_cancel *cancel);
 
 /* Sleep until a record may be available, the deadline (CLOCK_MONOTONIC ns, CP_NO_DEADLINE)
    passes or a signal arrives: 0, -ETIMEDOUT or -EINTR. Spurious returns happen: retry get. */
@@ -162,8 +205,9 @@ int cp_ring_wait_readable(cp_ring_t *r, int64_t deadline);
 /* Sleep until a record has been taken since the caller saw cp_ring_consumed() == seen. */
 int cp_ring_wait_writable(cp_ring_t *r, uint64_t seen, int64_t deadline);
 
-/* JoinableQueue: one task done. -ERANGE when there was none unfinished. Wakes joiners at 0. */
-int cp_ring_task_done(cp_ring_t *r);
+/* JoinableQueue: one task done. -ERANGE when there was none unfinished, -EBUSY (TRYLOCK: call
+   again without it, with the GIL released). Wakes joiners at 0. */
+int cp_ring_task_done(cp_ring_t *r, int flags);
 
 /* Sleep until no task is unfinished: 0, -ETIMEDOUT or -EINTR. */
 int cp_ring_wait_joined(cp_ring_t *r, int64_t deadline);
