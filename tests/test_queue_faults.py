@@ -1,0 +1,269 @@
+"""Queue fault cases (issue 17): Ctrl-C and SIGKILL in the middle of a large copy, address-space limits."""
+import errno
+import os
+import queue
+import signal
+import statistics
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+import cpool
+
+# The standard library has no equivalent promise to compare with here: its put() hands the
+# item to a feeder thread (Ctrl-C never lands in the copy) and an interrupted get() leaves its
+# pipe in the middle of a message. So these run on cpool alone and decide by counts.
+
+BIG = 200 << 20
+FRACTIONS = (0.05, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.97)
+
+
+def _sigint_at(delay):
+    """SIGINT to this process after delay seconds, from a thread (the main thread handles it)."""
+    def fire():
+        time.sleep(delay)
+        os.kill(os.getpid(), signal.SIGINT)
+    t = threading.Thread(target=fire, daemon=True)
+    t.start()
+    return t
+
+
+def _drain(q):
+    n = 0
+    while True:
+        try:
+            q.get_nowait()
+        except queue.Empty:
+            return n
+        n += 1
+
+
+def _timed(fn):
+    t = time.monotonic()
+    fn()
+    return time.monotonic() - t
+
+
+def test_interrupted_get_leaves_the_message():
+    q = cpool.Queue()
+    item = b'g' * BIG
+    q.put(item)
+    duration = _timed(q.get)
+    delivered = interrupted = 0
+    for _ in range(2):
+        for f in FRACTIONS:
+            q.put(item)
+            t = _sigint_at(f * duration)
+            got = None
+            try:
+                got = q.get(timeout=30)
+                t.join()
+                time.sleep(0.01)
+            except KeyboardInterrupt:
+                interrupted += got is None
+            t.join()
+            left = _drain(q)
+            # Exactly once: either this get returned it, or it is still in the queue.
+            assert (got is not None) + left == 1, (f, got is not None, left)
+            if got is not None:
+                assert len(got) == BIG
+            delivered += 1
+    assert delivered == 2 * len(FRACTIONS)
+    assert interrupted >= 3  # the signal did land inside get() (else the test proves nothing)
+
+
+def test_interrupted_put_enqueues_nothing():
+    q = cpool.Queue()
+    item = b'p' * BIG
+    duration = _timed(lambda: q.put(item))
+    q.get()
+    raised = returned = 0
+    for _ in range(2):
+        for f in FRACTIONS:
+            t = _sigint_at(f * duration)
+            ok = False
+            try:
+                q.put(item)
+                ok = True
+                t.join()
+                time.sleep(0.01)
+            except KeyboardInterrupt:
+                pass
+            t.join()
+            left = _drain(q)
+            # put returned and the item is there once, or put raised and nothing is there.
+            assert left == (1 if ok else 0), (f, ok, left)
+            raised += not ok
+            returned += ok
+    assert raised >= 3 and raised + returned == 2 * len(FRACTIONS)
+
+
+def _consumer(q, w):
+    os.write(w, b's')
+    x = q.get()
+    os.write(w, b'g' if len(x) == 400 << 20 else b'?')
+    os._exit(0)
+
+
+@pytest.mark.stress
+@pytest.mark.timeout(300)
+def test_consumer_killed_during_large_get_leaves_the_message():
+    ctx = cpool.get_context('fork')
+    q = ctx.Queue()
+    item = b'k' * (400 << 20)
+    q.put(item)
+    duration = _timed(q.get)
+    still_there = got_by_child = 0
+    for f in (0.3, 0.6, 0.8, 0.9, 0.9, 0.95, 0.9, 1.2):
+        q.put(item)
+        r, w = os.pipe()
+        p = ctx.Process(target=_consumer, args=(q, w))
+        p.start()
+        assert os.read(r, 1) == b's'
+        time.sleep(f * duration)
+        os.kill(p.pid, signal.SIGKILL)
+        p.join(30)
+        os.close(w)
+        said = os.read(r, 2)
+        os.close(r)
+        left = _drain(q)
+        assert (said == b'g') + left == 1, (f, said, left)
+        still_there += left
+        got_by_child += said == b'g'
+    assert still_there >= 3  # some kills did land inside the copy
+    # The next consumer gets it whole after a kill, and the queue is still usable.
+    q.put(b'after')
+    assert q.get(timeout=5) == b'after'
+
+
+def _interrupt_latency(op, after):
+    """Seconds from SIGINT (sent `after` s into op) to KeyboardInterrupt, or None."""
+    sent = []
+
+    def fire():
+        time.sleep(after)
+        sent.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGINT)
+    t = threading.Thread(target=fire, daemon=True)
+    t.start()
+    try:
+        op()
+        t.join()
+        time.sleep(0.01)
+    except KeyboardInterrupt:
+        t.join()
+        return time.monotonic() - sent[0]
+    return None
+
+
+@pytest.mark.stress
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize('size', [400 << 20, 1536 << 20])
+def test_ctrl_c_interrupts_large_put_and_get_quickly(size):
+    q = cpool.Queue()
+    item = b'l' * size
+    put_t = _timed(lambda: q.put(item))
+    get_t = _timed(q.get)
+    lat = {'put': [], 'get': []}
+    for _ in range(4):
+        x = _interrupt_latency(lambda: q.put(item), put_t * 0.4)
+        if x is not None:
+            lat['put'].append(x)
+        assert _drain(q) == (0 if x is not None else 1)
+        q.put(item)
+        x = _interrupt_latency(q.get, get_t * 0.4)
+        if x is not None:
+            lat['get'].append(x)
+            assert _drain(q) == 1
+    print('interrupt latency (s):', {k: [round(v, 4) for v in vs] for k, vs in lat.items()},
+          'put', round(put_t, 3), 'get', round(get_t, 3))
+    # put: the copy stops within a slice. get: the same, then the partly filled destination
+    # (bytes object) is freed before KeyboardInterrupt can surface; the kernel takes about
+    # 0.1 s per 600 MB of it, so past 400 MB only a loose bound holds (see issue 17 item 8).
+    assert lat['put'] and statistics.median(lat['put']) < 0.1, lat
+    assert lat['get'] and statistics.median(lat['get']) < (0.1 if size <= 400 << 20 else 0.5), lat
+
+
+def test_signal_handler_using_the_queue_during_a_large_get_does_not_hang():
+    q = cpool.Queue()
+    item = b'h' * (64 << 20)
+    q.put(item)
+    duration = _timed(q.get)
+    seen = []
+
+    def handler(signum, frame):
+        q.put_nowait('from handler')  # the lock is held by this very thread, mid-copy
+        seen.append('put')
+
+    old = signal.signal(signal.SIGUSR1, handler)
+    try:
+        q.put(item)
+        threading.Timer(duration * 0.5, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+        try:
+            got = q.get(timeout=30)
+        except OSError as e:
+            # the handler's put could not take the lock: it raised, and the get stopped
+            assert e.errno == errno.EDEADLK
+            got = None
+        time.sleep(0.2)
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+    rest = []
+    while True:
+        try:
+            rest.append(q.get_nowait())
+        except queue.Empty:
+            break
+    msgs = ([got] if got is not None else []) + rest
+    assert [m for m in msgs if m == item] == [item]  # the big one exactly once
+    assert msgs.count('from handler') == len(seen)
+
+
+_AS_LIMIT_PROG = textwrap.dedent('''
+    import resource, sys
+    resource.setrlimit(resource.RLIMIT_AS, (4000000 * 1024, 4000000 * 1024))  # ulimit -v 4000000
+    mod = __import__(sys.argv[1])
+    qs = [mod.Queue() for _ in range(50)]
+    for i, q in enumerate(qs):
+        q.put(i)
+    assert [q.get(timeout=10) for q in qs] == list(range(50))
+    print('50 queues ok')
+    if sys.argv[1] != 'cpool':
+        sys.exit(0)
+    big = b'b' * (900 << 20)
+    qs[0].put(big)
+    assert qs[0].get() == big
+    del big
+    print('900 MB message ok')
+    huge = b'h' * (2300 << 20)
+    try:
+        qs[1].put(huge)
+    except MemoryError as e:
+        print('MemoryError:', e)
+    else:
+        print('no error for 2.3 GB')
+    del huge
+    qs[1].put(b'still works')
+    assert qs[1].get(timeout=5) == b'still works'
+    print('done')
+''')
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize('module', ['multiprocessing', 'cpool'])
+def test_queues_under_an_address_space_limit(module):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    out = subprocess.run([sys.executable, '-c', _AS_LIMIT_PROG, module], capture_output=True,
+                         text=True, timeout=240, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert '50 queues ok' in out.stdout
+    if module == 'cpool':
+        assert '900 MB message ok' in out.stdout
+        # 2.3 GB cannot fit beside the object itself in 4 GB: a clear error naming the size.
+        assert 'MemoryError: queue cannot hold a message of 2411724800 bytes' in out.stdout
+        assert 'done' in out.stdout
