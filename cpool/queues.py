@@ -5,17 +5,21 @@ right there and the queue stays usable) and copies the message into shared memor
 copies it out. Common exact types (None, bool, int, float, str, bytes, bytearray) skip pickle.
 
 Where messages live (src/core/ring.h): one memfd per queue holding a small resident "hot"
-ring (4 MiB) used while readers keep up, and a large sparse "cold" ring (16 GiB of address
-space, memory only where written, given back to the kernel once consumed) that takes the
-backlog and messages bigger than the hot ring. So:
-  - an unbounded queue's put() never waits for a reader (up to 16 GiB of unread messages);
+ring (4 MiB) used while readers keep up, and a sparse "cold" ring (memory only where written,
+given back to the kernel once consumed) that takes the backlog and messages bigger than the hot
+ring. The cold ring starts at 8 MiB of address space and grows on demand (shrinking back once
+empty), so many queues fit in a limited address space (ulimit -v). So:
+  - an unbounded queue's put() never waits for a reader while the address space lasts;
     a blocking put() of a big message may wait a few ms for a reader that is busy taking
     messages rather than spill (page faults cost more than the copy), never for an idle one;
-  - a message may be as large as the cold ring (256 MiB and more work);
+  - a message may be as large as the address space allows; beyond that put() raises
+    MemoryError naming the size;
   - a process that put items can always exit and be joined, read or not.
 A process killed in the middle of put() or get() leaves the queue consistent (robust lock, and
-counters published by one store at the end). Ctrl-C interrupts a blocking put/get/join, even
-when the process holding the queue's lock is stopped.
+counters published by one store at the end): a consumer killed mid-copy leaves the message for
+the next one. Ctrl-C interrupts a blocking put/get/join, even when the process holding the
+queue's lock is stopped, and a large copy between 8 MiB slices: an interrupted get() leaves
+the message in the queue, an interrupted put() enqueued nothing.
 
 Beyond the standard library: put_many(iterable) / get_many(max_messages) move a batch under
 one lock; numpy arrays and other buffers are pickled with protocol 5 out-of-band buffers,

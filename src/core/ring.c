@@ -252,18 +252,9 @@ static int resize_cold(cp_ring_t *r, cp_ring_counters *c, uint64_t new_size)
     uint64_t old = h->cold, live = c->chead - c->ctail;
     uint64_t a = live ? wrap(c->ctail, old) : 0;
     uint64_t wrapped = live && a + live > old ? a + live - old : 0;
-    if (live == 0) {
-        /* Every cold byte is consumed: dropping the file's tail frees its pages at once. */
-        (void)set_file_size(r, 0);
-        int rc = set_file_size(r, new_size);
-        if (rc == 0 && new_size > r->cold_mapped)
-            rc = map_cold(r, new_size);
-        if (rc < 0) {
-            (void)set_file_size(r, old);
-            return rc;
-        }
-    }
-    else {
+    /* The file only grows before the commit, and shrinks after it: a peer that still maps the
+       old size never touches a page past the end of the file (SIGBUS), whenever we die. */
+    if (new_size > old) {
         int rc = set_file_size(r, new_size);
         if (rc == 0)
             rc = map_cold(r, new_size);
@@ -271,9 +262,12 @@ static int resize_cold(cp_ring_t *r, cp_ring_counters *c, uint64_t new_size)
             (void)set_file_size(r, old);
             return rc;
         }
-        /* Consumed pages of the old layout: their offsets mean other positions from now on. */
-        punch_cold(r, old, c->creleased, c->ctail);
     }
+    if (live == 0) /* every cold byte is consumed: free all the pages in one call */
+        fallocate(r->shm.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                  (off_t)(HEADER_BYTES + h->hot), (off_t)old);
+    else /* consumed pages of the old layout: their offsets mean other positions from now on */
+        punch_cold(r, old, c->creleased, c->ctail);
     h->resize_cur = atomic_load(&h->cur);
     h->resize_to = new_size;
     if (wrapped)
@@ -286,8 +280,10 @@ static int resize_cold(cp_ring_t *r, cp_ring_counters *c, uint64_t new_size)
     h->resize_to = 0;
     if (wrapped)
         punch_cold(r, new_size, 0, wrapped); /* below a: free in the new layout */
-    if (new_size < r->cold_mapped)
-        (void)map_cold(r, new_size); /* a shrink (of an empty ring): the file is short already */
+    if (new_size < old) { /* a shrink, of an empty ring */
+        (void)map_cold(r, new_size);
+        (void)set_file_size(r, new_size);
+    }
     return 0;
 }
 
