@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -51,17 +52,36 @@ static inline cp_ring_counters *live(cp_ring_header *h)
     return &h->slot[atomic_load_explicit(&h->cur, memory_order_relaxed) & 1];
 }
 
-/* Publish c: fill the other slot, then one seq_cst store flips to it. The store is also what a
-   sleeper's "still nothing?" check pairs with (see wake()). */
-static void commit(cp_ring_header *h, const cp_ring_counters *c)
+/* Under the lock: make the eventfd say whether the ring holds a record (see ring.h). An eventfd
+   counter above 0 is readable; reading it resets it to 0. EAGAIN on either side means it
+   already was what we want. */
+static void notify_set(cp_ring_t *r, int nonempty)
 {
-    uint32_t cur = atomic_load_explicit(&h->cur, memory_order_relaxed);
-    h->slot[(cur + 1) & 1] = *c;
-    atomic_store(&h->cur, cur + 1);
+    uint64_t v = 1;
+    ssize_t n;
+    if (nonempty)
+        n = write(r->notify_fd, &v, 8);
+    else
+        n = read(r->notify_fd, &v, 8);
+    (void)n;
 }
 
-static int ring_lock(cp_ring_header *h, int flags)
+/* Publish c: fill the other slot, then one seq_cst store flips to it. The store is also what a
+   sleeper's "still nothing?" check pairs with (see wake()). */
+static void commit(cp_ring_t *r, const cp_ring_counters *c)
 {
+    cp_ring_header *h = r->h;
+    uint32_t cur = atomic_load_explicit(&h->cur, memory_order_relaxed);
+    uint64_t before = h->slot[cur & 1].count;
+    h->slot[(cur + 1) & 1] = *c;
+    atomic_store(&h->cur, cur + 1);
+    if (atomic_load_explicit(&h->notify, memory_order_relaxed) && (before == 0) != (c->count == 0))
+        notify_set(r, c->count != 0);
+}
+
+static int ring_lock(cp_ring_t *r, int flags)
+{
+    cp_ring_header *h = r->h;
     int e;
     if (flags & CP_RING_TRYLOCK) {
         e = pthread_mutex_trylock(&h->lock);
@@ -79,6 +99,12 @@ static int ring_lock(cp_ring_header *h, int flags)
            the committed slot is whole either way. Nothing to repair. */
         atomic_fetch_add(&h->recoveries, 1);
         pthread_mutex_consistent(&h->lock);
+        /* ... but it may have died between the commit and the eventfd's update. */
+        if (atomic_load_explicit(&h->notify, memory_order_relaxed)) {
+            notify_set(r, 0);
+            if (live(h)->count)
+                notify_set(r, 1);
+        }
         return 0;
     }
     return -e; /* EBUSY for a trylock, ETIMEDOUT for a slice */
@@ -184,6 +210,7 @@ int cp_ring_create(cp_ring_t *r, uint64_t hot, uint64_t cold, uint64_t maxsize)
 {
     memset(r, 0, sizeof *r);
     r->shm.fd = -1;
+    r->notify_fd = -1;
     if (hot == 0)
         hot = CP_RING_DEFAULT_HOT;
     if (cold == 0)
@@ -201,6 +228,11 @@ int cp_ring_create(cp_ring_t *r, uint64_t hot, uint64_t cold, uint64_t maxsize)
         cold >>= 1;
     if (rc < 0)
         return rc;
+    if ((r->notify_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) < 0) {
+        rc = -errno;
+        cp_shm_close(&r->shm);
+        return rc;
+    }
     cp_ring_header *h = r->shm.addr;
     h->version = CP_RING_VERSION;
     h->header_size = HEADER_BYTES;
@@ -218,7 +250,7 @@ int cp_ring_create(cp_ring_t *r, uint64_t hot, uint64_t cold, uint64_t maxsize)
         e = pthread_mutex_init(&h->lock, &a);
     pthread_mutexattr_destroy(&a);
     if (e) {
-        cp_shm_close(&r->shm);
+        cp_ring_close(r);
         return -e;
     }
     /* The rest of the header is zero (a fresh memfd). The magic goes last. */
@@ -231,10 +263,11 @@ int cp_ring_create(cp_ring_t *r, uint64_t hot, uint64_t cold, uint64_t maxsize)
     return 0;
 }
 
-int cp_ring_attach(cp_ring_t *r, int fd)
+int cp_ring_attach(cp_ring_t *r, int fd, int notify_fd)
 {
     memset(r, 0, sizeof *r);
     r->shm.fd = -1;
+    r->notify_fd = -1;
     int rc = cp_shm_attach(&r->shm, fd, 0);
     if (rc < 0)
         return rc;
@@ -243,6 +276,11 @@ int cp_ring_attach(cp_ring_t *r, int fd)
         h->header_size != HEADER_BYTES || HEADER_BYTES + h->hot + h->cold != r->shm.size) {
         cp_shm_close(&r->shm);
         return -EINVAL;
+    }
+    if ((r->notify_fd = fcntl(notify_fd, F_DUPFD_CLOEXEC, 0)) < 0) {
+        rc = -errno;
+        cp_shm_close(&r->shm);
+        return rc;
     }
     r->h = h;
     r->hot = (unsigned char *)r->shm.addr + HEADER_BYTES;
@@ -253,6 +291,9 @@ int cp_ring_attach(cp_ring_t *r, int fd)
 
 void cp_ring_close(cp_ring_t *r)
 {
+    if (r->notify_fd >= 0)
+        close(r->notify_fd);
+    r->notify_fd = -1;
     cp_shm_close(&r->shm);
     r->h = NULL;
     r->hot = r->cold = NULL;
@@ -289,7 +330,7 @@ int cp_ring_put(cp_ring_t *r, const cp_ring_msg *msgs, size_t n, int flags, size
 {
     cp_ring_header *h = r->h;
     *done = 0;
-    int rc = ring_lock(h, flags);
+    int rc = ring_lock(r, flags);
     if (rc < 0)
         return rc;
     cp_ring_counters c = *live(h);
@@ -330,7 +371,7 @@ int cp_ring_put(cp_ring_t *r, const cp_ring_msg *msgs, size_t n, int flags, size
             c.unfinished++;
     }
     if (i > 0)
-        commit(h, &c);
+        commit(r, &c);
     if (seen)
         *seen = c.consumed;
     ring_unlock(h);
@@ -343,7 +384,7 @@ int cp_ring_put(cp_ring_t *r, const cp_ring_msg *msgs, size_t n, int flags, size
 long cp_ring_get(cp_ring_t *r, void *dst, size_t cap, size_t maxn, cp_ring_got *got, int flags)
 {
     cp_ring_header *h = r->h;
-    int rc = ring_lock(h, flags);
+    int rc = ring_lock(r, flags);
     if (rc < 0)
         return rc;
     cp_ring_counters c = *live(h);
@@ -388,7 +429,7 @@ long cp_ring_get(cp_ring_t *r, void *dst, size_t cap, size_t maxn, cp_ring_got *
     if (n > 0) {
         uint64_t from = 0;
         int punch = took_cold && release_cold(&c, &from);
-        commit(h, &c);
+        commit(r, &c);
         /* Still under the lock: writers stay below creleased + cold, so none is there yet. A
            holder killed before this only leaves the pages allocated until they are reused. */
         if (punch)
@@ -488,7 +529,7 @@ int cp_ring_task_done(cp_ring_t *r)
 {
     cp_ring_header *h = r->h;
     int rc;
-    while ((rc = ring_lock(h, 0)) == -ETIMEDOUT)
+    while ((rc = ring_lock(r, 0)) == -ETIMEDOUT)
         ; /* task_done is not interruptible: it must not be lost half-way */
     if (rc < 0)
         return rc;
@@ -496,7 +537,7 @@ int cp_ring_task_done(cp_ring_t *r)
     if (u > 0) {
         cp_ring_counters c = *live(h);
         c.unfinished = u - 1;
-        commit(h, &c);
+        commit(r, &c);
     }
     ring_unlock(h);
     if (u == 0)
@@ -504,4 +545,22 @@ int cp_ring_task_done(cp_ring_t *r)
     if (u == 1)
         wake(h, SLEEP_JOIN);
     return 0;
+}
+
+int cp_ring_notify_arm(cp_ring_t *r)
+{
+    cp_ring_header *h = r->h;
+    if (atomic_load(&h->notify))
+        return r->notify_fd;
+    int rc = ring_lock(r, 0);
+    if (rc < 0)
+        return rc;
+    if (!atomic_load_explicit(&h->notify, memory_order_relaxed)) {
+        notify_set(r, 0);
+        if (live(h)->count)
+            notify_set(r, 1);
+        atomic_store(&h->notify, 1);
+    }
+    ring_unlock(h);
+    return r->notify_fd;
 }
