@@ -28,6 +28,12 @@ class ForkingPickler(pickle.Pickler):
     def __init__(self, file, protocol=None, *args, **kwargs):
         super().__init__(file, PROTOCOL if protocol is None else protocol, *args, **kwargs)
         self.dispatch_table = self._copyreg_dispatch_table.copy()
+        # Objects of the standard library's multiprocessing that a program mixes in (its
+        # Connections inside a stdlib Queue given to a cpool Process) pickle with the reducers
+        # the stdlib registered for them; only a stdlib the program imported itself is looked at.
+        stdlib = sys.modules.get('multiprocessing.reduction')
+        if stdlib is not None and stdlib is not sys.modules[__name__]:
+            self.dispatch_table.update(getattr(stdlib.ForkingPickler, '_extra_reducers', {}))
         self.dispatch_table.update(self._extra_reducers)
 
     @classmethod

@@ -76,12 +76,23 @@ def dump_for_child(popen, process_obj):
     from . import context, reduction
     prep_data = get_preparation_data(process_obj.name)
     buf = io.BytesIO()
+    # A Process given objects of the standard library's multiprocessing (concurrent.futures
+    # without the alias puts a stdlib Queue subclass on a cpool context) pickles them through
+    # the stdlib's own spawning check; popen has the DupFd/duplicate_for_child they ask of it.
+    # Only a stdlib already imported by the program is told: cpool never imports it.
+    stdlib_context = sys.modules.get('multiprocessing.context')
+    if stdlib_context is context or not hasattr(stdlib_context, 'set_spawning_popen'):
+        stdlib_context = None
     context.set_spawning_popen(popen)
+    if stdlib_context is not None:
+        stdlib_context.set_spawning_popen(popen)
     try:
         reduction.dump(prep_data, buf)
         reduction.dump(process_obj, buf)
     finally:
         context.set_spawning_popen(None)
+        if stdlib_context is not None:
+            stdlib_context.set_spawning_popen(None)
     return buf.getbuffer()
 
 

@@ -598,7 +598,20 @@ static int put_msgs(QueueObject *q, cp_ring_msg *msgs, size_t n, uint64_t bytes,
     }
 }
 
-static PyObject *do_put(QueueObject *q, PyObject *obj, PyObject *block, PyObject *timeout)
+/* A message given as its pickle already (a Connection-style send_bytes() on the queue's
+   _writer): stored as the pickle record it is, so get() unpickles it. */
+static int encode_pickled(PyObject *data, encoded *e)
+{
+    memset(e, 0, sizeof *e);
+    if (PyObject_GetBuffer(data, &e->own_view, PyBUF_SIMPLE) < 0)
+        return -1;
+    e->has_own_view = 1;
+    set_single(e, K_PICKLE, e->own_view.buf, (size_t)e->own_view.len);
+    return 0;
+}
+
+/* put(obj): obj encoded as a value, or (pickled) taken as the bytes of its pickle. */
+static PyObject *do_put(QueueObject *q, PyObject *obj, PyObject *block, PyObject *timeout, int pickled)
 {
     int blocking;
     int64_t deadline;
@@ -606,7 +619,7 @@ static PyObject *do_put(QueueObject *q, PyObject *obj, PyObject *block, PyObject
         return NULL;
     q->put_used = 1;
     encoded e;
-    if (encode(q, obj, &e) < 0) {
+    if ((pickled ? encode_pickled(obj, &e) : encode(q, obj, &e)) < 0) {
         encoded_clear(&e);
         return NULL;
     }
@@ -621,17 +634,26 @@ static PyObject *do_put(QueueObject *q, PyObject *obj, PyObject *block, PyObject
 static PyObject *Queue_put(QueueObject *q, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
     if (nargs == 1 && !kwnames)
-        return do_put(q, args[0], NULL, NULL);
+        return do_put(q, args[0], NULL, NULL, 0);
     static const char *const names[] = {"obj", "block", "timeout"};
     PyObject *a[3] = {NULL, NULL, NULL};
     if (parse_args("put", args, nargs, kwnames, names, 3, 1, a) < 0)
         return NULL;
-    return do_put(q, a[0], a[1], a[2]);
+    return do_put(q, a[0], a[1], a[2], 0);
 }
 
 static PyObject *Queue_put_nowait(QueueObject *q, PyObject *obj)
 {
-    return do_put(q, obj, Py_False, NULL);
+    return do_put(q, obj, Py_False, NULL, 0);
+}
+
+static PyObject *Queue_put_pickled(QueueObject *q, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    static const char *const names[] = {"data", "block", "timeout"};
+    PyObject *a[3] = {NULL, NULL, NULL};
+    if (parse_args("_put_pickled", args, nargs, kwnames, names, 3, 1, a) < 0)
+        return NULL;
+    return do_put(q, a[0], a[1], a[2], 1);
 }
 
 static PyObject *Queue_put_many(QueueObject *q, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
@@ -969,6 +991,37 @@ static PyObject *Queue_fileno(QueueObject *q, PyObject *unused)
     return PyLong_FromLong(q->ring.shm.fd);
 }
 
+static PyObject *Queue_notify_fileno(QueueObject *q, PyObject *unused)
+{
+    if (!q->attached) {
+        PyErr_SetString(PyExc_ValueError, "queue not initialized");
+        return NULL;
+    }
+    return PyLong_FromLong(q->ring.notify_fd);
+}
+
+/* Arming takes the ring's lock, which a stopped holder may keep: wait in slices, interruptibly. */
+static PyObject *Queue_notify_arm(QueueObject *q, PyObject *unused)
+{
+    if (!q->attached) {
+        PyErr_SetString(PyExc_ValueError, "queue not initialized");
+        return NULL;
+    }
+    int rc;
+    for (;;) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = cp_ring_notify_arm(&q->ring);
+        Py_END_ALLOW_THREADS
+        if (rc != -ETIMEDOUT)
+            break;
+        if (PyErr_CheckSignals() < 0)
+            return NULL;
+    }
+    if (rc < 0)
+        return cp_err_errno(rc, "queue notify");
+    return PyLong_FromLong(rc);
+}
+
 static PyObject *Queue_get_maxsize(QueueObject *q, void *unused)
 {
     return PyLong_FromUnsignedLongLong(q->attached ? q->ring.h->maxsize : 0);
@@ -991,18 +1044,24 @@ static PyObject *Queue_get_unfinished(QueueObject *q, void *unused)
 
 /* ---- life cycle ---- */
 
-/* Queue(maxsize=0, *, joinable=False, fd=-1, hot=0, cold=0, cold_start=0): a new ring (sizes
-   0 = defaults; cold is the most the cold ring may grow to, cold_start its first size), or
-   the one in memfd fd (a child attaching to its parent's queue). */
+/* Queue(maxsize=0, *, joinable=False, fd=-1, notify_fd=-1, hot=0, cold=0, cold_start=0): a new
+   ring (sizes 0 = defaults; cold is the most the cold ring may grow to, cold_start its first
+   size), or the one in memfd fd with its eventfd notify_fd (a child attaching to its parent's
+   queue). */
 static int Queue_init(QueueObject *q, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"maxsize", "joinable", "fd", "hot", "cold", "cold_start", NULL};
+    static char *kwlist[] = {"maxsize", "joinable", "fd", "notify_fd", "hot", "cold", "cold_start",
+                             NULL};
     Py_ssize_t maxsize = 0;
-    int joinable = 0, fd = -1;
+    int joinable = 0, fd = -1, notify_fd = -1;
     unsigned long long hot = 0, cold = 0, cold_start = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|n$piKKK:Queue", kwlist, &maxsize, &joinable,
-                                     &fd, &hot, &cold, &cold_start))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|n$piiKKK:Queue", kwlist, &maxsize, &joinable,
+                                     &fd, &notify_fd, &hot, &cold, &cold_start))
         return -1;
+    if ((fd >= 0) != (notify_fd >= 0)) {
+        PyErr_SetString(PyExc_ValueError, "fd and notify_fd go together");
+        return -1;
+    }
     if (q->attached) {
         PyErr_SetString(PyExc_RuntimeError, "Queue already initialized");
         return -1;
@@ -1012,7 +1071,7 @@ static int Queue_init(QueueObject *q, PyObject *args, PyObject *kwds)
         return -1;
     int rc;
     if (fd >= 0)
-        rc = cp_ring_attach(&q->ring, fd);
+        rc = cp_ring_attach(&q->ring, fd, notify_fd);
     else
         rc = cp_ring_create(&q->ring, hot, cold_start, cold, maxsize > 0 ? (uint64_t)maxsize : 0);
     if (rc < 0) {
@@ -1074,6 +1133,12 @@ static PyMethodDef Queue_methods[] = {
     {"join", (PyCFunction)(void (*)(void))Queue_join, FASTKW,
      "Block until every item put has been got and marked task_done() (JoinableQueue)."},
     {"fileno", (PyCFunction)Queue_fileno, METH_NOARGS, "The memfd holding the ring."},
+    {"_notify_fileno", (PyCFunction)Queue_notify_fileno, METH_NOARGS,
+     "The ring's eventfd (readable while it holds a record once armed), for passing to a child."},
+    {"_notify_arm", (PyCFunction)Queue_notify_arm, METH_NOARGS,
+     "Keep the eventfd readable exactly while the queue holds a record; returns the fd."},
+    {"_put_pickled", (PyCFunction)(void (*)(void))Queue_put_pickled, FASTKW,
+     "_put_pickled(data, block=True, timeout=None): put a message given as its pickle."},
     {NULL},
 };
 

@@ -3,6 +3,7 @@ interpreter each, and compared with the same program on the standard library."""
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -17,8 +18,13 @@ def run_program(source, target, timeout=90):
     env = dict(os.environ)
     env['PYTHONPATH'] = os.pathsep.join([ALIAS_DIR, ROOT, env.get('PYTHONPATH', '')])
     env['CPOOL_SUITE_TARGET'] = target
-    proc = subprocess.run([sys.executable, '-c', textwrap.dedent(source)], env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    # From a file, so that spawn and forkserver children can import the main module.
+    with tempfile.TemporaryDirectory() as tmp:
+        script = os.path.join(tmp, 'program.py')
+        with open(script, 'w') as f:
+            f.write(textwrap.dedent(source))
+        proc = subprocess.run([sys.executable, script], env=env, cwd=tmp,
+                              capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr
     # The program's first line says which module it got: the alias must have taken effect.
     assert proc.stderr.split()[0] == ('cpool' if target == 'cpool' else 'stdlib'), proc.stderr
@@ -72,3 +78,47 @@ def test_joblib_multiprocessing_backend_under_alias():
     out = run_program(src, 'cpool', timeout=150)
     assert out == run_program(src, 'stdlib', timeout=150)
     assert '[0.0, 600000.0, 1200000.0, 1800000.0]' in out
+
+
+EXECUTOR_PROGRAM = WHICH + """
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    def sq(x):
+        return x * x
+    def bad(x):
+        raise KeyError(x)
+    if __name__ == '__main__':
+        for method in ('fork', 'spawn', 'forkserver'):
+            with cf.ProcessPoolExecutor(2, mp_context=mp.get_context(method)) as ex:
+                print(method, list(ex.map(sq, range(8))), type(ex.submit(bad, 1).exception()),
+                      type(ex.submit(sq, lambda: 0).exception()).__name__, ex.submit(sq, 5).result())
+        with cf.ProcessPoolExecutor(2) as ex:  # the default context: concurrent.futures picks it
+            print(sum(ex.map(sq, range(100), chunksize=9)))
+"""
+
+
+@pytest.mark.timeout(240)
+def test_process_pool_executor_under_alias():
+    # concurrent.futures.process itself runs on cpool here: its manager thread waits on the
+    # result queue's _reader together with the workers' sentinels.
+    out = run_program(EXECUTOR_PROGRAM, 'cpool', timeout=200)
+    assert out == run_program(EXECUTOR_PROGRAM, 'stdlib', timeout=200)
+    assert 'forkserver [0, 1, 4, 9, 16, 25, 36, 49]' in out
+
+
+@pytest.mark.timeout(240)
+def test_tqdm_process_map_under_alias():
+    pytest.importorskip('tqdm')
+    src = WHICH + """
+    import io
+    from tqdm.contrib.concurrent import process_map
+    def gc(seq):
+        return sum(c in 'GC' for c in seq) / len(seq)
+    if __name__ == '__main__':
+        reads = ['ACGT' * (i % 7 + 1) + 'G' * (i % 3) for i in range(500)]
+        res = process_map(gc, reads, max_workers=2, chunksize=16, file=io.StringIO())
+        print(len(res), round(sum(res), 6))
+    """
+    out = run_program(src, 'cpool', timeout=200)
+    assert out == run_program(src, 'stdlib', timeout=200)
+    assert out.startswith('500 ')

@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -58,17 +59,36 @@ static inline cp_ring_counters *live(cp_ring_header *h)
     return &h->slot[atomic_load_explicit(&h->cur, memory_order_relaxed) & 1];
 }
 
-/* Publish c: fill the other slot, then one seq_cst store flips to it. The store is also what a
-   sleeper's "still nothing?" check pairs with (see wake()). */
-static void commit(cp_ring_header *h, const cp_ring_counters *c)
+/* Under the lock: make the eventfd say whether the ring holds a record (see ring.h). An eventfd
+   counter above 0 is readable; reading it resets it to 0. EAGAIN on either side means it
+   already was what we want. */
+static void notify_set(cp_ring_t *r, int nonempty)
 {
-    uint32_t cur = atomic_load_explicit(&h->cur, memory_order_relaxed);
-    h->slot[(cur + 1) & 1] = *c;
-    atomic_store(&h->cur, cur + 1);
+    uint64_t v = 1;
+    ssize_t n;
+    if (nonempty)
+        n = write(r->notify_fd, &v, 8);
+    else
+        n = read(r->notify_fd, &v, 8);
+    (void)n;
 }
 
-static int ring_lock(cp_ring_header *h, int flags)
+/* Publish c: fill the other slot, then one seq_cst store flips to it. The store is also what a
+   sleeper's "still nothing?" check pairs with (see wake()). */
+static void commit(cp_ring_t *r, const cp_ring_counters *c)
 {
+    cp_ring_header *h = r->h;
+    uint32_t cur = atomic_load_explicit(&h->cur, memory_order_relaxed);
+    uint64_t before = h->slot[cur & 1].count;
+    h->slot[(cur + 1) & 1] = *c;
+    atomic_store(&h->cur, cur + 1);
+    if (atomic_load_explicit(&h->notify, memory_order_relaxed) && (before == 0) != (c->count == 0))
+        notify_set(r, c->count != 0);
+}
+
+static int ring_lock(cp_ring_t *r, int flags)
+{
+    cp_ring_header *h = r->h;
     int e;
     if (flags & CP_RING_TRYLOCK) {
         e = pthread_mutex_trylock(&h->lock);
@@ -92,6 +112,12 @@ static int ring_lock(cp_ring_header *h, int flags)
             h->resize_to = 0;
         }
         pthread_mutex_consistent(&h->lock);
+        /* ... but it may have died between the commit and the eventfd's update. */
+        if (atomic_load_explicit(&h->notify, memory_order_relaxed)) {
+            notify_set(r, 0);
+            if (live(h)->count)
+                notify_set(r, 1);
+        }
         return 0;
     }
     return -e; /* EBUSY for a trylock, ETIMEDOUT for a slice */
@@ -275,7 +301,7 @@ static int resize_cold(cp_ring_t *r, cp_ring_counters *c, uint64_t new_size)
     c->ctail = a;
     c->chead = a + live;
     c->creleased = page_down(a);
-    commit(h, c);
+    commit(r, c);
     h->cold = new_size;
     h->resize_to = 0;
     if (wrapped)
@@ -343,6 +369,7 @@ int cp_ring_create(cp_ring_t *r, uint64_t hot, uint64_t cold_start, uint64_t col
 {
     memset(r, 0, sizeof *r);
     r->shm.fd = -1;
+    r->notify_fd = -1;
     if (hot == 0)
         hot = CP_RING_DEFAULT_HOT;
     if (cold_max == 0)
@@ -360,6 +387,11 @@ int cp_ring_create(cp_ring_t *r, uint64_t hot, uint64_t cold_start, uint64_t col
     int rc = cp_shm_create(&r->shm, HEADER_BYTES + hot, "cpool-queue");
     if (rc < 0)
         return rc;
+    if ((r->notify_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) < 0) {
+        rc = -errno;
+        cp_shm_close(&r->shm);
+        return rc;
+    }
     cp_ring_header *h = r->h = r->shm.addr;
     h->version = CP_RING_VERSION;
     h->header_size = HEADER_BYTES;
@@ -396,10 +428,11 @@ int cp_ring_create(cp_ring_t *r, uint64_t hot, uint64_t cold_start, uint64_t col
     return 0;
 }
 
-int cp_ring_attach(cp_ring_t *r, int fd)
+int cp_ring_attach(cp_ring_t *r, int fd, int notify_fd)
 {
     memset(r, 0, sizeof *r);
     r->shm.fd = -1;
+    r->notify_fd = -1;
     /* The header first, to learn the hot ring's size; the cold ring is mapped under the lock
        at the first operation (its size may change until then). */
     cp_ring_header head;
@@ -411,6 +444,12 @@ int cp_ring_attach(cp_ring_t *r, int fd)
     if (rc < 0)
         return rc;
     r->h = r->shm.addr;
+    if ((r->notify_fd = fcntl(notify_fd, F_DUPFD_CLOEXEC, 0)) < 0) {
+        rc = -errno;
+        cp_shm_close(&r->shm);
+        r->h = NULL;
+        return rc;
+    }
     r->hot = (unsigned char *)r->shm.addr + HEADER_BYTES;
     r->spin_ns = CP_SPIN_START_NS;
     return 0;
@@ -418,6 +457,9 @@ int cp_ring_attach(cp_ring_t *r, int fd)
 
 void cp_ring_close(cp_ring_t *r)
 {
+    if (r->notify_fd >= 0)
+        close(r->notify_fd);
+    r->notify_fd = -1;
     if (r->cold)
         munmap(r->cold, r->cold_mapped);
     cp_shm_close(&r->shm);
@@ -455,7 +497,7 @@ static void wake(cp_ring_header *h, int kind)
 /* The lock, then this handle's view of the cold ring brought up to date. */
 static int lock_and_sync(cp_ring_t *r, int flags)
 {
-    int rc = ring_lock(r->h, flags);
+    int rc = ring_lock(r, flags);
     if (rc == 0 && (rc = sync_cold(r)) < 0)
         ring_unlock(r->h);
     return rc;
@@ -512,7 +554,7 @@ int cp_ring_put(cp_ring_t *r, const cp_ring_msg *msgs, size_t n, int flags, size
             c.unfinished++;
     }
     if (i > *done || dirty)
-        commit(h, &c);
+        commit(r, &c);
     if (seen)
         *seen = c.consumed;
     ring_unlock(h);
@@ -575,7 +617,7 @@ long cp_ring_get(cp_ring_t *r, void *dst, size_t cap, size_t maxn, cp_ring_got *
     }
     /* The pages of what was taken are given back by the next operation, not here: see ring.h. */
     if (n > 0 || dirty)
-        commit(h, &c);
+        commit(r, &c);
     ring_unlock(h);
     if (n > 0) {
         wake(h, SLEEP_PUT);
@@ -670,7 +712,7 @@ int cp_ring_task_done(cp_ring_t *r, int flags)
 {
     cp_ring_header *h = r->h;
     int rc;
-    while ((rc = ring_lock(h, flags & CP_RING_TRYLOCK)) == -ETIMEDOUT)
+    while ((rc = ring_lock(r, flags & CP_RING_TRYLOCK)) == -ETIMEDOUT)
         ; /* task_done is not interruptible: it must not be lost half-way */
     if (rc < 0)
         return rc;
@@ -678,7 +720,7 @@ int cp_ring_task_done(cp_ring_t *r, int flags)
     if (u > 0) {
         cp_ring_counters c = *live(h);
         c.unfinished = u - 1;
-        commit(h, &c);
+        commit(r, &c);
     }
     ring_unlock(h);
     if (u == 0)
@@ -686,4 +728,22 @@ int cp_ring_task_done(cp_ring_t *r, int flags)
     if (u == 1)
         wake(h, SLEEP_JOIN);
     return 0;
+}
+
+int cp_ring_notify_arm(cp_ring_t *r)
+{
+    cp_ring_header *h = r->h;
+    if (atomic_load(&h->notify))
+        return r->notify_fd;
+    int rc = ring_lock(r, 0);
+    if (rc < 0)
+        return rc;
+    if (!atomic_load_explicit(&h->notify, memory_order_relaxed)) {
+        notify_set(r, 0);
+        if (live(h)->count)
+            notify_set(r, 1);
+        atomic_store(&h->notify, 1);
+    }
+    ring_unlock(h);
+    return r->notify_fd;
 }

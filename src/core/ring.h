@@ -56,6 +56,14 @@
    processes than cores polling only steals the peer's time. Waits return -EINTR on a signal
    so callers can check for Ctrl-C.
 
+   Readiness as an fd. Code written for the standard library waits on a queue's pipe with
+   select/poll (concurrent.futures waits on its result queue together with the workers'
+   sentinels), so a ring also has an eventfd that is readable exactly while the ring holds a
+   record. Keeping it so costs a system call whenever the count goes from 0 to 1 or back, so it
+   is only kept once some process asked for it (cp_ring_notify_arm: `notify` in the header);
+   until then no operation touches it. It is updated under the lock with the commit, and resynced
+   by whoever takes the lock over from a holder that died between the two.
+
    All functions return 0 (or a count) or a negative errno. */
 #ifndef CPOOL_RING_H
 #define CPOOL_RING_H
@@ -113,6 +121,7 @@ typedef struct {
     _Atomic uint32_t put_waiters;
     _Atomic uint32_t get_seq;     /* futex words: bit 0 = "someone sleeps, wake me"; a waker */
     _Atomic uint32_t put_seq;     /* clears it and moves the word in one step */
+    _Atomic uint32_t notify;      /* 1: keep every handle's notify_fd readable iff count > 0 */
 
     cp_ring_counters slot[2];     /* written under the lock; read lock-free through cur */
 
@@ -127,6 +136,7 @@ typedef struct {
     unsigned char *hot;  /* the hot ring's bytes */
     unsigned char *cold; /* the cold ring's bytes (its own mapping: it moves when it grows) */
     uint64_t cold_mapped; /* bytes of it this handle maps; follows h->cold under the lock */
+    int notify_fd;       /* this process's eventfd of the ring (see "Readiness as an fd") */
     _Atomic int64_t spin_ns;  /* how long a wait polls before it sleeps (adapts, see ring.c) */
     _Atomic uint32_t spin_probe;
 } cp_ring_t;
@@ -166,14 +176,19 @@ typedef struct {
 #define CP_RING_HOT_ONLY 4 /* put: -ENOSPC rather than spilling a record that fits the hot ring
                               into the cold one (the caller may wait a little for a reader) */
 
-/* Create a ring; hot 0 means the default (rounded up to a power of two >= a page); the cold
+/* Create a ring and its eventfd; hot 0 means the default (rounded up to a power of two >= a page); the cold
    ring starts at cold_start bytes and grows up to cold_max (0: the defaults; both rounded up
    to pages, cold_max then to a power of two). maxsize 0 = unbounded. */
 int cp_ring_create(cp_ring_t *r, uint64_t hot, uint64_t cold_start, uint64_t cold_max,
                    uint64_t maxsize);
 
-/* Map the ring in memfd fd (which is dup'ed; the caller keeps its own). Checks magic/version. */
-int cp_ring_attach(cp_ring_t *r, int fd);
+/* Map the ring in memfd fd with its eventfd notify_fd (both dup'ed; the caller keeps its own).
+   Checks magic/version. */
+int cp_ring_attach(cp_ring_t *r, int fd, int notify_fd);
+
+/* From now on, for every process, keep notify_fd readable exactly while the ring holds a
+   record. Returns notify_fd or a negative errno (-ETIMEDOUT: the lock's holder is stopped). */
+int cp_ring_notify_arm(cp_ring_t *r);
 
 /* Unmap and close this process's handle; safe twice. */
 void cp_ring_close(cp_ring_t *r);
