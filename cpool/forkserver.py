@@ -28,6 +28,11 @@ class ForkServer(object):
         self._inherited_fds = None
         self._lock = threading.Lock()
         self._preload_modules = ['__main__']
+        # The default list names '__main__' but the standard library's server never imports
+        # it (3.11-3.13.0: it is never handed the path), so each child imports the main script
+        # itself, with the parent's sys.argv, as spawn does. Only a list the user sets makes
+        # the server import it.
+        self._preload_main = False
 
     def _stop(self):
         # For tests: stop the server and forget it.
@@ -50,6 +55,7 @@ class ForkServer(object):
         if not all(type(mod) is str for mod in modules_names):
             raise TypeError('module_names must be a list of strings')
         self._preload_modules = modules_names
+        self._preload_main = '__main__' in modules_names
 
     def get_inherited_fds(self):
         """In a child of the server: the fds its parent handed over, in DupFd index order."""
@@ -96,8 +102,10 @@ class ForkServer(object):
             if self._preload_modules:
                 prep = spawn.get_preparation_data('ignore')
                 data = {'sys_path': prep['sys_path']}
-                if 'init_main_from_path' in prep:
+                if self._preload_main and 'init_main_from_path' in prep:
+                    # The script's top level may read its arguments: it gets the parent's.
                     data['main_path'] = prep['init_main_from_path']
+                    data['sys_argv'] = prep['sys_argv']
             else:
                 data = {}
 
@@ -128,12 +136,14 @@ class ForkServer(object):
                 self._forkserver_pid = pid
 
 
-def main(listener_fd, alive_r, preload, main_path=None, sys_path=None):
+def main(listener_fd, alive_r, preload, main_path=None, sys_path=None, sys_argv=None):
     """The server's loop: fork a child per request, report each child's exit code."""
     if preload:
         if sys_path is not None:
             sys.path[:] = sys_path
         if '__main__' in preload and main_path is not None:
+            if sys_argv is not None:
+                sys.argv[:] = sys_argv
             process.current_process()._inheriting = True
             try:
                 spawn.import_main_path(main_path)

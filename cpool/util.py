@@ -295,7 +295,9 @@ def close_fds(*fds):
 
 # One /dev/null reader opened in the parent and handed to every forked child as its sys.stdin:
 # opening a fresh one in each child costs more than the rest of the child's start-up (every page
-# the child touches is a copy-on-write fault). /dev/null has no state worth not sharing.
+# the child touches is a copy-on-write fault). /dev/null has no state worth not sharing. Like the
+# standard library's child stdin it does not own its fd (closefd=False), which stays open for the
+# life of the process (in a spawned child it is sys.stdin itself, which exit handlers may read).
 _devnull_stdin = None
 
 
@@ -304,11 +306,10 @@ def _prepare_devnull_stdin():
     if _devnull_stdin is None:
         fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            _devnull_stdin = open(fd, encoding="utf-8", closefd=True)
+            _devnull_stdin = open(fd, encoding="utf-8", closefd=False)
         except BaseException:
             os.close(fd)
             raise
-        atexit.register(_devnull_stdin.close)
     return _devnull_stdin
 
 

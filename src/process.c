@@ -101,7 +101,7 @@ enum {
     K_TH_ATEXITS, K_TH_SHUTDOWN, K_STDIN, K_DUNDER_STDIN, K_STDOUT, K_STDERR, K_FLUSH,
     K_DEVNULL, K_PREPARE_DEVNULL, K_LAUNCH, K_TARGET, K_ARGS, K_KWARGS, K_BASE_PROCESS,
     K_MAIN_THREAD, K_HAVE_NATIVE_ID, K_SET_NATIVE_ID, K_AT_CLEAR, K_AT_REGISTER,
-    K_AT_NCALLBACKS, K_AT_RUN,
+    K_AT_NCALLBACKS, K_AT_RUN, K_CLOSE,
     K_COUNT
 };
 
@@ -112,7 +112,7 @@ static const char *const fork_key_names[K_COUNT] = {
     "__stdin__", "stdout", "stderr", "flush", "_devnull_stdin", "_prepare_devnull_stdin",
     "_launch", "_target", "_args", "_kwargs", "BaseProcess", "_main_thread",
     "_HAVE_THREAD_NATIVE_ID", "_set_native_id", "_clear", "register", "_ncallbacks",
-    "_run_exitfuncs",
+    "_run_exitfuncs", "close",
 };
 
 /* The identity counter of Process objects made in this process (restarts in each child). */
@@ -267,7 +267,6 @@ static PyObject *cp_fork(PyObject *module, PyObject *unused)
    child would write the type's method cache (a page fault) in every child again. */
 typedef struct {
     PyObject *obj, *devnull;
-    int devnull_fd;
     PyObject *start_method;           /* NULL for the default context's Process */
     PyObject *target, *args, *kwargs; /* set when run() is BaseProcess.run: called directly */
 } child_plan;
@@ -329,6 +328,22 @@ static PyObject *child_run(fork_refs *r, child_plan *p)
     return PyObject_Call(p->target, p->args, PyDict_GET_SIZE(p->kwargs) ? p->kwargs : NULL);
 }
 
+/* stdin.close(), ignoring OSError and ValueError as util._close_stdin does. */
+static int close_stdin_object(fork_refs *r, PyObject *stdin_obj)
+{
+    PyObject *v = PyObject_VectorcallMethod(KEY(r, K_CLOSE), &stdin_obj,
+                                            1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    if (v) {
+        Py_DECREF(v);
+        return 0;
+    }
+    if (PyErr_ExceptionMatches(PyExc_OSError) || PyErr_ExceptionMatches(PyExc_ValueError)) {
+        PyErr_Clear();
+        return 0;
+    }
+    return -1;
+}
+
 static void _Py_NO_RETURN child_main(fork_refs *r, child_plan *plan)
 {
     PyObject *exc = NULL, *v, *obj = plan->obj;
@@ -351,14 +366,16 @@ static void _Py_NO_RETURN child_main(fork_refs *r, child_plan *plan)
     v = dict_get(r->pd, KEY(r, K_CHILDREN));
     if (v && PyAnySet_Check(v) && PySet_GET_SIZE(v) && PySet_Clear(v) < 0)
         goto failed;
-    /* The child must not read the parent's stdin. The interpreter's own stdin object is
-       pointed at /dev/null by fd (closing it would touch a dozen objects); anything else the
-       program put in sys.stdin is closed from Python as the standard library does. */
+    /* The child must not read the parent's stdin, as the standard library does it: the
+       sys.stdin object is closed and replaced by a /dev/null reader, fd 0 is left alone (a
+       child that reopens the descriptor reads the parent's input). The interpreter's own stdin
+       is closed here (it does not own fd 0) and replaced by the reader the parent made once;
+       anything else the program put in sys.stdin is handled from Python. */
     v = dict_get(r->sd, KEY(r, K_STDIN));
     if (v && v != Py_None) {
-        if (v == dict_get(r->sd, KEY(r, K_DUNDER_STDIN)) && plan->devnull_fd >= 0 &&
-            dup2(plan->devnull_fd, 0) == 0) {
-            if (PyDict_SetItem(r->sd, KEY(r, K_STDIN), plan->devnull) < 0)
+        if (v == dict_get(r->sd, KEY(r, K_DUNDER_STDIN))) {
+            if (close_stdin_object(r, v) < 0 || PyDict_SetItem(r->sd, KEY(r, K_STDIN),
+                                                              plan->devnull) < 0)
                 goto failed;
         } else if (call_from_void(r->ud, KEY(r, K_CLOSE_STDIN), NULL, 0) < 0) {
             goto failed;
@@ -487,12 +504,7 @@ static int fork_and_run(cp_state *st, PyObject *obj, pid_t *pid_out, int *pidfd_
             return -1;
         devnull = made;
     }
-    /* fd 0 of every forked child: opened once, kept for the life of the process (asking the
-       stdin object for its fileno would be three method calls, pages written per start). */
-    static int devnull_fd = -1;
-    if (devnull_fd < 0)
-        devnull_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
-    child_plan plan = {obj, devnull, devnull_fd};
+    child_plan plan = {obj, devnull};
     if (plan_make(&refs, obj, &plan) < 0) {
         plan_clear(&plan);
         Py_XDECREF(made);

@@ -43,16 +43,18 @@ pid_t cp_spawn(const char *path, char *const argv[], const int *pass_fds, int np
             if (fl < 0 || fcntl(pass_fds[i], F_SETFD, fl & ~FD_CLOEXEC) < 0)
                 child_fail(errpipe[1], errno);
         }
-        /* Handlers are reset by exec, but ignored signals stay ignored: Python ignores SIGPIPE
-           and SIGXFSZ, which a fresh interpreter must not inherit. */
+        /* What _posixsubprocess leaves a multiprocessing child (restore_signals=False): the
+           parent's signal mask, and ignored signals still ignored after exec. Caught signals are
+           reset first (exec would reset them anyway) so no parent handler runs here before exec
+           once the mask is restored. */
         for (int sig = 1; sig < NSIG; sig++) {
-            if (sig == SIGKILL || sig == SIGSTOP)
-                continue;
-            signal(sig, SIG_DFL);
+            struct sigaction sa;
+            if (sigaction(sig, NULL, &sa) == 0 &&
+                ((sa.sa_flags & SA_SIGINFO) ||
+                 (sa.sa_handler != SIG_IGN && sa.sa_handler != SIG_DFL)))
+                signal(sig, SIG_DFL);
         }
-        sigset_t none;
-        sigemptyset(&none);
-        pthread_sigmask(SIG_SETMASK, &none, NULL);
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
         execv(path, argv);
         child_fail(errpipe[1], errno);
     }
