@@ -134,3 +134,70 @@ def test_map_family_lost_chunk_fails_the_map_once(tmp_path, call):
             assert ei.value.exitcode == -signal.SIGKILL
         assert getattr(p, call.replace('_async', ''))(f, args, chunksize=4) == \
             [i * 10 for i in range(40)]
+
+
+# ============================ item 6: workers stop when the pool process dies ============================
+
+_ORPHANING_PARENT = textwrap.dedent('''
+    """A pool process that the test SIGKILLs while 50 slow tasks are queued."""
+    import os, sys, time
+    sys.path.insert(0, {root!r})
+    import cpool
+
+    def task(path, i):
+        # The line is written when the task starts: the file counts tasks started.
+        with open(path, 'a') as f:
+            f.write('%d %d\\n' % (os.getpid(), i))
+        time.sleep(0.2)
+
+    if __name__ == '__main__':
+        p = cpool.get_context({method!r}).Pool(2)
+        p.map(abs, range(4))  # every worker up before the tasks go in
+        rs = [p.apply_async(task, ({path!r}, i)) for i in range(50)]
+        print(' '.join(str(w.pid) for w in p._pool), flush=True)
+        time.sleep(60)
+''')
+
+
+def _lines(path):
+    try:
+        with open(path) as f:
+            return f.read().count('\n')
+    except FileNotFoundError:
+        return 0
+
+
+def _running(pid):
+    # A zombie (exited, not yet reaped by whoever inherited it) does not run.
+    try:
+        with open('/proc/%d/stat' % pid) as f:
+            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except OSError:
+        return False
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize('method', ['fork', 'spawn', 'forkserver'])
+def test_workers_start_no_task_after_the_pool_process_is_killed(tmp_path, method):
+    # Before the fix the orphaned workers ran the whole queue (50 lines) to its end.
+    path = str(tmp_path / 'started')
+    script = tmp_path / 'parent.py'
+    script.write_text(_ORPHANING_PARENT.format(root=ROOT, method=method, path=path))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                            cwd=str(tmp_path))
+    try:
+        pids = [int(x) for x in proc.stdout.readline().split()]
+        assert len(pids) == 2
+        deadline = time.monotonic() + 30
+        while _lines(path) < 4:  # a few tasks done, two running, the rest queued
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.01)
+    finally:
+        started = _lines(path)
+        proc.kill()
+        proc.wait()
+    time.sleep(1.5)
+    # Each worker may finish the task it was running (its line is already written); at most
+    # one more per worker may have slipped in between reading the file and the kill.
+    assert _lines(path) <= started + 2, (started, _lines(path))
+    assert [pid for pid in pids if _running(pid)] == []
