@@ -11,6 +11,7 @@ import time
 import pytest
 
 import cpool
+from conftest import running
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -167,15 +168,6 @@ def _lines(path):
         return 0
 
 
-def _running(pid):
-    # A zombie (exited, not yet reaped by whoever inherited it) does not run.
-    try:
-        with open('/proc/%d/stat' % pid) as f:
-            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
-    except OSError:
-        return False
-
-
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize('method', ['fork', 'spawn', 'forkserver'])
 def test_workers_start_no_task_after_the_pool_process_is_killed(tmp_path, method):
@@ -200,4 +192,4 @@ def test_workers_start_no_task_after_the_pool_process_is_killed(tmp_path, method
     # Each worker may finish the task it was running (its line is already written); at most
     # one more per worker may have slipped in between reading the file and the kill.
     assert _lines(path) <= started + 2, (started, _lines(path))
-    assert [pid for pid in pids if _running(pid)] == []
+    assert [pid for pid in pids if running(pid)] == []
