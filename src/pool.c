@@ -31,6 +31,7 @@
 #define EAGER_SLICE_NS 50000000   /* sleeps are cut in slices so Ctrl-C and deaths are seen */
 #define PENDING_SLICE_NS 1000000  /* tasks wait outside the ring: feed them this often */
 #define WORKER_SLICE_NS 100000000
+#define LEAVING_POLL_MS 10         /* the handler waits this long at a time for a leaving worker */
 #define PARENT_CHECK_NS 1000000   /* between the chunks of one message, look for a dead parent */
 #define MAX_BATCH_ITEMS 64        /* items per task message at most, when chunks are batched */
 #define RETURN_AFTER_NS 1000000   /* a batched chunk this slow: give the rest back if others idle */
@@ -1299,6 +1300,15 @@ static void check_timeouts(PoolCore *c, int64_t now)
     }
 }
 
+/* Whether a worker said it is leaving (maxtasksperchild, close) and has not been reaped. */
+static int any_leaving(PoolCore *c)
+{
+    for (uint32_t w = 0; w < c->nworkers; w++)
+        if (atomic_load(&cp_pool_slot(c->p, w)->leaving) && c->pidfds[w] >= 0)
+            return 1;
+    return 0;
+}
+
 /* serve(timeout) -> tuple of indexes of workers that exited. Run by the pool's handler
    thread: sleeps lazily on the result ring, collects results, feeds pending tasks, enforces
    task timeouts and watches the workers' pidfds. */
@@ -1322,7 +1332,10 @@ static PyObject *core_serve(PoolCore *c, PyObject *arg)
     /* Results nobody waits for only matter when callbacks must run or tasks wait to be fed:
        then a worker running dry wakes us; otherwise only a filling ring or the slice does. */
     atomic_store(&r->bg_idle, c->ncallbacks > 0 || c->pend_head != NULL);
-    if (slice > 0) {
+    /* A leaving worker rang the bell once, and may exit after our last look at its pidfd:
+       then its exit, not the bell, is what to wait for (below), or its replacement would
+       wait for the end of a whole slice (maxtasksperchild=1 ran 3x slower than stdlib). */
+    if (slice > 0 && !any_leaving(c)) {
         int64_t until = cp_now_ns() + slice;
         Py_BEGIN_ALLOW_THREADS
         cp_tr_wait_bg(r, seen, until);
@@ -1347,14 +1360,13 @@ static PyObject *core_serve(PoolCore *c, PyObject *arg)
             idx[np++] = w;
         }
     }
-    /* A worker said it is leaving: wait a little for its exit rather than a whole slice. */
-    int leaving = 0;
-    for (uint32_t w = 0; w < c->nworkers; w++)
-        leaving |= atomic_load(&cp_pool_slot(c->p, w)->leaving) && c->pidfds[w] >= 0;
+    /* A worker said it is leaving: wait for its exit (a short while, so results and
+       callbacks are still served if it is slow to go) rather than a whole slice. */
+    int leaving = any_leaving(c);
     int pr = 0;
     if (np) {
         Py_BEGIN_ALLOW_THREADS
-        pr = poll(pf, np, leaving ? 20 : 0);
+        pr = poll(pf, np, leaving ? LEAVING_POLL_MS : 0);
         Py_END_ALLOW_THREADS
     }
     PyObject *dead = PyList_New(0);

@@ -193,3 +193,27 @@ def test_workers_start_no_task_after_the_pool_process_is_killed(tmp_path, method
     # one more per worker may have slipped in between reading the file and the kill.
     assert _lines(path) <= started + 2, (started, _lines(path))
     assert [pid for pid in pids if running(pid)] == []
+
+
+# ============================ item 11: maxtasksperchild replaces workers ============================
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize('method,n', [('fork', 60), ('spawn', 8), ('forkserver', 20)])
+@pytest.mark.parametrize('maxtasks', [1, 3])
+def test_maxtasksperchild_results_right_and_workers_replaced(method, n, maxtasks):
+    # The replacement is now awaited on the leaving worker's exit instead of the handler's
+    # next slice; what must hold is that every task is answered once, right, and that no
+    # worker runs more than maxtasks of them (its pid is new after that).
+    with cpool.get_context(method).Pool(2, maxtasksperchild=maxtasks) as p:
+        out = p.map(getpid, range(n), chunksize=1)
+        assert [sq for _, sq in out] == [x * x for x in range(n)]
+        rs = [p.apply_async(getpid, (x,)) for x in range(n)]
+        applied = [r.get(60) for r in rs]
+        assert [sq for _, sq in applied] == [x * x for x in range(n)]
+        out += applied
+        per_pid = {}
+        for pid, _ in out:
+            per_pid[pid] = per_pid.get(pid, 0) + 1
+        assert max(per_pid.values()) <= maxtasks
+        assert len(per_pid) >= 2 * n // maxtasks
+        assert os.getpid() not in per_pid
