@@ -31,7 +31,7 @@
 #define EAGER_SLICE_NS 50000000   /* sleeps are cut in slices so Ctrl-C and deaths are seen */
 #define PENDING_SLICE_NS 1000000  /* tasks wait outside the ring: feed them this often */
 #define WORKER_SLICE_NS 100000000
-#define LEAVING_POLL_MS 10         /* the handler waits this long at a time for a leaving worker */
+#define LEAVING_POLL_MS 10        /* the handler waits this long at a time for a leaving worker */
 #define PARENT_CHECK_NS 1000000   /* a worker looks for a dead parent this often at most */
 #define MAX_BATCH_ITEMS 64        /* items per task message at most, when chunks are batched */
 #define RETURN_AFTER_NS 1000000   /* a batched chunk this slow: give the rest back if others idle */
