@@ -8,7 +8,8 @@ in the ring, enforces task timeouts and replaces workers that exit.
 
 Beyond the standard library:
   - a worker that dies mid-task (killed, segfault, os._exit) fails that task (one chunk) with
-    cpool.WorkerLostError (its .exitcode says how) and is replaced; nothing hangs. A task that
+    cpool.WorkerLostError (its .exitcode says how) and is replaced; nothing hangs. imap
+    raises it once per item of the lost chunk, so results stay in their places. A task that
     raises SystemExit or KeyboardInterrupt fails like any other.
   - task_timeout=seconds (opt-in), on the Pool (every task) or per call (apply_async, map,
     imap, ...): an item running longer fails with cpool.TimeoutError and its worker is killed

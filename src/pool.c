@@ -31,6 +31,8 @@
 #define EAGER_SLICE_NS 50000000   /* sleeps are cut in slices so Ctrl-C and deaths are seen */
 #define PENDING_SLICE_NS 1000000  /* tasks wait outside the ring: feed them this often */
 #define WORKER_SLICE_NS 100000000
+#define LEAVING_POLL_MS 10        /* the handler waits this long at a time for a leaving worker */
+#define PARENT_CHECK_NS 1000000   /* a worker looks for a dead parent this often at most */
 #define MAX_BATCH_ITEMS 64        /* items per task message at most, when chunks are batched */
 #define RETURN_AFTER_NS 1000000   /* a batched chunk this slow: give the rest back if others idle */
 
@@ -112,6 +114,7 @@ typedef struct PoolJob {
     /* imap */
     PyObject *func, *func_bytes, *iter, *iter_exc, *store, *cur;
     Py_ssize_t store_pos, cur_pos;
+    int cur_raises;            /* cur holds the errors of a lost chunk, one per item */
     uint64_t nsent, nyielded, next_chunk, window, batch;
     int exhausted;
     int aborted;               /* the pool was terminated: no more chunks will come */
@@ -640,6 +643,7 @@ static int imap_topup(PoolJob *j, cp_state *st)
                 Py_DECREF(batch);
                 return -1;
             }
+            j->length += got; /* so a lost last chunk knows how many items it held */
             int r = PyList_Append(batch, t);
             Py_DECREF(t);
             if (r < 0) {
@@ -758,7 +762,8 @@ static int job_complete(PoolJob *j, PyObject **finished)
     return PyList_Append(*finished, (PyObject *)j);
 }
 
-/* Record the outcome of chunk idx of job. Jobs that become complete go on *finished. */
+/* Record the outcome of chunk idx of job (ok: 1 results, 0 an error, -1 a list of errors, one
+   per item of an imap chunk). Jobs that become complete go on *finished. */
 static int job_set_chunk(PoolJob *j, uint64_t idx, int ok, PyObject *value, PyObject **finished)
 {
     if (j->complete)
@@ -791,7 +796,8 @@ static int job_set_chunk(PoolJob *j, uint64_t idx, int ok, PyObject *value, PyOb
         }
     }
     else {
-        PyObject *pair = PyTuple_Pack(2, ok ? Py_True : Py_False, value);
+        /* (True, results), (False, the chunk's error) or (None, one error per item: lost) */
+        PyObject *pair = PyTuple_Pack(2, ok > 0 ? Py_True : ok == 0 ? Py_False : Py_None, value);
         if (!pair)
             return -1;
         int r;
@@ -1154,7 +1160,36 @@ static PyObject *make_worker_lost(PoolCore *c, cp_state *st, uint32_t w, int exi
     return exc;
 }
 
-/* Send chunks [from, first+n) of a retained message again, in a message of their own. */
+/* Chunk idx of j was lost with worker w (killed, or for overrunning its timeout): each of its
+   items fails in its own place, with an error of its own, so a caller pairing inputs with
+   outputs stays in step. A map fails as a whole anyway (as on any error). */
+static int job_lose_chunk(PoolCore *c, cp_state *st, PoolJob *j, uint64_t idx, uint32_t w,
+                          int exitcode, int timed_out, int64_t timeout_ns, PyObject **finished)
+{
+    Py_ssize_t n = 1;
+    if (j->kind == JOB_IMAP) {
+        Py_ssize_t left = j->length - (Py_ssize_t)idx * j->chunksize;
+        n = left < j->chunksize ? left : j->chunksize;
+        if (n < 1)
+            n = 1;
+    }
+    PyObject *errs = PyList_New(n);
+    if (!errs)
+        return -1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *exc = make_worker_lost(c, st, w, exitcode, timed_out, timeout_ns);
+        if (!exc) {
+            Py_DECREF(errs);
+            return -1;
+        }
+        PyList_SET_ITEM(errs, i, exc);
+    }
+    int r = j->kind == JOB_IMAP ? job_set_chunk(j, idx, -1, errs, finished)
+                                : job_set_chunk(j, idx, 0, PyList_GET_ITEM(errs, 0), finished);
+    Py_DECREF(errs);
+    return r;
+}
+
 /* worker_lost(index, exitcode): the worker in slot index has exited. Its results are
    collected, then the task it was running (if it took one) fails. */
 static PyObject *core_worker_lost(PoolCore *c, PyObject *const *args, Py_ssize_t nargs)
@@ -1201,10 +1236,8 @@ static PyObject *core_worker_lost(PoolCore *c, PyObject *const *args, Py_ssize_t
         PoolJob *j = lookup_job(c, atomic_load(&s->job_id));
         if (j) {
             Py_INCREF(j);
-            PyObject *exc = make_worker_lost(c, st, (uint32_t)w, (int)code, c->timed_out[w] == seq,
-                                             atomic_load(&s->timeout_ns));
-            rc = exc ? job_set_chunk(j, cur, 0, exc, &finished) : -1;
-            Py_XDECREF(exc);
+            rc = job_lose_chunk(c, st, j, cur, (uint32_t)w, (int)code, c->timed_out[w] == seq,
+                                atomic_load(&s->timeout_ns), &finished);
             if (rc == 0 && batch && cur < last && !j->complete)
                 rc = resend_rest(c, st, j, batch, cur + 1, 0);
             Py_DECREF(j);
@@ -1267,6 +1300,15 @@ static void check_timeouts(PoolCore *c, int64_t now)
     }
 }
 
+/* Whether a worker said it is leaving (maxtasksperchild, close) and has not been reaped. */
+static int any_leaving(PoolCore *c)
+{
+    for (uint32_t w = 0; w < c->nworkers; w++)
+        if (atomic_load(&cp_pool_slot(c->p, w)->leaving) && c->pidfds[w] >= 0)
+            return 1;
+    return 0;
+}
+
 /* serve(timeout) -> tuple of indexes of workers that exited. Run by the pool's handler
    thread: sleeps lazily on the result ring, collects results, feeds pending tasks, enforces
    task timeouts and watches the workers' pidfds. */
@@ -1290,7 +1332,10 @@ static PyObject *core_serve(PoolCore *c, PyObject *arg)
     /* Results nobody waits for only matter when callbacks must run or tasks wait to be fed:
        then a worker running dry wakes us; otherwise only a filling ring or the slice does. */
     atomic_store(&r->bg_idle, c->ncallbacks > 0 || c->pend_head != NULL);
-    if (slice > 0) {
+    /* A leaving worker rang the bell once, and may exit after our last look at its pidfd:
+       then its exit, not the bell, is what to wait for (below), or its replacement would
+       wait for the end of a whole slice (maxtasksperchild=1 ran 3x slower than stdlib). */
+    if (slice > 0 && !any_leaving(c)) {
         int64_t until = cp_now_ns() + slice;
         Py_BEGIN_ALLOW_THREADS
         cp_tr_wait_bg(r, seen, until);
@@ -1315,14 +1360,13 @@ static PyObject *core_serve(PoolCore *c, PyObject *arg)
             idx[np++] = w;
         }
     }
-    /* A worker said it is leaving: wait a little for its exit rather than a whole slice. */
-    int leaving = 0;
-    for (uint32_t w = 0; w < c->nworkers; w++)
-        leaving |= atomic_load(&cp_pool_slot(c->p, w)->leaving) && c->pidfds[w] >= 0;
+    /* A worker said it is leaving: wait for its exit (a short while, so results and
+       callbacks are still served if it is slow to go) rather than a whole slice. */
+    int leaving = any_leaving(c);
     int pr = 0;
     if (np) {
         Py_BEGIN_ALLOW_THREADS
-        pr = poll(pf, np, leaving ? 20 : 0);
+        pr = poll(pf, np, leaving ? LEAVING_POLL_MS : 0);
         Py_END_ALLOW_THREADS
     }
     PyObject *dead = PyList_New(0);
@@ -1424,6 +1468,7 @@ static PyObject *core_idle(PoolCore *c, PyObject *unused)
 typedef struct {
     pid_t pid;
     int pidfd;
+    int64_t alive_ns;          /* when it was last seen alive */
 } parent_watch;
 
 static int parent_gone(const parent_watch *pw)
@@ -1435,14 +1480,30 @@ static int parent_gone(const parent_watch *pw)
     return kill(pw->pid, 0) < 0 && errno == ESRCH;
 }
 
+/* Before a task starts: a pool process that died (SIGKILL leaves it no time to say so) will
+   never read our results, and queued tasks must not run for nobody. Asked at most once per
+   PARENT_CHECK_NS, so a stream of tiny tasks does not pay a syscall each (a poll per task
+   measured 0.77-0.85x on pool_apply_async, within this machine's noise on a rerun); a task
+   may thus start up to that long after the death, never later. */
+static int parent_gone_lately(parent_watch *pw)
+{
+    int64_t now = cp_now_ns();
+    if (now - pw->alive_ns < PARENT_CHECK_NS)
+        return 0;
+    if (parent_gone(pw))
+        return 1;
+    pw->alive_ns = now;
+    return 0;
+}
+
 /* Take the next task into buf. 1: got one; 0: time to leave; -1: exception. */
-static int worker_take(PoolCore *c, cp_tr_slot_t *slot, bytebuf *buf, const parent_watch *pw)
+static int worker_take(PoolCore *c, cp_tr_slot_t *slot, bytebuf *buf, parent_watch *pw)
 {
     cp_pool_shm_t *p = c->p;
     cp_tr_t *r = &p->tasks;
     int nudged = 0;
     for (;;) {
-        if (atomic_load(&p->stop))
+        if (atomic_load(&p->stop) || parent_gone_lately(pw))
             return 0;
         if (cp_tr_empty(r)) {
             if (atomic_load(&p->closing))
@@ -1458,9 +1519,7 @@ static int worker_take(PoolCore *c, cp_tr_slot_t *slot, bytebuf *buf, const pare
             Py_END_ALLOW_THREADS
             if (rc == -EINTR && PyErr_CheckSignals() < 0)
                 return -1;
-            if (parent_gone(pw))
-                return 0; /* the parent is gone: nobody will read our results */
-            continue;
+            continue; /* the wait is cut in slices so a dead parent is seen above */
         }
         int lk;
         Py_BEGIN_ALLOW_THREADS
@@ -1720,7 +1779,7 @@ static PyObject *core_worker_loop(PoolCore *c, PyObject *const *args, Py_ssize_t
     cp_state *st = cp_get_state(module_of((PyObject *)c));
     cp_tr_slot_t *slot = cp_pool_slot(c->p, (uint32_t)w);
     atomic_store(&slot->pid, (int32_t)getpid());
-    parent_watch pw = {(pid_t)ppid, cp_pidfd_open((pid_t)ppid)};
+    parent_watch pw = {(pid_t)ppid, cp_pidfd_open((pid_t)ppid), 0};
     if (pw.pidfd == -ESRCH)
         Py_RETURN_NONE; /* the pool is gone already */
     func_cache_entry cache[FUNC_CACHE] = {{0}};
@@ -1749,10 +1808,17 @@ static PyObject *core_worker_loop(PoolCore *c, PyObject *const *args, Py_ssize_t
         /* Results go back chunk by chunk, so a worker that dies in the middle of a message
            of several chunks loses only the one it was running. */
         uint32_t ran = h.nchunks;
+        int orphaned = 0;
         for (uint32_t i = 0; i < h.nchunks; i++) {
             PyObject *r;
             char ok = 0;
             int64_t chunk_start = cp_now_ns();
+            if (i && parent_gone_lately(&pw)) {
+                /* The chunks of one message are tasks too: none starts for a dead parent. */
+                orphaned = 1;
+                ran = i;
+                break;
+            }
             if (setup_err) {
                 r = Py_NewRef(setup_err);
             }
@@ -1815,6 +1881,8 @@ static PyObject *core_worker_loop(PoolCore *c, PyObject *const *args, Py_ssize_t
         atomic_store(&slot->busy, 0);
         atomic_store(&slot->task_seq, 0);
         ntasks += ran;
+        if (orphaned)
+            break;
     }
     result = Py_NewRef(Py_None);
     /* Leaving (maxtasksperchild, close): the parent replaces or reaps us sooner if told. */
@@ -2217,8 +2285,13 @@ static PyObject *imap_next(PoolJob *j, int64_t deadline)
     cp_state *st = cp_get_state(module_of((PyObject *)j->core));
     for (;;) {
         if (j->cur) {
-            if (j->cur_pos < PyList_GET_SIZE(j->cur))
-                return Py_NewRef(PyList_GET_ITEM(j->cur, j->cur_pos++));
+            if (j->cur_pos < PyList_GET_SIZE(j->cur)) {
+                PyObject *v = PyList_GET_ITEM(j->cur, j->cur_pos++);
+                if (!j->cur_raises)
+                    return Py_NewRef(v);
+                PyErr_SetObject((PyObject *)Py_TYPE(v), v);
+                return NULL;
+            }
             Py_CLEAR(j->cur);
         }
         if (imap_topup(j, st) < 0)
@@ -2256,10 +2329,11 @@ static PyObject *imap_next(PoolJob *j, int64_t deadline)
         }
         if (pair) {
             j->nyielded++;
-            PyObject *v = PyTuple_GET_ITEM(pair, 1);
-            if (PyTuple_GET_ITEM(pair, 0) == Py_True) {
+            PyObject *v = PyTuple_GET_ITEM(pair, 1), *flag = PyTuple_GET_ITEM(pair, 0);
+            if (flag != Py_False) {
                 j->cur = PyList_CheckExact(v) ? Py_NewRef(v) : PySequence_List(v);
                 j->cur_pos = 0;
+                j->cur_raises = flag == Py_None;
                 Py_DECREF(pair);
                 if (!j->cur)
                     return NULL;

@@ -52,3 +52,12 @@ def zombies():
         if fields[0] == 'Z' and int(fields[1]) == me:
             out.append(int(pid))
     return out
+
+
+def running(pid):
+    """Whether pid runs: a zombie (exited, not yet reaped by whoever inherited it) does not."""
+    try:
+        with open('/proc/%d/stat' % pid) as f:
+            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except OSError:
+        return False

@@ -14,7 +14,7 @@ import pytest
 
 import cpool
 import cpool.pool
-from conftest import zombies
+from conftest import running, zombies
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -826,16 +826,8 @@ def test_workers_leave_when_the_pool_process_dies(method):
     alive = pids
     while alive and time.monotonic() < deadline:
         time.sleep(0.05)
-        alive = [pid for pid in pids if _running(pid)]
+        alive = [pid for pid in pids if running(pid)]
     assert not alive
-
-
-def _running(pid):
-    try:
-        with open('/proc/%d/stat' % pid) as f:
-            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
-    except OSError:
-        return False
 
 
 def test_default_context_pool_and_names():
