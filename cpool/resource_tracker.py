@@ -12,6 +12,8 @@ import subprocess
 import sys
 import threading
 
+_WATCHER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_shm_watcher.py")
+
 __all__ = ["ensure_running", "register", "unregister", "getfd", "ResourceTracker", "main"]
 
 
@@ -29,14 +31,17 @@ class ResourceTracker:
         return self._fd
 
     def ensure_running(self):
-        """Start the watcher unless this process (or a parent it was forked from) did."""
+        """Start the watcher unless this process has its pipe (started it, was forked from a
+        process that had it, or was handed it as a spawn/forkserver child)."""
         with self._lock:
             if self._fd is not None:
                 return
             rfd, wfd = os.pipe2(os.O_CLOEXEC)
             try:
+                # Run as a script, -S -I: the watcher imports nothing of cpool or site-packages
+                # until it has something to unlink, so it starts in a fraction of the time.
                 proc = subprocess.Popen(
-                    [sys.executable, "-c", "from cpool._shm_watcher import main; main()"],
+                    [sys.executable, "-S", "-I", _WATCHER_SCRIPT],
                     stdin=rfd, stdout=subprocess.DEVNULL,
                     start_new_session=True, close_fds=True)
             finally:
@@ -44,6 +49,14 @@ class ResourceTracker:
             # Held so that the Popen is not collected (and warned about) while it runs.
             self._proc = proc
             self._fd, self._pid, self._owner = wfd, proc.pid, os.getpid()
+
+    def _adopt(self, fd):
+        """In a spawn or forkserver child: use the pipe of the parent's watcher (fd, inherited
+        through exec), so what this process registers outlives it until the program ends."""
+        with self._lock:
+            # Not passed on to programs this child execs (they are not cpool processes).
+            os.set_inheritable(fd, False)
+            self._fd, self._pid, self._owner = fd, None, None
 
     def _send(self, verb, name):
         self.ensure_running()
@@ -69,6 +82,8 @@ class ResourceTracker:
 
 
 _resource_tracker = ResourceTracker()
+# A thread may hold the lock while another forks: the child gets a fresh one.
+os.register_at_fork(after_in_child=lambda: setattr(_resource_tracker, '_lock', threading.Lock()))
 ensure_running = _resource_tracker.ensure_running
 register = _resource_tracker.register
 unregister = _resource_tracker.unregister
