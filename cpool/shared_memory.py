@@ -265,7 +265,8 @@ class ShareableList:
             encoded_value = value.encode(_encoding) if isinstance(value, str) else value
             if len(encoded_value) > allocated_length:
                 raise ValueError("bytes/str item exceeds available storage")
-            new_format = "%ds" % allocated_length if current_format[-1] == "s" else current_format
+            # A str/bytes slot keeps its format; another type's slot (8 bytes) becomes one.
+            new_format = current_format if current_format[-1] == "s" else "%ds" % allocated_length
         self._set_packing_format_and_transform(position, new_format, value)
         struct.pack_into(new_format, self.shm.buf, offset, encoded_value)
 
