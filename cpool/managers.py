@@ -1658,7 +1658,11 @@ SyncManager.register('AsyncResult', create_method=False)
 
 # ---- SharedMemoryManager: a manager that unlinks the segments it tracks when it stops ----
 
-from . import shared_memory  # noqa: E402  (kept beside the one class that uses it)
+def _shared_memory():
+    # Imported on use: a program that imports cpool.shared_memory gets a cleanup watcher before
+    # its first child (see cpool.process), which Manager() users need not pay for.
+    from . import shared_memory
+    return shared_memory
 
 
 class _SharedMemoryTracker(object):
@@ -1678,7 +1682,7 @@ class _SharedMemoryTracker(object):
         util.debug('Destroy segment %r in pid %d', segment_name, os.getpid())
         self.segment_names.remove(segment_name)
         try:
-            segment = shared_memory.SharedMemory(segment_name)
+            segment = _shared_memory().SharedMemory(segment_name)
         except FileNotFoundError:
             # Unlinked by its user already: nothing is left to do, and the other segments must
             # still go (the standard library's shutdown stops at the first such name).
@@ -1783,12 +1787,12 @@ class SharedMemoryManager(BaseManager):
 
     def SharedMemory(self, size):
         """A new SharedMemory block of size bytes, unlinked when the manager shuts down."""
-        return self._tracked(lambda: shared_memory.SharedMemory(None, create=True, size=size),
+        return self._tracked(lambda: _shared_memory().SharedMemory(None, create=True, size=size),
                              lambda sms: sms.name)
 
     def ShareableList(self, sequence):
         """A new ShareableList holding sequence, unlinked when the manager shuts down."""
-        return self._tracked(lambda: shared_memory.ShareableList(sequence),
+        return self._tracked(lambda: _shared_memory().ShareableList(sequence),
                              lambda sl: sl.shm.name)
 
 

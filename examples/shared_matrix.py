@@ -60,7 +60,8 @@ def main():
     ap.add_argument('--chunk', type=int, default=500, help='genes per task (default 500)')
     ap.add_argument('--top', type=int, default=20, help='most variable genes to print (default 20)')
     ap.add_argument('--out', help='write every gene\'s statistics to this TSV file')
-    ap.add_argument('--processes', type=int, default=None, help='worker processes (default: CPU count)')
+    ap.add_argument('--processes', type=int, default=None,
+                    help='worker processes (default: CPU count)')
     ap.add_argument('--module', default='cpool', choices=('cpool', 'multiprocessing'),
                     help='the multiprocessing implementation (default cpool)')
     ap.add_argument('--start-method', default=None, choices=('fork', 'spawn', 'forkserver'))

@@ -1,9 +1,10 @@
 """Real workloads as bioinformatics scripts write them: GC content of a FASTA and k-mer counts of a
 FASTQ with Pool.imap, per-gene statistics with apply_async and ordered output, a FASTQ
 producer/consumer pipeline over Queues, and per-gene statistics of a float64 expression matrix
-(1,000 samples) that Pool workers read from SharedMemory or get as pickled row slices. The input files are generated (seeded) once per size in
-the data directory, outside the timed part; each workload is timed from opening its input to its
-last output line, pool start and shutdown included, as a user would see it.
+(1,000 samples) that Pool workers read from SharedMemory or get as pickled row slices. The input
+files (and the matrix) are generated (seeded) once per size in the data directory (in memory),
+outside the timed part; each workload is timed from opening its input to its last output line,
+pool start and shutdown included, as a user would see it.
 """
 import importlib
 import math
