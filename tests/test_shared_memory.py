@@ -218,10 +218,9 @@ def test_shareable_list_sizes_read_across_libraries(values):
         for sl in (mine, theirs):
             sl.shm.close()
             sl.shm.unlink()
-    # the standard library's attach registered its tracker; it was unlinked above, by cpool
+    # the standard library's attach registered it with its tracker; cpool unlinked it above
     from multiprocessing import resource_tracker
-    if sys.version_info < (3, 13):
-        resource_tracker.unregister('/' + mine.shm.name, 'shared_memory')
+    resource_tracker.unregister('/' + mine.shm.name, 'shared_memory')
 
 
 # ---- attach across start methods, and with standard-library processes ----
