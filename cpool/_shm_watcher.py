@@ -1,8 +1,9 @@
 """The watcher that unlinks a program's tracked shared-memory segments once the whole program ends.
 
-It reads lines "R name" / "U name" from its stdin, a pipe whose write end every process of the
-program holds (inherited over fork, passed by fd to spawn and forkserver children); EOF arrives only when the last of them has exited, however
-it exited (SIGKILL included), and then every name still registered is unlinked, silently.
+It reads lines "R name" / "U name" from a pipe (the fd named on its command line) whose write
+end every process of the program holds (inherited over fork, passed by fd to spawn and
+forkserver children); EOF arrives only when the last of them has exited, however it exited
+(SIGKILL included), and then every name still registered is unlinked, silently.
 """
 import os
 import signal
@@ -45,5 +46,5 @@ def main(fd=0):
 
 
 if __name__ == "__main__":
-    main()
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
     sys.exit(0)

@@ -8,7 +8,6 @@ honoured. Other resource types ("semaphore", "folder", ...) are accepted and nee
 cpool: its semaphores live in memfd arenas that vanish with their last user.
 """
 import os
-import subprocess
 import sys
 import threading
 
@@ -39,16 +38,21 @@ class ResourceTracker:
             rfd, wfd = os.pipe2(os.O_CLOEXEC)
             try:
                 # Run as a script, -S -I: the watcher imports nothing of cpool or site-packages
-                # until it has something to unlink, so it starts in a fraction of the time.
-                proc = subprocess.Popen(
-                    [sys.executable, "-S", "-I", _WATCHER_SCRIPT],
-                    stdin=rfd, stdout=subprocess.DEVNULL,
-                    start_new_session=True, close_fds=True)
+                # until it has something to unlink, so it starts in a fraction of the time. Its
+                # own session: Ctrl-C to the program's group cannot reach it before it ignores
+                # SIGINT. posix_spawn, not Popen: no Popen object left to warn "still running"
+                # at exit (the watcher outlives this process by design).
+                # The read end keeps its number (dup2 onto 0 would keep close-on-exec if it
+                # were 0 already); another holder of a read end does not delay the EOF.
+                os.set_inheritable(rfd, True)
+                pid = os.posix_spawn(
+                    sys.executable,
+                    [sys.executable, "-S", "-I", _WATCHER_SCRIPT, str(rfd)], os.environ,
+                    file_actions=[(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)],
+                    setsid=True)
             finally:
                 os.close(rfd)
-            # Held so that the Popen is not collected (and warned about) while it runs.
-            self._proc = proc
-            self._fd, self._pid, self._owner = wfd, proc.pid, os.getpid()
+            self._fd, self._pid, self._owner = wfd, pid, os.getpid()
 
     def _adopt(self, fd):
         """In a spawn or forkserver child: use the pipe of the parent's watcher (fd, inherited
