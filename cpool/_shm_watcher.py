@@ -1,8 +1,9 @@
 """The watcher that unlinks a program's tracked shared-memory segments once the whole program ends.
 
-It reads lines "R name" / "U name" from its stdin, a pipe whose write end every process of the
-program holds (inherited over fork); EOF arrives only when the last of them has exited, however
-it exited (SIGKILL included), and then every name still registered is unlinked, silently.
+It reads lines "R name" / "U name" from a pipe (the fd named on its command line) whose write
+end every process of the program holds (inherited over fork, passed by fd to spawn and
+forkserver children); EOF arrives only when the last of them has exited, however it exited
+(SIGKILL included), and then every name still registered is unlinked, silently.
 """
 import os
 import signal
@@ -13,7 +14,6 @@ def main(fd=0):
     # Ctrl-C and SIGTERM to the program's group must not take the cleanup away.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from cpool import _core
     names = set()
     pending = b""
     while True:
@@ -31,6 +31,13 @@ def main(fd=0):
                 names.add(name)
             elif verb == "U":
                 names.discard(name)
+    if not names:
+        return
+    # Run as a script (python -S -I .../cpool/_shm_watcher.py): cpool is found beside us.
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if package_parent not in sys.path:
+        sys.path.insert(0, package_parent)
+    from cpool import _core
     for name in names:
         try:
             _core.shm_unlink(name)
@@ -39,5 +46,5 @@ def main(fd=0):
 
 
 if __name__ == "__main__":
-    main()
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
     sys.exit(0)

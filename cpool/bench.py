@@ -2,7 +2,8 @@
 
 Runs the micro cases (pipe, queue, lock, event, process start, pool, manager) and real
 bioinformatics workloads (GC content and k-mer counts of a generated FASTA/FASTQ with Pool.imap,
-per-gene statistics with apply_async, a FASTQ pipeline over Queues) for every module in one run,
+per-gene statistics with apply_async, a FASTQ pipeline over Queues, per-gene statistics of a
+float64 matrix read from SharedMemory or passed as slices) for every module in one run,
 interleaved (A B A B ...) over the rounds, and prints the medians and the ratio of each module to
 the first. faster-fifo, mpire and loky join in on the cases they have an equivalent for when they
 are installed. Each module runs in its own worker interpreter; a case that fails, is missing or

@@ -10,7 +10,7 @@ import struct
 import sys
 import threading
 
-from . import _core, process, reduction, spawn, util
+from . import _core, process, reduction, resource_tracker, spawn, util
 
 __all__ = ['ensure_running', 'get_inherited_fds', 'connect_to_new_process',
            'set_forkserver_preload']
@@ -67,13 +67,15 @@ class ForkServer(object):
         The child's pickled data is written to data_w; status_r yields the child's pid, then
         its exit code, and turns readable-at-EOF if the server dies."""
         self.ensure_running()
-        if len(fds) + 2 >= MAXFDS_TO_SEND:
+        if len(fds) + 3 >= MAXFDS_TO_SEND:
             raise ValueError('too many fds')
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as client:
             client.connect(self._forkserver_address)
             parent_r, child_w = os.pipe2(os.O_CLOEXEC)
             child_r, parent_w = os.pipe2(os.O_CLOEXEC)
-            allfds = [child_r, child_w] + list(fds)
+            # The child gets the shared-memory watcher's pipe of *this* process (the server
+            # may have been started before the watcher was).
+            allfds = [child_r, child_w, resource_tracker.getfd()] + list(fds)
             try:
                 reduction.sendfds(client, allfds)
                 return parent_r, parent_w
@@ -207,7 +209,7 @@ def main(listener_fd, alive_r, preload, main_path=None, sys_path=None, sys_argv=
                         fds = reduction.recvfds(s, MAXFDS_TO_SEND + 1)
                         if len(fds) > MAXFDS_TO_SEND:
                             raise RuntimeError('Too many ({0:n}) fds to send'.format(len(fds)))
-                        child_r, child_w, *fds = fds
+                        child_r, child_w, tracker_fd, *fds = fds
                         s.close()
                         pid = _core.fork()
                         if pid == 0:
@@ -221,7 +223,8 @@ def main(listener_fd, alive_r, preload, main_path=None, sys_path=None, sys_argv=
                                     # 3.13+: the child's atexit callbacks are its own.
                                     atexit._clear()
                                     atexit.register(util._exit_function)
-                                code = _serve_one(child_r, fds, unused_fds, old_handlers)
+                                code = _serve_one(child_r, tracker_fd, fds, unused_fds,
+                                                  old_handlers)
                             except Exception:
                                 sys.excepthook(*sys.exc_info())
                                 sys.stderr.flush()
@@ -237,6 +240,7 @@ def main(listener_fd, alive_r, preload, main_path=None, sys_path=None, sys_argv=
                                 pass
                             pid_to_fd[pid] = child_w
                             os.close(child_r)
+                            os.close(tracker_fd)
                             for fd in fds:
                                 os.close(fd)
             except OSError as e:
@@ -244,7 +248,7 @@ def main(listener_fd, alive_r, preload, main_path=None, sys_path=None, sys_argv=
                     raise
 
 
-def _serve_one(child_r, fds, unused_fds, handlers):
+def _serve_one(child_r, tracker_fd, fds, unused_fds, handlers):
     # In a fresh child of the server: back to default signal handling, then run as spawn does.
     signal.set_wakeup_fd(-1)
     for sig, val in handlers.items():
@@ -252,6 +256,7 @@ def _serve_one(child_r, fds, unused_fds, handlers):
     for fd in unused_fds:
         os.close(fd)
     _forkserver._inherited_fds = fds
+    resource_tracker._resource_tracker._adopt(tracker_fd)
     _forkserver._forkserver_pid = None
     _forkserver._forkserver_alive_fd = None
     process._parent_is_ppid = False

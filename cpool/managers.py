@@ -1654,3 +1654,146 @@ SyncManager.register('Namespace', Namespace, NamespaceProxy)
 # types returned by methods of PoolProxy (and DictProxy.__iter__)
 SyncManager.register('Iterator', proxytype=IteratorProxy, create_method=False)
 SyncManager.register('AsyncResult', create_method=False)
+
+
+# ---- SharedMemoryManager: a manager that unlinks the segments it tracks when it stops ----
+
+def _shared_memory():
+    # Imported on use: a program that imports cpool.shared_memory gets a cleanup watcher before
+    # its first child (see cpool.process), which Manager() users need not pay for.
+    from . import shared_memory
+    return shared_memory
+
+
+class _SharedMemoryTracker(object):
+    """The names of the segments a SharedMemoryServer unlinks at shutdown."""
+
+    def __init__(self, name, segment_names=None):
+        self.shared_memory_context_name = name
+        self.segment_names = [] if segment_names is None else segment_names
+
+    def register_segment(self, segment_name):
+        """Track segment_name (unlinked at shutdown)."""
+        util.debug('Register segment %r in pid %d', segment_name, os.getpid())
+        self.segment_names.append(segment_name)
+
+    def destroy_segment(self, segment_name):
+        """Stop tracking segment_name and unlink it."""
+        util.debug('Destroy segment %r in pid %d', segment_name, os.getpid())
+        self.segment_names.remove(segment_name)
+        try:
+            segment = _shared_memory().SharedMemory(segment_name)
+        except FileNotFoundError:
+            # Unlinked by its user already: nothing is left to do, and the other segments must
+            # still go (the standard library's shutdown stops at the first such name).
+            return
+        segment.close()
+        segment.unlink()
+
+    def unlink(self):
+        """Unlink every tracked segment."""
+        for segment_name in self.segment_names[:]:
+            self.destroy_segment(segment_name)
+
+    def __del__(self):
+        self.unlink()
+
+    def __getstate__(self):
+        return (self.shared_memory_context_name, self.segment_names)
+
+    def __setstate__(self, state):
+        self.__init__(*state)
+
+
+class SharedMemoryServer(Server):
+    """A manager Server that also tracks shared-memory segments and unlinks them when it stops
+    (shutdown, or the end of its process otherwise than by a signal)."""
+
+    public = Server.public + ['track_segment', 'release_segment', 'list_segments']
+
+    def __init__(self, *args, **kwargs):
+        Server.__init__(self, *args, **kwargs)
+        address = self.address
+        if isinstance(address, bytes):  # a Linux abstract-namespace address
+            address = os.fsdecode(address)
+        self.shared_memory_context = _SharedMemoryTracker('shm_%s_%d' % (address, os.getpid()))
+        util.debug('SharedMemoryServer started by pid %d', os.getpid())
+
+    def serve_forever(self):
+        try:
+            Server.serve_forever(self)
+        finally:
+            # Also when the server stops because the process that started it died.
+            self.shared_memory_context.unlink()
+
+    def create(self, c, typeid, /, *args, **kwargs):
+        """Create a shared object; a proxy type marked _shared_memory_proxy also gets the
+        server's shared_memory_context."""
+        if hasattr(self.registry[typeid][-1], '_shared_memory_proxy'):
+            kwargs['shared_memory_context'] = self.shared_memory_context
+        return Server.create(self, c, typeid, *args, **kwargs)
+
+    def shutdown(self, c):
+        """Unlink every tracked segment, then stop the server."""
+        try:
+            self.shared_memory_context.unlink()
+        finally:
+            Server.shutdown(self, c)
+
+    def track_segment(self, c, segment_name):
+        """Track segment_name: it is unlinked when the server stops."""
+        self.shared_memory_context.register_segment(segment_name)
+
+    def release_segment(self, c, segment_name):
+        """Unlink segment_name now and stop tracking it."""
+        self.shared_memory_context.destroy_segment(segment_name)
+
+    def list_segments(self, c):
+        """The names of the segments the server tracks."""
+        return self.shared_memory_context.segment_names
+
+
+class SharedMemoryManager(BaseManager):
+    """A BaseManager whose server unlinks, when it stops, the SharedMemory blocks and
+    ShareableLists made with its SharedMemory(size) and ShareableList(sequence) methods."""
+
+    _Server = SharedMemoryServer
+
+    def __init__(self, *args, **kwargs):
+        # The manager process then holds the same shared-memory watcher as this one, so its
+        # unlinks at shutdown take the names off the list of the watcher that has them.
+        from . import resource_tracker
+        resource_tracker.ensure_running()
+        BaseManager.__init__(self, *args, **kwargs)
+        util.debug('%s created by pid %d', type(self).__name__, os.getpid())
+
+    def get_server(self):
+        """A SharedMemoryServer for this manager; run it with serve_forever()."""
+        _raise_if_not_initial(self._state, 'SharedMemoryServer')
+        return self._Server(self._registry, self._address, self._authkey, self._serializer)
+
+    def _tracked(self, make, name_of):
+        # Created here, tracked there: if the server cannot take it, nobody would unlink it.
+        with self._Client(self._address, authkey=self._authkey) as conn:
+            obj = make()
+            try:
+                dispatch(conn, None, 'track_segment', (name_of(obj),))
+            except BaseException:
+                shm = getattr(obj, 'shm', obj)
+                shm.close()
+                shm.unlink()
+                raise
+        return obj
+
+    def SharedMemory(self, size):
+        """A new SharedMemory block of size bytes, unlinked when the manager shuts down."""
+        return self._tracked(lambda: _shared_memory().SharedMemory(None, create=True, size=size),
+                             lambda sms: sms.name)
+
+    def ShareableList(self, sequence):
+        """A new ShareableList holding sequence, unlinked when the manager shuts down."""
+        return self._tracked(lambda: _shared_memory().ShareableList(sequence),
+                             lambda sl: sl.shm.name)
+
+
+__all__.append('SharedMemoryManager')

@@ -2,7 +2,7 @@
 fds it needs are inherited through exec under their own numbers."""
 import os
 
-from . import _core, popen_fork, spawn, util
+from . import _core, popen_fork, resource_tracker, spawn, util
 
 __all__ = ['Popen']
 
@@ -30,9 +30,13 @@ class Popen(popen_fork.Popen):
     def _launch(self, process_obj):
         data = spawn.dump_for_child(self, process_obj)
 
+        # The child holds the shared-memory watcher's pipe as every process of the program
+        # does, so the segments it creates live until the whole program has ended.
+        tracker_fd = resource_tracker.getfd()
+        self._fds.append(tracker_fd)
         child_r, parent_w = os.pipe2(os.O_CLOEXEC)
         try:
-            cmd = spawn.get_command_line(pipe_handle=child_r)
+            cmd = spawn.get_command_line(tracker_fd=tracker_fd, pipe_handle=child_r)
             self._fds.append(child_r)
             self.pid = util.spawnv_passfds(spawn.get_executable(), cmd, self._fds)
             self.sentinel = self._pidfd = _core.pidfd_open(self.pid)

@@ -94,6 +94,12 @@ class BaseProcess(object):
             'daemonic processes are not allowed to have children'
         if _children:
             _cleanup()
+        if 'cpool.shared_memory' in sys.modules:
+            # A program that uses shared memory gets its one watcher before its first child,
+            # so a segment a forked child creates outlives that child (spawn and forkserver
+            # children are handed the watcher in any case).
+            from . import resource_tracker
+            resource_tracker.ensure_running()
         self._popen = self._Popen(self)
         # The child has what it needs; drop our references so the objects can be freed.
         del self._target, self._args, self._kwargs

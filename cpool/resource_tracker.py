@@ -8,9 +8,10 @@ honoured. Other resource types ("semaphore", "folder", ...) are accepted and nee
 cpool: its semaphores live in memfd arenas that vanish with their last user.
 """
 import os
-import subprocess
 import sys
 import threading
+
+_WATCHER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_shm_watcher.py")
 
 __all__ = ["ensure_running", "register", "unregister", "getfd", "ResourceTracker", "main"]
 
@@ -29,21 +30,37 @@ class ResourceTracker:
         return self._fd
 
     def ensure_running(self):
-        """Start the watcher unless this process (or a parent it was forked from) did."""
+        """Start the watcher unless this process has its pipe (started it, was forked from a
+        process that had it, or was handed it as a spawn/forkserver child)."""
         with self._lock:
             if self._fd is not None:
                 return
             rfd, wfd = os.pipe2(os.O_CLOEXEC)
             try:
-                proc = subprocess.Popen(
-                    [sys.executable, "-c", "from cpool._shm_watcher import main; main()"],
-                    stdin=rfd, stdout=subprocess.DEVNULL,
-                    start_new_session=True, close_fds=True)
+                # Run as a script, -S -I: the watcher imports nothing of cpool or site-packages
+                # until it has something to unlink, so it starts in a fraction of the time. Its
+                # own session: Ctrl-C to the program's group cannot reach it before it ignores
+                # SIGINT. posix_spawn, not Popen: no Popen object left to warn "still running"
+                # at exit (the watcher outlives this process by design).
+                # The read end keeps its number (dup2 onto 0 would keep close-on-exec if it
+                # were 0 already); another holder of a read end does not delay the EOF.
+                os.set_inheritable(rfd, True)
+                pid = os.posix_spawn(
+                    sys.executable,
+                    [sys.executable, "-S", "-I", _WATCHER_SCRIPT, str(rfd)], os.environ,
+                    file_actions=[(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)],
+                    setsid=True)
             finally:
                 os.close(rfd)
-            # Held so that the Popen is not collected (and warned about) while it runs.
-            self._proc = proc
-            self._fd, self._pid, self._owner = wfd, proc.pid, os.getpid()
+            self._fd, self._pid, self._owner = wfd, pid, os.getpid()
+
+    def _adopt(self, fd):
+        """In a spawn or forkserver child: use the pipe of the parent's watcher (fd, inherited
+        through exec), so what this process registers outlives it until the program ends."""
+        with self._lock:
+            # Not passed on to programs this child execs (they are not cpool processes).
+            os.set_inheritable(fd, False)
+            self._fd, self._pid, self._owner = fd, None, None
 
     def _send(self, verb, name):
         self.ensure_running()
@@ -69,6 +86,8 @@ class ResourceTracker:
 
 
 _resource_tracker = ResourceTracker()
+# A thread may hold the lock while another forks: the child gets a fresh one.
+os.register_at_fork(after_in_child=lambda: setattr(_resource_tracker, '_lock', threading.Lock()))
 ensure_running = _resource_tracker.ensure_running
 register = _resource_tracker.register
 unregister = _resource_tracker.unregister

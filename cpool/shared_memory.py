@@ -6,17 +6,21 @@ each other's segments.
 
 Cleanup, without a tracker server: a segment created with track=True is registered with a
 watcher process (cpool._shm_watcher) that reads from a pipe whose write end every process of
-the program holds, inherited over fork. The kernel delivers EOF to the watcher only when the
+the program holds: inherited over fork, passed by fd to spawn and forkserver children. The
+kernel delivers EOF to the watcher only when the
 last holder has exited -- normal exit, exception or SIGKILL alike -- and only then does it
 unlink what is still registered. So a segment is never unlinked while any process of the
 program runs (even if its creator exited), and is always unlinked once all have ended. unlink()
 and resource_tracker.unregister() take a name off the watcher's list; nothing ever prints a
 "leaked" warning. Why a pipe: EOF on a pipe is the one signal of "all of these processes are
-gone" that needs no polling and cannot be missed. Limitation: processes started by exec
-(spawn, forkserver) do not inherit the pipe; a tracked segment they create is watched by their
-own watcher and so lives until that process and its forked children have ended.
+gone" that needs no polling and cannot be missed. Only the creator registers a segment (the
+standard library's 3.13 also registers on attach with track=True, so an attaching process that
+exits takes the segment from the others). The watcher starts at the first tracked segment, the
+first spawn/forkserver child, or the first child of a process that has imported this module.
+Limitation: a forked child that imports this module only after the fork, in a program whose
+main process never did, starts its own watcher; its segments then live until it and its own
+children have ended.
 """
-import errno
 import mmap
 import os
 import secrets
@@ -27,6 +31,8 @@ from cpool import _core, resource_tracker
 
 __all__ = ["SharedMemory", "ShareableList"]
 
+_USE_POSIX = True
+_O_CREX = os.O_CREAT | os.O_EXCL
 _SHM_SAFE_NAME_LENGTH = 14
 _SHM_NAME_PREFIX = "/psm_"
 
@@ -43,40 +49,47 @@ class SharedMemory:
     _fd = -1
     _mmap = None
     _buf = None
+    # shm_open's flags and mode, as in the standard library (a subclass may set _flags to
+    # O_CREAT | O_RDWR to attach-or-create).
+    _flags = os.O_RDWR
+    _mode = 0o600
     _prepend_leading_slash = True
+    _track = True
 
     def __init__(self, name=None, create=False, size=0, *, track=True):
         if not size >= 0:
             raise ValueError("'size' must be a positive integer")
-        if create and size == 0:
-            raise ValueError("'size' must be a positive number different from zero")
-        if name is None and not create:
+        if create:
+            self._flags = _O_CREX | os.O_RDWR
+            if size == 0:
+                raise ValueError("'size' must be a positive number different from zero")
+        if name is None and not self._flags & os.O_EXCL:
             raise ValueError("'name' can only be None if create=True")
         self._track = track
-        if create:
+        if name is None:
             while True:
-                want = _make_filename() if name is None else name
-                if not want.startswith("/"):
-                    want = "/" + want
+                name = _make_filename()
                 try:
-                    self._fd = _core.shm_create(want, size)
+                    self._fd, size = _core.shm_open(name, self._flags, self._mode, size)
                 except FileExistsError:
-                    if name is not None:
-                        raise
                     continue
-                self._name = want
                 break
-            self._size = size
         else:
-            want = name if name.startswith("/") else "/" + name
-            self._fd, self._size = _core.shm_attach(want)
-            self._name = want
+            name = "/" + name if self._prepend_leading_slash else name
+            self._fd, size = _core.shm_open(name, self._flags, self._mode,
+                                            size if create else 0)
+        self._name = name
         try:
-            self._mmap = mmap.mmap(self._fd, self._size)
-        except Exception:
+            self._mmap = mmap.mmap(self._fd, size)
+        except BaseException:
             self.close_fd_only()
+            if create:
+                _core.shm_unlink(name)
             raise
+        self._size = size
         self._buf = memoryview(self._mmap)
+        # Only the creator registers: an attaching process that exits must not take the
+        # segment away from the others (the standard library's 3.13 does, with track=True).
         if create and track:
             resource_tracker.register(self._name, "shared_memory")
 
@@ -127,7 +140,9 @@ class SharedMemory:
         self.close_fd_only()
 
     def unlink(self):
-        """Requests that the underlying shared memory block be destroyed."""
+        """Requests that the underlying shared memory block be destroyed.
+
+        Called once across all handles; the segment goes away once every handle is closed."""
         if self._name:
             _core.shm_unlink(self._name)
             if self._track:
@@ -250,7 +265,8 @@ class ShareableList:
             encoded_value = value.encode(_encoding) if isinstance(value, str) else value
             if len(encoded_value) > allocated_length:
                 raise ValueError("bytes/str item exceeds available storage")
-            new_format = "%ds" % allocated_length if current_format[-1] == "s" else current_format
+            # A str/bytes slot keeps its format; another type's slot (8 bytes) becomes one.
+            new_format = current_format if current_format[-1] == "s" else "%ds" % allocated_length
         self._set_packing_format_and_transform(position, new_format, value)
         struct.pack_into(new_format, self.shm.buf, offset, encoded_value)
 
@@ -310,5 +326,3 @@ class ShareableList:
 def partial_from_name(name):
     return ShareableList(name=name)
 
-
-del errno

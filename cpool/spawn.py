@@ -64,6 +64,9 @@ def get_command_line(**kwds):
 def spawn_main(pipe_handle, parent_pid=None, tracker_fd=None):
     """Entry point of a spawned child: read what the parent sent on pipe_handle and run it."""
     assert is_forking(sys.argv), "Not forking"
+    if tracker_fd is not None:
+        from . import resource_tracker
+        resource_tracker._resource_tracker._adopt(tracker_fd)
     exitcode = _main(pipe_handle, None)
     sys.exit(exitcode)
 

@@ -1,6 +1,9 @@
-/* Bindings for named POSIX shared memory: _core.shm_create/shm_attach/shm_unlink. */
+/* Bindings for named POSIX shared memory: _core.shm_open/shm_unlink. */
 #include "module.h"
 #include "core/posix_shm.h"
+
+#include <limits.h>
+#include <string.h>
 
 static int raise_errno(int neg, PyObject *name)
 {
@@ -9,64 +12,66 @@ static int raise_errno(int neg, PyObject *name)
     return -1;
 }
 
-static PyObject *shm_create(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* The UTF-8 of a segment name; a NUL inside it would silently name another segment. */
+static const char *name_utf8(PyObject *name_obj, const char *usage)
 {
-    (void)self;
-    if (nargs != 2 || !PyUnicode_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "shm_create(name: str, size: int)");
+    if (!PyUnicode_Check(name_obj)) {
+        PyErr_SetString(PyExc_TypeError, usage);
         return NULL;
     }
-    const char *name = PyUnicode_AsUTF8(args[0]);
+    Py_ssize_t len;
+    const char *name = PyUnicode_AsUTF8AndSize(name_obj, &len);
+    if (name && (Py_ssize_t)strlen(name) != len) {
+        PyErr_SetString(PyExc_ValueError, "embedded null character");
+        return NULL;
+    }
+    return name;
+}
+
+static PyObject *shm_open_(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    static const char usage[] = "shm_open(name: str, flags: int, mode: int, size: int)";
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, usage);
+        return NULL;
+    }
+    const char *name = name_utf8(args[0], usage);
     if (!name)
         return NULL;
-    Py_ssize_t size = PyLong_AsSsize_t(args[1]);
+    long flags = PyLong_AsLong(args[1]);
+    if (flags == -1 && PyErr_Occurred())
+        return NULL;
+    long mode = PyLong_AsLong(args[2]);
+    if (mode == -1 && PyErr_Occurred())
+        return NULL;
+    if (flags < INT_MIN || flags > INT_MAX || mode < 0 || mode > 07777) {
+        PyErr_SetString(PyExc_OverflowError, "shm_open: flags or mode out of range");
+        return NULL;
+    }
+    Py_ssize_t size = PyLong_AsSsize_t(args[3]);
     if (size == -1 && PyErr_Occurred())
         return NULL;
-    if (size <= 0) {
-        PyErr_SetString(PyExc_ValueError, "'size' must be a positive number different from zero");
+    if (size < 0) {
+        PyErr_SetString(PyExc_ValueError, "'size' must be a positive integer");
         return NULL;
     }
     int fd = -1, r;
+    size_t actual = 0;
     Py_BEGIN_ALLOW_THREADS
-    r = cp_pshm_create(name, (size_t)size, &fd);
+    r = cp_pshm_open(name, (int)flags, (int)mode, (size_t)size, &fd, &actual);
     Py_END_ALLOW_THREADS
     if (r < 0) {
         raise_errno(r, args[0]);
         return NULL;
     }
-    return PyLong_FromLong(fd);
-}
-
-static PyObject *shm_attach(PyObject *self, PyObject *name_obj)
-{
-    (void)self;
-    if (!PyUnicode_Check(name_obj)) {
-        PyErr_SetString(PyExc_TypeError, "shm_attach(name: str)");
-        return NULL;
-    }
-    const char *name = PyUnicode_AsUTF8(name_obj);
-    if (!name)
-        return NULL;
-    int fd = -1, r;
-    size_t size = 0;
-    Py_BEGIN_ALLOW_THREADS
-    r = cp_pshm_attach(name, &fd, &size);
-    Py_END_ALLOW_THREADS
-    if (r < 0) {
-        raise_errno(r, name_obj);
-        return NULL;
-    }
-    return Py_BuildValue("(in)", fd, (Py_ssize_t)size);
+    return Py_BuildValue("(in)", fd, (Py_ssize_t)actual);
 }
 
 static PyObject *shm_unlink_(PyObject *self, PyObject *name_obj)
 {
     (void)self;
-    if (!PyUnicode_Check(name_obj)) {
-        PyErr_SetString(PyExc_TypeError, "shm_unlink(name: str)");
-        return NULL;
-    }
-    const char *name = PyUnicode_AsUTF8(name_obj);
+    const char *name = name_utf8(name_obj, "shm_unlink(name: str)");
     if (!name)
         return NULL;
     int r = cp_pshm_unlink(name);
@@ -78,9 +83,9 @@ static PyObject *shm_unlink_(PyObject *self, PyObject *name_obj)
 }
 
 static PyMethodDef shm_functions[] = {
-    {"shm_create", (PyCFunction)(void (*)(void))shm_create, METH_FASTCALL,
-     "shm_create(name, size) -> fd: a new named segment (O_EXCL, close-on-exec), sized."},
-    {"shm_attach", shm_attach, METH_O, "shm_attach(name) -> (fd, size) of an existing segment."},
+    {"shm_open", (PyCFunction)(void (*)(void))shm_open_, METH_FASTCALL,
+     "shm_open(name, flags, mode, size) -> (fd, size): open (or create, sized) a named segment,\n"
+     "close-on-exec; size is ftruncated when flags hold O_CREAT and size > 0."},
     {"shm_unlink", shm_unlink_, METH_O, "shm_unlink(name): remove the segment's name."},
     {NULL, NULL, 0, NULL},
 };

@@ -2,6 +2,7 @@
 import importlib
 import os
 import sys
+import time
 
 import pytest
 
@@ -61,3 +62,61 @@ def running(pid):
             return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
     except OSError:
         return False
+
+
+# ---- at the end of the session: nothing the tests made is left in /dev/shm ----
+
+_shm_at_start = set()
+
+
+def _shm_entries():
+    try:
+        return set(os.listdir('/dev/shm'))
+    except FileNotFoundError:
+        return set()
+
+
+def _shm_held_by_others():
+    """Names under /dev/shm that a living process other than this one has open or mapped (this
+    machine runs other test sessions at the same time: their live segments are not ours)."""
+    held = set()
+    me = str(os.getpid())
+    for pid in os.listdir('/proc'):
+        if not pid.isdigit() or pid == me:
+            continue
+        try:
+            for fd in os.listdir('/proc/%s/fd' % pid):
+                target = os.readlink('/proc/%s/fd/%s' % (pid, fd))
+                if target.startswith('/dev/shm/'):
+                    held.add(target[len('/dev/shm/'):].split(' (deleted)')[0])
+            with open('/proc/%s/maps' % pid) as f:
+                for line in f:
+                    at = line.find('/dev/shm/')
+                    if at >= 0:
+                        held.add(line[at + len('/dev/shm/'):].split()[0])
+        except OSError:
+            continue
+    return held
+
+
+def pytest_sessionstart(session):
+    _shm_at_start.update(_shm_entries())
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # The standard library's named semaphores (sem.*) are not made by cpool; killed stdlib
+    # processes of any session on the machine leave them behind.
+    def left_over():
+        return {n for n in _shm_entries() - _shm_at_start if not n.startswith('sem.')}
+    left = left_over()
+    # Segments of programs the tests ran are unlinked by their watcher just after they end.
+    for _ in range(100):
+        if not left:
+            return
+        time.sleep(0.1)
+        left = left_over()
+    left -= _shm_held_by_others()
+    if left:
+        sys.stderr.write('\nshared memory left in /dev/shm by the tests: %s\n'
+                         % ', '.join(sorted(left)))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

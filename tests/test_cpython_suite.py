@@ -1,8 +1,8 @@
 """CPython's own multiprocessing tests, run against cpool: a regression guard.
 
 tests/cpython_suite/expected_pass_py3XX.txt lists the tests of test._test_multiprocessing that
-passed on cpool (curated: the Process, Connection, Lock..Barrier, Value/Array, Queue, Pool and
-Manager classes). Each start method's list is run by tests/cpython_suite/run_suite.py in fresh
+passed on cpool (curated: the Process, Connection, Lock..Barrier, Value/Array, shared_memory,
+Queue, Pool and Manager classes). Each start method's list is run by tests/cpython_suite/run_suite.py in fresh
 interpreters where `import multiprocessing` gives cpool; any of them failing, erroring, hanging
 or crashing fails this test, with the runner's report as the message.
 Skip with -m 'not cpython_suite'.

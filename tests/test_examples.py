@@ -15,6 +15,9 @@ CASES = {
     'gene_stats': ([], ('pool',)),
     'fastq_quality': (['--workers', '3'], ('queues',)),
     'parallel_writers': ([], ('synchronize',)),
+    # 2,000 x 300 here; the example's default is 20,000 genes x 1,000 samples (160 MB)
+    'shared_matrix': (['--genes', '2000', '--samples', '300', '--chunk', '150'],
+                      ('shared_memory',)),
 }
 
 
@@ -75,6 +78,22 @@ def test_parallel_writers_keeps_the_bound():
     ('gc_content', ['--records', '300'], ('pool',)),
     ('fastq_quality', ['--reads', '1500'], ('queues',)),  # a Queue handed to spawned Processes
     ('parallel_writers', ['--samples', '4', '--reads', '300'], ('synchronize',)),  # Lock, Semaphore
+    ('shared_matrix', ['--genes', '1000', '--samples', '100', '--chunk', '100'],
+     ('shared_memory',)),  # workers attach by name
 ])
 def test_example_under_other_start_methods(name, args, parts, method):  # noqa: ARG001
     same_output(name, *args, '--start-method', method)
+
+
+@pytest.mark.timeout(150)
+def test_shared_matrix_writes_every_gene_computed_on_the_shared_buffer(tmp_path):
+    std_out, ours_out = tmp_path / 'std.tsv', tmp_path / 'ours.tsv'
+    args = ['--genes', '1200', '--samples', '50', '--chunk', '70', '--top', '3']
+    std = run('shared_matrix', 'multiprocessing', *args, '--out', str(std_out))
+    ours = run('shared_matrix', 'cpool', *args, '--out', str(ours_out))
+    assert (std.returncode, ours.returncode) == (0, 0), ours.stderr + std.stderr
+    assert ours.stdout == std.stdout
+    assert '18 tasks computed on the shared buffer of 18' in ours.stdout
+    lines = ours_out.read_text().splitlines()
+    assert lines == std_out.read_text().splitlines() and len(lines) == 1201
+    assert lines[1].startswith('GENE00001\t') and lines[-1].startswith('GENE01200\t')

@@ -1,9 +1,12 @@
 """Real workloads as bioinformatics scripts write them: GC content of a FASTA and k-mer counts of a
-FASTQ with Pool.imap, per-gene statistics with apply_async and ordered output, and a FASTQ
-producer/consumer pipeline over Queues. The input files are generated (seeded) once per size in
-the data directory, outside the timed part; each workload is timed from opening its input to its
-last output line, pool start and shutdown included, as a user would see it.
+FASTQ with Pool.imap, per-gene statistics with apply_async and ordered output, a FASTQ
+producer/consumer pipeline over Queues, and per-gene statistics of a float64 expression matrix
+(1,000 samples) that Pool workers read from SharedMemory or get as pickled row slices. The input
+files (and the matrix) are generated (seeded) once per size in the data directory (in memory),
+outside the timed part; each workload is timed from opening its input to its last output line,
+pool start and shutdown included, as a user would see it.
 """
+import importlib
 import math
 import os
 import random
@@ -219,6 +222,100 @@ def fastq_queue_pipeline(mp, n, cfg):
 
 
 # ---- checks: a fast wrong answer must not pass ----
+
+# ---- an expression matrix: shared with the workers, or passed to them in slices ----
+
+MATRIX_SAMPLES = 1000
+MATRIX_CHUNK = 500  # genes per task: 4 MB of float64 as an argument
+_matrices = {}      # n -> matrix, generated once per benchmark worker (outside the timing)
+_attached = {}      # in a pool worker: segment name -> (SharedMemory, view)
+
+
+def _matrix(n):
+    if n not in _matrices:
+        import numpy as np
+        _matrices.clear()
+        rng = np.random.default_rng(n)
+        level = rng.normal(4.0, 1.5, size=(n, 1))
+        _matrices[n] = np.exp(level + 0.3 * rng.standard_normal((n, MATRIX_SAMPLES)))
+    return _matrices[n]
+
+
+def _row_stats(rows):
+    import numpy as np
+    return np.stack([rows.mean(axis=1), rows.var(axis=1, ddof=1)])
+
+
+def _shm_rows(task):
+    module, name, shape, start, stop = task
+    if name not in _attached:
+        import numpy as np
+        shm = importlib.import_module(module + '.shared_memory').SharedMemory(name)
+        _attached[name] = shm, np.ndarray(shape, dtype=np.float64, buffer=shm.buf)
+    return start, _row_stats(_attached[name][1][start:stop])
+
+
+def _slice_rows(task):
+    start, rows = task
+    return start, _row_stats(rows)
+
+
+def _module_name(mp):
+    """'cpool' or 'multiprocessing', for the module itself or one of its contexts."""
+    return getattr(mp, '__name__', None) or type(mp).__module__.rpartition('.')[0]
+
+
+def _collect(mp, cfg, fn, tasks, n):
+    import numpy as np
+    stats = np.full((2, n), np.nan)
+    with mp.Pool(cfg['workers']) as pool:
+        for start, block in pool.imap_unordered(fn, tasks):
+            stats[:, start:start + block.shape[1]] = block
+    return stats
+
+
+def _check_matrix_stats(stats, data):
+    import numpy as np
+    n = data.shape[0]
+    if np.isnan(stats).any():
+        raise AssertionError('genes without statistics')
+    for row in (0, n // 2, n - 1):
+        if not np.allclose(stats[:, row], _row_stats(data[row:row + 1])[:, 0]):
+            raise AssertionError('wrong statistics for gene %d' % row)
+
+
+def matrix_shm_stats(mp, n, cfg):
+    """The matrix copied once into a SharedMemory block; tasks name row ranges of it."""
+    import numpy as np
+    data = _matrix(n)
+    shared_memory = importlib.import_module(_module_name(mp) + '.shared_memory')
+    t = perf()
+    shm = shared_memory.SharedMemory(create=True, size=data.nbytes)
+    try:
+        matrix = np.ndarray(data.shape, dtype=np.float64, buffer=shm.buf)
+        matrix[:] = data
+        tasks = [(_module_name(mp), shm.name, data.shape, start, min(start + MATRIX_CHUNK, n))
+                 for start in range(0, n, MATRIX_CHUNK)]
+        stats = _collect(mp, cfg, _shm_rows, tasks, n)
+        del matrix
+    finally:
+        shm.close()
+        shm.unlink()
+    dt = perf() - t
+    _check_matrix_stats(stats, data)
+    return n, dt
+
+
+def matrix_args_stats(mp, n, cfg):
+    """The same statistics, each task's rows pickled as its argument."""
+    data = _matrix(n)
+    t = perf()
+    tasks = [(start, data[start:start + MATRIX_CHUNK]) for start in range(0, n, MATRIX_CHUNK)]
+    stats = _collect(mp, cfg, _slice_rows, tasks, n)
+    dt = perf() - t
+    _check_matrix_stats(stats, data)
+    return n, dt
+
 
 def check_lines(out, n, last_name):
     if len(out) != n or not out[-1].startswith(last_name + '\t'):

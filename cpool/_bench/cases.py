@@ -44,4 +44,9 @@ CASES = {
                               'per-gene fold change + t statistic from a TSV, apply_async, ordered output'),
     'fastq_queue_pipeline': Case(bio.fastq_queue_pipeline, 40_000, 'read/s', 'workload',
                                  'FASTQ reader -> Queue -> 2 quality-stat processes -> Queue -> parent'),
+    'matrix_shm_stats': Case(bio.matrix_shm_stats, 20_000, 'gene/s', 'workload',
+                             'per-gene mean/var of a genes x 1000 float64 matrix in SharedMemory, '
+                             'Pool.imap_unordered of row ranges'),
+    'matrix_args_stats': Case(bio.matrix_args_stats, 20_000, 'gene/s', 'workload',
+                              'the same, the row slices pickled as task arguments'),
 }

@@ -12,7 +12,8 @@ import os
 import sys
 import traceback
 
-SUBMODULES = ('connection', 'queues', 'synchronize', 'sharedctypes', 'pool', 'managers')
+SUBMODULES = ('connection', 'queues', 'synchronize', 'sharedctypes', 'pool', 'managers',
+              'shared_memory')
 
 
 def load(spec):

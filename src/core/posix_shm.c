@@ -8,40 +8,30 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-int cp_pshm_create(const char *name, size_t size, int *fd_out)
+int cp_pshm_open(const char *name, int flags, int mode, size_t size, int *fd_out,
+                 size_t *size_out)
 {
     int fd;
     do {
-        fd = shm_open(name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+        fd = shm_open(name, flags | O_CLOEXEC, (mode_t)mode);
     } while (fd < 0 && errno == EINTR);
     if (fd < 0)
         return -errno;
-    int r;
-    do {
-        r = ftruncate(fd, (off_t)size);
-    } while (r < 0 && errno == EINTR);
-    if (r < 0) {
-        /* A segment we could not size is of no use to anyone: take its name back. */
-        int err = errno;
-        shm_unlink(name);
-        close(fd);
-        return -err;
+    int r = 0;
+    if ((flags & O_CREAT) && size > 0) {
+        do {
+            r = ftruncate(fd, (off_t)size);
+        } while (r < 0 && errno == EINTR);
     }
-    *fd_out = fd;
-    return 0;
-}
-
-int cp_pshm_attach(const char *name, int *fd_out, size_t *size_out)
-{
-    int fd;
-    do {
-        fd = shm_open(name, O_RDWR | O_CLOEXEC, 0600);
-    } while (fd < 0 && errno == EINTR);
-    if (fd < 0)
-        return -errno;
     struct stat st;
-    if (fstat(fd, &st) < 0) {
+    if (r == 0)
+        r = fstat(fd, &st);
+    if (r < 0) {
         int err = errno;
+        /* A segment we created but could not size is of no use to anyone: take its name back
+           (only if we are sure it is ours, i.e. O_EXCL made it). */
+        if ((flags & (O_CREAT | O_EXCL)) == (O_CREAT | O_EXCL))
+            shm_unlink(name);
         close(fd);
         return -err;
     }

@@ -37,11 +37,12 @@ ALIAS_DIR = os.path.join(HERE, 'alias')
 DEFAULT_REPO = os.path.dirname(os.path.dirname(HERE))
 TEST_MODULE = 'cpsuite_tests'      # alias/cpsuite_tests.py: the generated test classes
 # The classes the CI guard covers (--curated): the Process, Connection, Lock..Barrier,
-# Value/Array, Queue, Pool and Manager tests, in their processes/threads/manager flavours.
+# Value/Array, shared_memory, Queue, Pool and Manager tests, in their processes/threads/manager flavours.
 CURATED = [
     'With*TestProcess', 'With*TestSubclassingProcess', 'With*TestQueue', 'TestSimpleQueue',
     'With*TestLock', 'With*TestSemaphore', 'With*TestCondition', 'With*TestEvent',
     'With*TestBarrier', 'With*TestValue', 'With*TestArray', 'With*TestSharedCTypes',
+    'With*TestSharedMemory',
     'With*TestConnection', 'With*TestListener', 'With*TestListenerClient', 'With*TestPoll',
     'TestWait', 'With*TestPool', 'With*TestPoolWorkerErrors', 'With*TestPoolWorkerLifetime',
     'TestInitializers', 'With*TestContainers', 'With*TestMyManager', 'With*TestRemoteManager',
