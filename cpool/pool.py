@@ -148,23 +148,25 @@ class IMapUnorderedIterator(IMapIterator):
 # ---- the worker process ----
 
 class _Channel(object):
-    """The pool's shared memory as handed to a worker: inherited under fork, passed by fd
-    (DupFd) when the worker is spawned."""
+    """The pool's shared memory and its handler's wake-up eventfd as handed to a worker:
+    inherited under fork, passed by fd (DupFd) when the worker is spawned."""
 
     def __init__(self, core):
         self.core = core
 
     def __reduce__(self):
         context.assert_spawning(self)
-        return _rebuild_channel, (reduction.DupFd(self.core.fd), self.core.size)
+        return _rebuild_channel, (reduction.DupFd(self.core.fd), self.core.size,
+                                  reduction.DupFd(self.core.wake_fd))
 
 
-def _rebuild_channel(dfd, size):
-    fd = dfd.detach()
+def _rebuild_channel(dfd, size, wake_dfd):
+    fd, wake_fd = dfd.detach(), wake_dfd.detach()
     try:
-        core = _core.PoolCore._attach(fd, size)
+        core = _core.PoolCore._attach(fd, size, wake_fd)
     finally:
         os.close(fd)
+        os.close(wake_fd)
     _set_helpers(core)
     return _Channel(core)
 
