@@ -693,6 +693,10 @@ class ThreadPool(Pool):
             t.start()
             self._pool.append(t)
         self._feeders = []
+        # Guards the state against the imap feeders: a task is queued only while the pool is
+        # not terminated, and the workers' stop marks go in once, after the last task.
+        self._feed_lock = threading.Lock()
+        self._feeding = 0  # imap feeders still queueing tasks
         self._state = RUN
 
     @staticmethod
@@ -781,27 +785,40 @@ class ThreadPool(Pool):
         result = _ThreadIMapIterator(self, ordered, buffersize)
 
         def feed():
+            # Feeds on after close() (as the standard library's task handler does) and stops
+            # at terminate(); the iterator always learns its length, so next() never hangs.
             n = 0
             try:
                 it = iter(iterable)
-                while self._state == RUN:
+                while self._state != TERMINATE:
                     chunk = tuple(itertools.islice(it, chunksize))
                     if not chunk:
                         break
                     if result._slots is not None:
                         while not result._slots.acquire(timeout=0.1):
-                            if self._state != RUN:
-                                return
+                            if self._state == TERMINATE:
+                                break
                     if chunksize == 1:
-                        self._inqueue.put((result, n, func, chunk, {}))
+                        task = (result, n, func, chunk, {})
                     else:
-                        self._inqueue.put((result, n, mapstar, ((func, chunk),), {}))
+                        task = (result, n, mapstar, ((func, chunk),), {})
+                    with self._feed_lock:
+                        if self._state == TERMINATE:
+                            break
+                        self._inqueue.put(task)
                     n += 1
             except Exception as e:
                 result._set(n, (False, e))
                 n += 1
-            result._set_length(n)
+            finally:
+                result._set_length(n)
+                with self._feed_lock:
+                    self._feeding -= 1
+                    if self._state == CLOSE and not self._feeding:
+                        self._stop_workers()
 
+        with self._feed_lock:
+            self._feeding += 1
         t = threading.Thread(target=feed, daemon=True)
         t.start()
         self._feeders.append(t)
@@ -809,23 +826,41 @@ class ThreadPool(Pool):
             return result
         return _Flatten(result)
 
+    def _stop_workers(self):
+        # One stop mark per thread, behind every queued task (the caller holds _feed_lock).
+        for _ in self._pool:
+            self._inqueue.put(None)
+
     def close(self):
-        if self._state == RUN:
-            self._state = CLOSE
-            for _ in self._pool:
-                self._inqueue.put(None)
+        with self._feed_lock:
+            if self._state == RUN:
+                self._state = CLOSE
+                if not self._feeding:
+                    self._stop_workers()
 
     def terminate(self):
-        if self._state == RUN:
-            # Drop the tasks not started yet; running ones finish (threads cannot be killed).
+        """Drop the queued tasks and return at once, closed or not, as the standard library's
+        does; running tasks finish (threads cannot be killed) and join() waits for them.
+        A dropped task's result fails with ProcessError, as a terminated Pool's do."""
+        dropped = []
+        with self._feed_lock:
+            if self._state == TERMINATE:
+                return
+            self._state = TERMINATE
             try:
                 while True:
-                    self._inqueue.get_nowait()
+                    task = self._inqueue.get_nowait()
+                    if task is not None:
+                        dropped.append(task)
             except queue.Empty:
                 pass
-            for _ in self._pool:
-                self._inqueue.put(None)
-        self._state = TERMINATE
+            self._stop_workers()
+        exc = ProcessError('the pool was terminated before the task finished')
+        for job, i, *_ in dropped:
+            try:
+                job._set(i, (False, exc))
+            except Exception:
+                traceback.print_exc()
 
     def join(self):
         if self._state == RUN:
