@@ -149,23 +149,25 @@ class IMapUnorderedIterator(IMapIterator):
 # ---- the worker process ----
 
 class _Channel(object):
-    """The pool's shared memory as handed to a worker: inherited under fork, passed by fd
-    (DupFd) when the worker is spawned."""
+    """The pool's shared memory and its handler's wake-up eventfd as handed to a worker:
+    inherited under fork, passed by fd (DupFd) when the worker is spawned."""
 
     def __init__(self, core):
         self.core = core
 
     def __reduce__(self):
         context.assert_spawning(self)
-        return _rebuild_channel, (reduction.DupFd(self.core.fd), self.core.size)
+        return _rebuild_channel, (reduction.DupFd(self.core.fd), self.core.size,
+                                  reduction.DupFd(self.core.wake_fd))
 
 
-def _rebuild_channel(dfd, size):
-    fd = dfd.detach()
+def _rebuild_channel(dfd, size, wake_dfd):
+    fd, wake_fd = dfd.detach(), wake_dfd.detach()
     try:
-        core = _core.PoolCore._attach(fd, size)
+        core = _core.PoolCore._attach(fd, size, wake_fd)
     finally:
         os.close(fd)
+        os.close(wake_fd)
     _set_helpers(core)
     return _Channel(core)
 
@@ -691,7 +693,11 @@ class ThreadPool(Pool):
                                  name='ThreadPoolWorker-%d' % (i + 1), daemon=True)
             t.start()
             self._pool.append(t)
-        self._feeders = []
+        self._feeders = []  # imap feeders and the thread failing dropped tasks: join() waits
+        # Guards the state against the imap feeders: a task is queued only while the pool is
+        # not terminated, and the workers' stop marks go in once, after the last task.
+        self._feed_lock = threading.Lock()
+        self._feeding = 0  # imap feeders still queueing tasks
         self._state = RUN
 
     @staticmethod
@@ -780,27 +786,40 @@ class ThreadPool(Pool):
         result = _ThreadIMapIterator(self, ordered, buffersize)
 
         def feed():
+            # Feeds on after close() (as the standard library's task handler does) and stops
+            # at terminate(); the iterator always learns its length, so next() never hangs.
             n = 0
             try:
                 it = iter(iterable)
-                while self._state == RUN:
+                while self._state != TERMINATE:
                     chunk = tuple(itertools.islice(it, chunksize))
                     if not chunk:
                         break
                     if result._slots is not None:
                         while not result._slots.acquire(timeout=0.1):
-                            if self._state != RUN:
-                                return
+                            if self._state == TERMINATE:
+                                break
                     if chunksize == 1:
-                        self._inqueue.put((result, n, func, chunk, {}))
+                        task = (result, n, func, chunk, {})
                     else:
-                        self._inqueue.put((result, n, mapstar, ((func, chunk),), {}))
+                        task = (result, n, mapstar, ((func, chunk),), {})
+                    with self._feed_lock:
+                        if self._state == TERMINATE:
+                            break
+                        self._inqueue.put(task)
                     n += 1
             except Exception as e:
                 result._set(n, (False, e))
                 n += 1
-            result._set_length(n)
+            finally:
+                result._set_length(n)
+                with self._feed_lock:
+                    self._feeding -= 1
+                    if self._state == CLOSE and not self._feeding:
+                        self._stop_workers()
 
+        with self._feed_lock:
+            self._feeding += 1
         t = threading.Thread(target=feed, daemon=True)
         t.start()
         self._feeders.append(t)
@@ -808,23 +827,40 @@ class ThreadPool(Pool):
             return result
         return _Flatten(result)
 
+    def _stop_workers(self):
+        # One stop mark per thread, behind every queued task (the caller holds _feed_lock).
+        for _ in self._pool:
+            self._inqueue.put(None)
+
     def close(self):
-        if self._state == RUN:
-            self._state = CLOSE
-            for _ in self._pool:
-                self._inqueue.put(None)
+        with self._feed_lock:
+            if self._state == RUN:
+                self._state = CLOSE
+                if not self._feeding:
+                    self._stop_workers()
 
     def terminate(self):
-        if self._state == RUN:
-            # Drop the tasks not started yet; running ones finish (threads cannot be killed).
+        """Drop the queued tasks and return at once, closed or not, as the standard library's
+        does; running tasks finish (threads cannot be killed) and join() waits for them.
+        A dropped task's result fails with ProcessError, as a terminated Pool's do: in a thread
+        of its own (join() waits for it), as failing 10,000 of them takes a tenth of a second."""
+        dropped = []
+        with self._feed_lock:
+            if self._state == TERMINATE:
+                return
+            self._state = TERMINATE
             try:
                 while True:
-                    self._inqueue.get_nowait()
+                    task = self._inqueue.get_nowait()
+                    if task is not None:
+                        dropped.append(task)
             except queue.Empty:
                 pass
-            for _ in self._pool:
-                self._inqueue.put(None)
-        self._state = TERMINATE
+            self._stop_workers()
+        if dropped:
+            t = threading.Thread(target=_fail_dropped, args=(dropped,), daemon=True)
+            t.start()
+            self._feeders.append(t)
 
     def join(self):
         if self._state == RUN:
@@ -840,6 +876,15 @@ class ThreadPool(Pool):
 
     def __exit__(self, *exc):
         self.terminate()
+
+
+def _fail_dropped(tasks):
+    exc = ProcessError('the pool was terminated before the task finished')
+    for job, i, *_ in tasks:
+        try:
+            job._set(i, (False, exc))
+        except Exception:
+            traceback.print_exc()
 
 
 class _Flatten(object):

@@ -6,9 +6,11 @@
    robust lock without a syscall while busy, runs it, and writes the result into the result
    ring; whoever waits for a result drains that ring. Workers spin briefly before sleeping on a
    futex; a parent waiting for a result spins briefly too, so a busy stream of results costs
-   no wake-up syscalls. The background collector (callbacks, feeding, deaths) sleeps on its
-   own futex word and is woken only when the result ring fills up, a worker runs dry while
-   callbacks are due, or a worker leaves. */
+   no wake-up syscalls. The background collector (callbacks, feeding, deaths) sleeps in poll()
+   on the pool's eventfd and the workers' pidfds: a worker's exit wakes it at once, and a
+   worker writes the eventfd only when the collector sleeps and wants the wake: for every
+   result while callbacks are due, else when the result ring fills up or a worker runs dry
+   while tasks wait to be fed. */
 #include "module.h"
 
 #include <errno.h>
@@ -16,6 +18,8 @@
 #include <poll.h>
 #include <signal.h>
 #include <string.h>
+#include <fcntl.h>
+#include <sys/eventfd.h>
 #include <sys/types.h>
 #include <unistd.h>
 
@@ -31,7 +35,6 @@
 #define EAGER_SLICE_NS 50000000   /* sleeps are cut in slices so Ctrl-C and deaths are seen */
 #define PENDING_SLICE_NS 1000000  /* tasks wait outside the ring: feed them this often */
 #define WORKER_SLICE_NS 100000000
-#define LEAVING_POLL_MS 10        /* the handler waits this long at a time for a leaving worker */
 #define PARENT_CHECK_NS 1000000   /* a worker looks for a dead parent this often at most */
 #define MAX_BATCH_ITEMS 64        /* items per task message at most, when chunks are batched */
 #define RETURN_AFTER_NS 1000000   /* a batched chunk this slow: give the rest back if others idle */
@@ -87,6 +90,8 @@ typedef struct PoolCore {
     uint64_t *timed_out;       /* per worker: task_seq killed for overrunning its timeout */
     int *pidfds;
     pid_t *pids;
+    int wake_fd;               /* eventfd that wakes the background collector (this process's
+                                  number for it: inherited under fork, passed by fd else) */
     PyObject *last_func, *last_func_bytes;
     PyObject *wrap_exc, *encoding_error;
     PyObject *cls[4];          /* ApplyResult, MapResult, IMapIterator, IMapUnorderedIterator */
@@ -378,7 +383,9 @@ static PoolJob *new_job(PoolCore *c, int kind, PyObject *callback, PyObject *err
     }
     if (j->callback || j->error_callback) {
         j->has_cb = 1;
-        c->ncallbacks++;
+        /* The handler may be asleep already: its results must wake it, to run the callback. */
+        if (c->ncallbacks++ == 0)
+            atomic_store(&c->p->results.bg_eager, 1);
     }
     return j;
 }
@@ -1300,18 +1307,10 @@ static void check_timeouts(PoolCore *c, int64_t now)
     }
 }
 
-/* Whether a worker said it is leaving (maxtasksperchild, close) and has not been reaped. */
-static int any_leaving(PoolCore *c)
-{
-    for (uint32_t w = 0; w < c->nworkers; w++)
-        if (atomic_load(&cp_pool_slot(c->p, w)->leaving) && c->pidfds[w] >= 0)
-            return 1;
-    return 0;
-}
-
-/* serve(timeout) -> tuple of indexes of workers that exited. Run by the pool's handler
-   thread: sleeps lazily on the result ring, collects results, feeds pending tasks, enforces
-   task timeouts and watches the workers' pidfds. */
+/* serve(timeout) -> list of indexes of workers that exited. Run by the pool's handler
+   thread: collects results, feeds pending tasks, enforces task timeouts, and sleeps at most
+   timeout in one poll() on the wake-up eventfd and the workers' pidfds, so a result it wants,
+   close(), terminate() or a worker's exit end the sleep at once. */
 static PyObject *core_serve(PoolCore *c, PyObject *arg)
 {
     double t = PyFloat_AsDouble(arg);
@@ -1326,52 +1325,50 @@ static PyObject *core_serve(PoolCore *c, PyObject *arg)
         if (atomic_load(&cp_pool_slot(c->p, w)->busy) &&
             atomic_load(&cp_pool_slot(c->p, w)->timeout_ns) > 0 && slice > 10000000)
             slice = 10000000;
-    uint32_t seen = atomic_load(&r->bg_bell);
     if (drain(c) < 0)
         return NULL;
-    /* Results nobody waits for only matter when callbacks must run or tasks wait to be fed:
-       then a worker running dry wakes us; otherwise only a filling ring or the slice does. */
-    atomic_store(&r->bg_idle, c->ncallbacks > 0 || c->pend_head != NULL);
-    /* A leaving worker rang the bell once, and may exit after our last look at its pidfd:
-       then its exit, not the bell, is what to wait for (below), or its replacement would
-       wait for the end of a whole slice (maxtasksperchild=1 ran 3x slower than stdlib). */
-    if (slice > 0 && !any_leaving(c)) {
-        int64_t until = cp_now_ns() + slice;
-        Py_BEGIN_ALLOW_THREADS
-        cp_tr_wait_bg(r, seen, until);
-        Py_END_ALLOW_THREADS
-    }
-    if (drain(c) < 0)
-        return NULL;
-    int64_t now = cp_now_ns();
-    check_timeouts(c, now);
-    struct pollfd *pf = PyMem_RawMalloc(c->nworkers * sizeof(struct pollfd));
+    struct pollfd *pf = PyMem_RawMalloc((c->nworkers + 1) * sizeof(struct pollfd));
     uint32_t *idx = PyMem_RawMalloc(c->nworkers * sizeof(uint32_t)), np = 0;
     if (!pf || !idx) {
         PyMem_RawFree(pf);
         PyMem_RawFree(idx);
         return PyErr_NoMemory();
     }
+    pf[0].fd = c->wake_fd;
+    pf[0].events = POLLIN;
+    pf[0].revents = 0;
     for (uint32_t w = 0; w < c->nworkers; w++) {
         if (c->pidfds[w] >= 0) {
-            pf[np].fd = c->pidfds[w];
-            pf[np].events = POLLIN;
-            pf[np].revents = 0;
+            pf[np + 1].fd = c->pidfds[w];
+            pf[np + 1].events = POLLIN;
+            pf[np + 1].revents = 0;
             idx[np++] = w;
         }
     }
-    /* A worker said it is leaving: wait for its exit (a short while, so results and
-       callbacks are still served if it is slow to go) rather than a whole slice. */
-    int leaving = any_leaving(c);
-    int pr = 0;
-    if (np) {
+    /* Results nobody waits for matter when callbacks are due (then every one wakes us) or
+       tasks wait to be fed (then a worker running dry does); else only a filling ring. */
+    atomic_store(&r->bg_eager, c->ncallbacks > 0);
+    atomic_store(&r->bg_idle, c->pend_head != NULL);
+    int64_t until = cp_now_ns() + (slice > 0 ? slice : 0);
+    int pr;
+    Py_BEGIN_ALLOW_THREADS
+    pr = cp_tr_wait_bg(r, pf, np + 1, until);
+    Py_END_ALLOW_THREADS
+    if (drain(c) < 0) {
+        PyMem_RawFree(pf);
+        PyMem_RawFree(idx);
+        return NULL;
+    }
+    check_timeouts(c, cp_now_ns());
+    if (pr <= 0 && np) {
+        /* The wait was skipped or cut short before looking at the pidfds: look now. */
         Py_BEGIN_ALLOW_THREADS
-        pr = poll(pf, np, leaving ? LEAVING_POLL_MS : 0);
+        pr = poll(pf + 1, np, 0);
         Py_END_ALLOW_THREADS
     }
     PyObject *dead = PyList_New(0);
     for (uint32_t i = 0; dead && pr > 0 && i < np; i++) {
-        if (pf[i].revents) {
+        if (pf[i + 1].revents) {
             PyObject *v = PyLong_FromUnsignedLong(idx[i]);
             if (!v || PyList_Append(dead, v) < 0)
                 Py_CLEAR(dead);
@@ -1392,7 +1389,7 @@ static PyObject *core_close(PoolCore *c, PyObject *unused)
     if (c->state == POOL_RUN)
         c->state = POOL_CLOSE;
     flush_pending(c);
-    cp_tr_ring_bg(&c->p->results);
+    cp_tr_ring_bg(c->wake_fd);
     Py_RETURN_NONE;
 }
 
@@ -1408,7 +1405,7 @@ static PyObject *core_terminate(PoolCore *c, PyObject *unused)
     atomic_store(&c->p->closing, 1);
     cp_tr_ring_bell(&c->p->tasks);
     wake_parent_waiters(c);
-    cp_tr_ring_bg(&c->p->results);
+    cp_tr_ring_bg(c->wake_fd);
     Py_RETURN_NONE;
 }
 
@@ -1503,6 +1500,8 @@ static int worker_take(PoolCore *c, cp_tr_slot_t *slot, bytebuf *buf, parent_wat
     cp_tr_t *r = &p->tasks;
     int nudged = 0;
     for (;;) {
+        /* Read before the flags: close() or terminate() sets a flag, then rings the bell. */
+        uint32_t seen = atomic_load(&r->bell);
         if (atomic_load(&p->stop) || parent_gone_lately(pw))
             return 0;
         if (cp_tr_empty(r)) {
@@ -1510,12 +1509,12 @@ static int worker_take(PoolCore *c, cp_tr_slot_t *slot, bytebuf *buf, parent_wat
                 return 0;
             if (!nudged) {
                 /* Out of work: a background collector waiting for that should run now. */
-                cp_tr_nudge_idle(&p->results);
+                cp_tr_nudge_idle(&p->results, c->wake_fd);
                 nudged = 1;
             }
             int rc;
             Py_BEGIN_ALLOW_THREADS
-            rc = cp_tr_wait_data(r, WORKER_SPIN_NS, cp_now_ns() + WORKER_SLICE_NS);
+            rc = cp_tr_wait_data(r, seen, WORKER_SPIN_NS, cp_now_ns() + WORKER_SLICE_NS);
             Py_END_ALLOW_THREADS
             if (rc == -EINTR && PyErr_CheckSignals() < 0)
                 return -1;
@@ -1560,13 +1559,14 @@ static int worker_take(PoolCore *c, cp_tr_slot_t *slot, bytebuf *buf, parent_wat
         atomic_store(&slot->task_seq, h.task_seq);
         cp_tr_pop(r, len);
         while (!(tag & CP_PIECE_LAST)) {
+            seen = atomic_load(&r->bell);
             if (atomic_load(&p->stop) || parent_gone(pw)) {
                 cp_tr_unlock(r);
                 return 0;
             }
             if (!cp_tr_peek(p, r, &len, &tag)) {
                 Py_BEGIN_ALLOW_THREADS
-                cp_tr_wait_data(r, 0, cp_now_ns() + WORKER_SLICE_NS);
+                cp_tr_wait_data(r, seen, 0, cp_now_ns() + WORKER_SLICE_NS);
                 Py_END_ALLOW_THREADS
                 continue;
             }
@@ -1753,12 +1753,13 @@ static int worker_publish(PoolCore *c, uint32_t w, bytebuf *out, const parent_wa
             break;
         uint64_t left = out->len - off, maxp = cp_tr_max_piece(r);
         uint64_t need = ((left < maxp ? left : maxp) + CP_PIECE_HDR + 7) & ~(uint64_t)7;
-        cp_tr_nudge_idle(r);
+        cp_tr_notify_bg(r, c->wake_fd);
         Py_BEGIN_ALLOW_THREADS
         cp_tr_wait_space(r, need, cp_now_ns() + WORKER_SLICE_NS);
         Py_END_ALLOW_THREADS
     }
     cp_tr_unlock(r);
+    cp_tr_notify_bg(r, c->wake_fd);
     return 0;
 }
 
@@ -1887,7 +1888,7 @@ static PyObject *core_worker_loop(PoolCore *c, PyObject *const *args, Py_ssize_t
     result = Py_NewRef(Py_None);
     /* Leaving (maxtasksperchild, close): the parent replaces or reaps us sooner if told. */
     atomic_store(&slot->leaving, 1);
-    cp_tr_ring_bg(&c->p->results);
+    cp_tr_ring_bg(c->wake_fd);
 done:
     for (int i = 0; i < FUNC_CACHE; i++) {
         Py_XDECREF(cache[i].bytes);
@@ -1942,6 +1943,7 @@ static PyObject *core_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
     if (!c)
         return NULL;
     c->shm.fd = -1;
+    c->wake_fd = -1;
     c->is_parent = 1;
     c->fork_gen = fork_generation;
     c->maxtasks = maxtasks;
@@ -1965,21 +1967,29 @@ static PyObject *core_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
         cp_err_errno(r, "pthread_mutex_init");
         goto fail;
     }
+    /* Non-blocking: a worker's wake never blocks, the collector's reset never waits. */
+    c->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (c->wake_fd < 0) {
+        PyErr_SetFromErrnoWithFilename(PyExc_OSError, "eventfd");
+        goto fail;
+    }
     return (PyObject *)c;
 fail:
     Py_DECREF(c);
     return NULL;
 }
 
-/* _attach(fd, size): the worker's view of a pool handed over by fd (spawn, forkserver). */
+/* _attach(fd, size, wake_fd): the worker's view of a pool handed over by fd (spawn,
+   forkserver). Both fds stay the caller's: the segment is mapped, the eventfd duplicated. */
 static PyObject *core_attach(PyObject *cls, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "_attach(fd, size)");
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "_attach(fd, size, wake_fd)");
         return NULL;
     }
     long fd = PyLong_AsLong(args[0]);
     unsigned long long size = PyLong_AsUnsignedLongLong(args[1]);
+    long wfd = PyLong_AsLong(args[2]);
     if (PyErr_Occurred())
         return NULL;
     PyTypeObject *tp = (PyTypeObject *)cls;
@@ -1987,6 +1997,11 @@ static PyObject *core_attach(PyObject *cls, PyObject *const *args, Py_ssize_t na
     if (!c)
         return NULL;
     c->shm.fd = -1;
+    c->wake_fd = fcntl((int)wfd, F_DUPFD_CLOEXEC, 0);
+    if (c->wake_fd < 0) {
+        Py_DECREF(c);
+        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, "fcntl");
+    }
     int r = cp_shm_attach(&c->shm, (int)fd, (size_t)size);
     if (r < 0) {
         Py_DECREF(c);
@@ -2093,6 +2108,8 @@ static void core_dealloc(PoolCore *c)
     if (c->drain_lock)
         PyThread_free_lock(c->drain_lock);
     cp_shm_close(&c->shm);
+    if (c->wake_fd >= 0)
+        close(c->wake_fd);
     tp->tp_free(c);
     Py_DECREF(tp);
 }
@@ -2100,6 +2117,11 @@ static void core_dealloc(PoolCore *c)
 static PyObject *core_get_fd(PoolCore *c, void *closure)
 {
     return PyLong_FromLong(c->shm.fd);
+}
+
+static PyObject *core_get_wake_fd(PoolCore *c, void *closure)
+{
+    return PyLong_FromLong(c->wake_fd);
 }
 
 static PyObject *core_get_size(PoolCore *c, void *closure)
@@ -2139,6 +2161,7 @@ static PyObject *core_get_busy(PoolCore *c, void *closure)
 
 static PyGetSetDef core_getset[] = {
     {"fd", (getter)core_get_fd, NULL, "memfd of the shared segment", NULL},
+    {"wake_fd", (getter)core_get_wake_fd, NULL, "eventfd that wakes the pool's handler", NULL},
     {"size", (getter)core_get_size, NULL, "size of the shared segment", NULL},
     {"nworkers", (getter)core_get_nworkers, NULL, "number of worker slots", NULL},
     {"state", (getter)core_get_state, NULL, "0 running, 1 closed, 2 terminated", NULL},
@@ -2164,7 +2187,7 @@ static PyMethodDef core_methods[] = {
     FASTM("_set_helpers", core_set_helpers, "_set_helpers(wrap_exc, encoding_error, classes...)"),
     {"_set_owner", (PyCFunction)core_set_owner, METH_O, "_set_owner(weakref to the Pool)"},
     {"_attach", (PyCFunction)(void (*)(void))core_attach, METH_FASTCALL | METH_CLASS,
-     "_attach(fd, size) -> PoolCore of a worker"},
+     "_attach(fd, size, wake_fd) -> PoolCore of a worker"},
     {NULL},
 };
 

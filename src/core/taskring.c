@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <sched.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "deadline.h"
 #include "futex.h"
@@ -151,9 +152,6 @@ int cp_tr_put(cp_pool_shm_t *p, cp_tr_t *r, const uint8_t *msg, uint64_t len, ui
         atomic_fetch_add_explicit(&r->bell, 1, memory_order_seq_cst);
         if (atomic_load_explicit(&r->sleepers, memory_order_seq_cst) > 0)
             cp_futex_wake(&r->bell, r->wake_one ? 1 : INT32_MAX);
-        if (atomic_load_explicit(&r->bg_sleepers, memory_order_seq_cst) > 0 &&
-            head - atomic_load_explicit(&r->tail, memory_order_relaxed) > r->cap / 4)
-            cp_tr_ring_bg(r);
     }
     return done;
 }
@@ -196,7 +194,7 @@ void cp_tr_pop(cp_tr_t *r, uint64_t len)
 }
 
 
-int cp_tr_wait_data(cp_tr_t *r, int64_t spin_ns, int64_t deadline)
+int cp_tr_wait_data(cp_tr_t *r, uint32_t seen, int64_t spin_ns, int64_t deadline)
 {
     if (!cp_tr_empty(r))
         return 0;
@@ -208,6 +206,8 @@ int cp_tr_wait_data(cp_tr_t *r, int64_t spin_ns, int64_t deadline)
                 if (!cp_tr_empty(r))
                     return 0;
             }
+            if (atomic_load_explicit(&r->bell, memory_order_acquire) != seen)
+                return -EAGAIN;
             if (cp_now_ns() >= until)
                 break;
             /* Two cores, several processes: if the peer we wait for shares our CPU, spinning
@@ -216,7 +216,6 @@ int cp_tr_wait_data(cp_tr_t *r, int64_t spin_ns, int64_t deadline)
         }
     }
     for (;;) {
-        uint32_t seen = atomic_load_explicit(&r->bell, memory_order_seq_cst);
         atomic_fetch_add_explicit(&r->sleepers, 1, memory_order_seq_cst);
         int rc = 0;
         if (cp_tr_empty(r))
@@ -226,6 +225,10 @@ int cp_tr_wait_data(cp_tr_t *r, int64_t spin_ns, int64_t deadline)
             return 0;
         if (rc == -ETIMEDOUT || rc == -EINTR)
             return rc;
+        /* Rung without data (the pool closes or stops): the caller looks at why at once,
+           rather than at the end of its slice. */
+        if (atomic_load_explicit(&r->bell, memory_order_seq_cst) != seen)
+            return -EAGAIN;
         if (cp_deadline_left_ns(deadline) == 0)
             return -ETIMEDOUT;
     }
@@ -276,23 +279,51 @@ int cp_tr_wait_bell(cp_tr_t *r, uint32_t seen, int64_t spin_ns, int64_t deadline
     return rc;
 }
 
-void cp_tr_nudge_idle(cp_tr_t *r)
+/* What the collector wants a wake for, seen from either side: the producer after publishing,
+   the collector after announcing its sleep (seq_cst on both sides, so one of them sees the
+   other and no wake is lost). */
+static int bg_wanted(cp_tr_t *r)
+{
+    uint64_t h = atomic_load_explicit(&r->head, memory_order_seq_cst);
+    uint64_t t = atomic_load_explicit(&r->tail, memory_order_seq_cst);
+    return h - t > r->cap / 4 || (h != t && atomic_load_explicit(&r->bg_eager, memory_order_seq_cst));
+}
+
+void cp_tr_ring_bg(int wake_fd)
+{
+    uint64_t one = 1;
+    /* EAGAIN (the counter is full) means a wake is pending anyway. */
+    ssize_t rc = write(wake_fd, &one, sizeof one);
+    (void)rc;
+}
+
+void cp_tr_notify_bg(cp_tr_t *r, int wake_fd)
+{
+    if (atomic_load_explicit(&r->bg_sleepers, memory_order_seq_cst) > 0 && bg_wanted(r))
+        cp_tr_ring_bg(wake_fd);
+}
+
+void cp_tr_nudge_idle(cp_tr_t *r, int wake_fd)
 {
     if (atomic_load_explicit(&r->bg_sleepers, memory_order_seq_cst) > 0 &&
-        atomic_load_explicit(&r->bg_idle, memory_order_relaxed))
-        cp_tr_ring_bg(r);
+        atomic_load_explicit(&r->bg_idle, memory_order_seq_cst))
+        cp_tr_ring_bg(wake_fd);
 }
 
-void cp_tr_ring_bg(cp_tr_t *r)
-{
-    atomic_fetch_add(&r->bg_bell, 1);
-    cp_futex_wake(&r->bg_bell, INT32_MAX);
-}
-
-int cp_tr_wait_bg(cp_tr_t *r, uint32_t seen, int64_t deadline)
+int cp_tr_wait_bg(cp_tr_t *r, struct pollfd *fds, unsigned int n, int64_t deadline)
 {
     atomic_fetch_add_explicit(&r->bg_sleepers, 1, memory_order_seq_cst);
-    int rc = cp_futex_wait(&r->bg_bell, seen, deadline);
+    int rc = 0;
+    if (!bg_wanted(r)) {
+        int64_t left = cp_deadline_left_ns(deadline);
+        struct timespec ts = cp_ns_to_timespec(left);
+        rc = ppoll(fds, n, left == CP_NO_DEADLINE ? NULL : &ts, NULL);
+        if (rc < 0)
+            rc = -errno;
+    }
     atomic_fetch_sub_explicit(&r->bg_sleepers, 1, memory_order_seq_cst);
+    uint64_t v;
+    ssize_t k = read(fds[0].fd, &v, sizeof v); /* non-blocking: reset a wake, if any */
+    (void)k;
     return rc;
 }

@@ -3,13 +3,14 @@
 #ifndef CPOOL_TASKRING_H
 #define CPOOL_TASKRING_H
 
+#include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 
 #define CP_TR_MAGIC 0x31726b7374706300ULL /* "\0cptskr1" */
-#define CP_TR_VERSION 1
+#define CP_TR_VERSION 2
 
 /* Piece flags. A message is one or more pieces; pieces carry the writer's index so the
    parent can reassemble results of several workers and a consumer can skip the rest of a
@@ -26,9 +27,11 @@ typedef struct {
     _Alignas(64) _Atomic uint64_t head;
     _Atomic uint32_t bell;       /* bumped after every publish: consumers futex-wait on it */
     _Atomic uint32_t sleepers;   /* consumers asleep (or about to be) on bell */
-    _Atomic uint32_t bg_bell;    /* the parent's background thread sleeps on its own word, so */
-    _Atomic uint32_t bg_sleepers;/* waking a caller waiting for a result does not wake it too */
+    _Atomic uint32_t bg_sleepers;/* the parent's background thread is asleep (in poll() on its
+                                    wake-up eventfd and the workers' pidfds, so a worker's
+                                    exit wakes it too) */
     _Atomic uint32_t bg_idle;    /* background thread wants a wake when a worker runs dry */
+    _Atomic uint32_t bg_eager;   /* ... and one for every result (callbacks are due) */
     _Alignas(64) _Atomic uint64_t tail;
     _Atomic uint32_t space_bell; /* bumped by a consumer when a producer waits for space */
     _Atomic uint32_t space_waiters;
@@ -162,8 +165,10 @@ static inline int cp_tr_empty(cp_tr_t *r)
 }
 
 /* Wait as a consumer until the ring is non-empty, spinning spin_ns first, sleeping at most
-   until deadline. Returns 0 when something is there, -ETIMEDOUT, or -EINTR. */
-int cp_tr_wait_data(cp_tr_t *r, int64_t spin_ns, int64_t deadline);
+   until deadline. seen is the bell as read before the caller last looked at the pool's flags,
+   so a ring in between is not slept through. Returns 0 when something is there, -EAGAIN when
+   the bell rang without data (cp_tr_ring_bell: look at the flags again), -ETIMEDOUT or -EINTR. */
+int cp_tr_wait_data(cp_tr_t *r, uint32_t seen, int64_t spin_ns, int64_t deadline);
 
 /* Wait as a producer until at least need bytes are free, or deadline. 0, -ETIMEDOUT, -EINTR. */
 int cp_tr_wait_space(cp_tr_t *r, uint64_t need, int64_t deadline);
@@ -172,14 +177,23 @@ int cp_tr_wait_space(cp_tr_t *r, uint64_t need, int64_t deadline);
    Returns 0, -ETIMEDOUT or -EINTR; callers re-check their condition. */
 int cp_tr_wait_bell(cp_tr_t *r, uint32_t seen, int64_t spin_ns, int64_t deadline);
 
+/* The background collector of a result ring sleeps in poll() on an eventfd (wake_fd, a
+   per-process fd number of one shared eventfd) together with other fds (the workers' pidfds);
+   producers wake it by writing that eventfd, and only when it sleeps and wants the wake. */
+
+/* A result was published: wake the collector if it wants every result or the ring fills. */
+void cp_tr_notify_bg(cp_tr_t *r, int wake_fd);
+
 /* A worker is about to idle: wake the background collector if it asked for that. */
-void cp_tr_nudge_idle(cp_tr_t *r);
+void cp_tr_nudge_idle(cp_tr_t *r, int wake_fd);
 
-/* The background collector's sleep on bg_bell (until a change from seen or deadline). */
-int cp_tr_wait_bg(cp_tr_t *r, uint32_t seen, int64_t deadline);
+/* The background collector's sleep: poll fds[0..n) (fds[0] is the wake eventfd, which is
+   reset on return) until one is ready or deadline; it does not sleep when results it wants
+   are there already. Returns what poll returns (0 on timeout), or -errno. */
+int cp_tr_wait_bg(cp_tr_t *r, struct pollfd *fds, unsigned int n, int64_t deadline);
 
-/* Wake the background collector. */
-void cp_tr_ring_bg(cp_tr_t *r);
+/* Wake the background collector (whether it sleeps or not). */
+void cp_tr_ring_bg(int wake_fd);
 
 /* Wake consumers sleeping on the ring's bell (all of them). */
 void cp_tr_ring_bell(cp_tr_t *r);
