@@ -59,3 +59,82 @@ def test_forkserver_dir_removed_after_parent_sigkill():
                 os.kill(child, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+# ---- Listener: a silent peer does not hold up the clients behind it ----
+
+def _client_in_thread(connection_mod, address, authkey, got):
+    def run():
+        try:
+            c = connection_mod.Client(address, authkey=authkey)
+            got.append(c.recv())
+            c.close()
+        except Exception as e:  # the assertion on got says what happened
+            got.append(e)
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize('family', ['AF_UNIX', 'AF_INET'])
+def test_silent_clients_do_not_delay_a_legitimate_one(family):
+    # The standard library blocks in accept() for ever behind the first silent client (it
+    # reads the answer with no deadline): no differential case, cpool must do better.
+    from cpool import connection as cc
+    with cc.Listener(family=family, authkey=b'key') as listener:
+        accepted = []
+
+        def accept():
+            c = listener.accept()
+            accepted.append(c)
+            c.send('hello')
+        # accept() runs first, as in a server: the default backlog of 1 would make the
+        # silent connects themselves wait otherwise.
+        a = threading.Thread(target=accept, daemon=True)
+        a.start()
+        silent = []
+        for _ in range(3):
+            s = socket.socket(getattr(socket, family))
+            s.connect(listener.address)
+            silent.append(s)
+        time.sleep(0.2)  # let accept() take them (and send them their challenges)
+        got = []
+        t = _client_in_thread(cc, listener.address, b'key', got)
+        a.join(5)
+        t.join(5)
+        assert len(accepted) == 1 and got == ['hello']
+        # The silent ones are still pending, not accepted; a second legitimate client too
+        # gets through while they stay silent.
+        got2 = []
+        t2 = _client_in_thread(cc, listener.address, b'key', got2)
+        c2 = listener.accept()
+        c2.send('again')
+        t2.join(5)
+        assert got2 == ['again']
+        assert len(listener._listener._pending) == 3
+        for c in accepted + [c2]:
+            c.close()
+        for s in silent:
+            s.close()
+
+
+def test_silent_client_then_wrong_key_then_right_key():
+    from cpool import connection as cc
+    import cpool
+    with cc.Listener(authkey=b'key') as listener:
+        silent = socket.socket(socket.AF_UNIX)
+        silent.connect(listener.address)
+        bad = []
+        tb = _client_in_thread(cc, listener.address, b'wrong', bad)
+        with pytest.raises(cpool.AuthenticationError):
+            listener.accept()
+        tb.join(5)
+        assert len(bad) == 1 and isinstance(bad[0], cpool.AuthenticationError)
+        good = []
+        tg = _client_in_thread(cc, listener.address, b'key', good)
+        c = listener.accept()
+        c.send(42)
+        tg.join(5)
+        assert good == [42]
+        c.close()
+        silent.close()
