@@ -21,9 +21,12 @@ Beyond the standard library:
 - A Barrier whose party died breaks when the others' timeout passes (BrokenBarrierError),
   as a threading.Barrier does.
 
-Limits: an owner is recognised by its pid, so if the pid of a dead holder is reused by a new
-process before anyone looks, the lock waits for that process instead. Lock.kind is cpool's own
-MUTEX (2), not the standard library's SEMAPHORE (1): a Lock has an owner.
+An owner is recognised by its pid and its start time (/proc/PID/stat): when the pid of a dead
+holder was given to a new process, the start times differ and the holder is dead all the same.
+Start times count clock ticks (10 ms), so only a pid reused within the tick the holder started
+in would be mistaken, which the kernel's pid allocation never does in practice.
+Lock.kind is cpool's own MUTEX (2), not the standard library's SEMAPHORE (1): a Lock has an
+owner.
 """
 import sys
 import threading

@@ -257,6 +257,7 @@ static PyObject *semlock_attach(PyObject *cls, PyObject *const *args, Py_ssize_t
 typedef struct {
     SemLockObject *self;
     uint32_t dead;  /* set when the lock was taken over from this dead process */
+    uint64_t dead_start;
 } sem_wait_arg;
 
 static int sem_wait_step(void *obj, int64_t until, int first)
@@ -266,7 +267,7 @@ static int sem_wait_step(void *obj, int64_t until, int first)
     int r = cp_sem_wait(s, until, first ? &a->self->spin : NULL);
     if (r == 0)
         return 1;
-    if (r == -ETIMEDOUT && s->kind != CP_SEM_SEMAPHORE && (a->dead = cp_mutex_take_from_dead(s)))
+    if (r == -ETIMEDOUT && s->kind != CP_SEM_SEMAPHORE && (a->dead = cp_mutex_take_from_dead(s, &a->dead_start)))
         return 1;
     return r;
 }
@@ -298,15 +299,14 @@ static PyObject *semlock_acquire(PyObject *op, PyObject *const *args, Py_ssize_t
         goto taken;
     if (deadline == 0)
         Py_RETURN_FALSE;
-    sem_wait_arg a = {self, 0};
+    sem_wait_arg a = {self, 0, 0};
     int r = wait_loop(sem_wait_step, &a, deadline);
     if (r <= 0)
         return r < 0 ? NULL : Py_NewRef(Py_False);
     if (a.dead && warn_owner_died(self, a.dead) < 0) {
         /* The warning became an error: the lock is left as it was, the dead process's, so the
            next acquirer learns it too. */
-        uint32_t mine = cp_sem_self();
-        atomic_compare_exchange_strong(&self->sem->word, &mine, a.dead);
+        cp_mutex_give_back(self->sem, a.dead, a.dead_start);
         return NULL;
     }
 taken:
@@ -393,6 +393,11 @@ static PyObject *semlock_get_owner_pid(PyObject *op, void *closure)
     return PyLong_FromUnsignedLong(atomic_load(&self->sem->word));
 }
 
+static PyObject *semlock_get_owner_start(PyObject *op, void *closure)
+{
+    return PyLong_FromUnsignedLongLong(atomic_load(&SEM(op)->sem->owner_start));
+}
+
 static PyMethodDef semlock_methods[] = {
     {"acquire", (PyCFunction)(void (*)(void))semlock_acquire, METH_FASTCALL | METH_KEYWORDS,
      "acquire(block=True, timeout=None) -> bool: False when the timeout passed."},
@@ -415,6 +420,8 @@ static PyGetSetDef semlock_getset[] = {
     {"kind", semlock_get_kind, NULL, "RECURSIVE_MUTEX 0, SEMAPHORE 1, cpool's Lock 2."},
     {"maxvalue", semlock_get_maxvalue, NULL, "Largest value."},
     {"_owner_pid", semlock_get_owner_pid, NULL, "pid holding the lock, 0 when free."},
+    {"_owner_start", semlock_get_owner_start, NULL,
+     "Start time of the holder (/proc/PID/stat field 22), 0 when free or not yet known."},
     {NULL},
 };
 

@@ -138,3 +138,114 @@ def test_silent_client_then_wrong_key_then_right_key():
         assert good == [42]
         c.close()
         silent.close()
+
+
+# ---- a dead lock holder whose pid was given to a new process ----
+
+def _hold_and_hang(lock, ready):
+    lock.acquire()
+    ready.set()
+    time.sleep(60)
+
+
+def _acquire_and_report(lock, out):
+    import warnings
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        out[0] = int(lock.acquire(timeout=10))
+        out[1] = sum('died' in str(x.message) for x in w)
+        out[2] = os.getpid()
+    lock.release()
+
+
+def _with_pid(pid, start):
+    """Run start() with the next pid set to pid (root: /proc/sys/kernel/ns_last_pid); returns
+    what start() returned, or None when another process on the machine took the pid first."""
+    for _ in range(50):
+        with open('/proc/sys/kernel/ns_last_pid', 'w') as f:
+            f.write(str(pid - 1))
+        made = start()
+        if made.pid == pid:
+            return made
+        made.kill()
+        made.wait() if hasattr(made, 'wait') else made.join(10)
+    return None
+
+
+def _killed_holder(cpool, kind):
+    lock = getattr(cpool, kind)()
+    ready = cpool.Event()
+    p = cpool.get_context('fork').Process(target=_hold_and_hang, args=(lock, ready))
+    p.start()
+    assert ready.wait(30)
+    p.kill()
+    p.join(10)  # reaped: the pid is free to be reused
+    # Start times count clock ticks (10 ms): a real pid reuse needs the pid space to wrap,
+    # which takes far longer; forcing the pid with ns_last_pid at once could land in the
+    # same tick, so the new process is made a few ticks later.
+    time.sleep(0.05)
+    return lock, p.pid
+
+
+needs_pid_control = pytest.mark.skipif(
+    not os.access('/proc/sys/kernel/ns_last_pid', os.W_OK),
+    reason='pid reuse needs a writable /proc/sys/kernel/ns_last_pid (root)')
+
+
+@needs_pid_control
+@pytest.mark.parametrize('kind', ['Lock', 'RLock', 'Condition'])
+def test_dead_holder_with_reused_pid_is_dead(kind):
+    import cpool
+    from cpool.synchronize import OwnerDiedWarning
+    lock, pid = _killed_holder(cpool, kind)
+    impostor = _with_pid(pid, lambda: subprocess.Popen(['sleep', '60']))
+    if impostor is None:
+        pytest.skip('pid %d was taken by another process each time' % pid)
+    try:
+        assert getattr(lock, '_lock', lock)._semlock._owner_pid == pid
+        with pytest.warns(OwnerDiedWarning, match='died'):
+            assert lock.acquire(timeout=5) is True
+        lock.release()
+        assert impostor.poll() is None  # the unrelated process was alive all along
+    finally:
+        impostor.kill()
+        impostor.wait()
+
+
+@needs_pid_control
+def test_acquirer_given_the_dead_holders_pid_takes_the_lock():
+    import cpool
+    lock, pid = _killed_holder(cpool, 'Lock')
+    out = cpool.Array('i', 3)
+    ctx = cpool.get_context('fork')
+
+    def start():
+        p = ctx.Process(target=_acquire_and_report, args=(lock, out))
+        p.start()
+        return p
+    p = _with_pid(pid, start)
+    if p is None:
+        pytest.skip('pid %d was taken by another process each time' % pid)
+    p.join(30)
+    assert list(out) == [1, 1, pid]
+    assert lock.acquire(timeout=1) is True  # and the new holder released it
+    lock.release()
+
+
+def test_live_holder_is_not_taken_for_dead():
+    # The start time must match for a live holder: a waiter times out, takes nothing.
+    import cpool
+    import warnings
+    lock = cpool.Lock()
+    ready = cpool.Event()
+    p = cpool.get_context('fork').Process(target=_hold_and_hang, args=(lock, ready))
+    p.start()
+    try:
+        assert ready.wait(30)
+        with warnings.catch_warnings():
+            warnings.simplefilter('error')
+            assert lock.acquire(timeout=0.5) is False
+        assert lock._semlock._owner_pid == p.pid
+    finally:
+        p.kill()
+        p.join(10)
