@@ -1,7 +1,6 @@
 """Fault cases of the synchronisation objects, Listener and forkserver: a lock holder whose pid
 was reused, barrier parties and condition waiters killed, silent clients, a killed forkserver
 parent. Counts of what was delivered decide, not timings (bounds are generous)."""
-import glob
 import os
 import signal
 import socket
@@ -26,31 +25,29 @@ _FORKSERVER_PARENT = textwrap.dedent('''
     ctx = cpool.get_context('forkserver')
     p = ctx.Process(target=time.sleep, args=(30,))
     p.start()
-    print(p.pid, flush=True)
+    print(p.pid, cpool.util.get_temp_dir(), flush=True)
     time.sleep(60)
 ''')
 
 
-def _pymp_dirs():
-    return set(glob.glob(os.path.join(tempfile.gettempdir(), 'pymp-*')))
-
-
 def test_forkserver_dir_removed_after_parent_sigkill():
-    before = _pymp_dirs()
     env = dict(os.environ, PYTHONPATH=ROOT)
     parent = subprocess.Popen([sys.executable, '-c', _FORKSERVER_PARENT], env=env,
                               stdout=subprocess.PIPE, text=True)
     child = None
     try:
-        child = int(parent.stdout.readline())
-        created = _pymp_dirs() - before
-        assert created, 'the forkserver made no socket directory'
+        child, tempdir = parent.stdout.readline().split()
+        child = int(child)
+        # The server's socket lives in the parent's private temp dir (other processes on the
+        # machine make their own pymp-* dirs: only this one is looked at).
+        assert tempdir.startswith(tempfile.gettempdir())
+        assert any(n.startswith('fs-') for n in os.listdir(tempdir))
         parent.kill()
         parent.wait(10)
         deadline = time.monotonic() + 1.0
-        while (_pymp_dirs() & created) and time.monotonic() < deadline:
+        while os.path.exists(tempdir) and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert not (_pymp_dirs() & created)
+        assert not os.path.exists(tempdir)
     finally:
         parent.kill()
         parent.wait(10)
@@ -249,3 +246,141 @@ def test_live_holder_is_not_taken_for_dead():
     finally:
         p.kill()
         p.join(10)
+
+
+# ---- a barrier party or a condition waiter killed while it sleeps ----
+
+def _barrier_wait_report(barrier, results, times):
+    import threading
+    try:
+        barrier.wait(20)
+        kind = 0
+    except threading.BrokenBarrierError:
+        kind = 1
+    with results.get_lock():
+        results[kind] += 1
+    times[os.getpid() % len(times)] = time.monotonic()
+
+
+def _sleeping_in(cond_like, n):
+    # How many sleepers cond_like (a Condition, or a Barrier's) has enlisted.
+    cond = getattr(cond_like, '_cond', cond_like)
+    if hasattr(cond, '_waiters'):
+        sleeping = cond._waiters._sleeping
+    else:  # the standard library's counters (cpool before its waiters' table)
+        def sleeping():
+            return cond._sleeping_count.get_value() - cond._woken_count.get_value()
+    deadline = time.monotonic() + 30
+    while sleeping() < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return sleeping()
+
+
+def test_barrier_party_killed_while_others_wait_breaks_it():
+    import cpool
+    ctx = cpool.get_context('fork')
+    barrier = ctx.Barrier(3)
+    results = ctx.Array('i', 2)  # [passed, broken]
+    times = ctx.Array('d', 1 << 16, lock=False)
+    doomed = ctx.Process(target=barrier.wait)
+    doomed.start()
+    assert _sleeping_in(barrier, 1) == 1
+    waiter = ctx.Process(target=_barrier_wait_report, args=(barrier, results, times))
+    waiter.start()
+    assert _sleeping_in(barrier, 2) == 2
+    killed_at = time.monotonic()
+    doomed.kill()  # not reaped: a zombie party is as dead
+    waiter.join(5)
+    assert list(results) == [0, 1]
+    assert times[waiter.pid % len(times)] - killed_at < 1.0
+    t0 = time.monotonic()
+    with pytest.raises(threading.BrokenBarrierError):
+        barrier.wait(10)  # the third party: broken at once, not after its timeout
+    assert time.monotonic() - t0 < 1.0
+    assert barrier.broken and barrier.n_waiting == 0
+    doomed.join(5)
+    barrier.reset()  # the dead party's count was given back: the barrier works again
+    parties = [ctx.Process(target=_barrier_wait_report, args=(barrier, results, times))
+               for _ in range(2)]
+    for p in parties:
+        p.start()
+    barrier.wait(10)
+    for p in parties:
+        p.join(10)
+    assert list(results) == [2, 1]
+
+
+def test_barrier_last_party_after_a_death_breaks_instead_of_passing():
+    import cpool
+    ctx = cpool.get_context('fork')
+    barrier = ctx.Barrier(2)
+    doomed = ctx.Process(target=barrier.wait)
+    doomed.start()
+    assert _sleeping_in(barrier, 1) == 1
+    doomed.kill()
+    doomed.join(5)
+    t0 = time.monotonic()
+    with pytest.raises(threading.BrokenBarrierError):
+        barrier.wait(10)
+    assert time.monotonic() - t0 < 1.0
+
+
+def _cond_wait_report(cond, woken):
+    with cond:
+        if cond.wait(20):
+            with woken.get_lock():
+                woken.value += 1
+
+
+@pytest.mark.parametrize('how', ['notify', 'notify_all'])
+def test_notify_passes_over_a_killed_waiter(how):
+    # The standard library's notify waits for ever for the killed waiter to answer.
+    import cpool
+    ctx = cpool.get_context('fork')
+    cond = ctx.Condition()
+    woken = ctx.Value('i', 0)
+    doomed = ctx.Process(target=_cond_wait_report, args=(cond, woken))
+    doomed.start()
+    assert _sleeping_in(cond, 1) == 1  # the oldest sleeper: notify(1) picks it first
+    live = ctx.Process(target=_cond_wait_report, args=(cond, woken))
+    live.start()
+    assert _sleeping_in(cond, 2) == 2
+    doomed.kill()
+    doomed.join(5)
+    t0 = time.monotonic()
+    with cond:
+        getattr(cond, how)()
+    assert time.monotonic() - t0 < 0.5
+    live.join(5)
+    assert woken.value == 1 and live.exitcode == 0
+    assert _sleeping_in(cond, 0) == 0  # the dead one's slot was given back
+
+
+def test_notify_wakes_only_those_asleep_before_it():
+    # Without acknowledgements, a waiter that arrives after notify() must still not take the
+    # wake-up: two sleepers, notify(1), then a third sleeper; exactly one of the first two wakes.
+    import cpool
+    ctx = cpool.get_context('fork')
+    cond = ctx.Condition()
+    woken = ctx.Value('i', 0)
+    first = [ctx.Process(target=_cond_wait_report, args=(cond, woken)) for _ in range(2)]
+    for p in first:
+        p.start()
+    assert _sleeping_in(cond, 2) == 2
+    with cond:
+        cond.notify(1)
+        late = ctx.Process(target=_cond_wait_report, args=(cond, woken))
+        late.start()
+    assert _sleeping_in(cond, 2) == 2  # one of the first and the late one
+    deadline = time.monotonic() + 10
+    while woken.value < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert woken.value == 1
+    late.join(0.1)
+    assert late.is_alive()
+    with cond:
+        cond.notify_all()
+    for p in first + [late]:
+        p.join(10)
+    assert woken.value == 3
