@@ -158,7 +158,7 @@ def _acquire_and_report(lock, out):
 def _with_pid(pid, start):
     """Run start() with the next pid set to pid (root: /proc/sys/kernel/ns_last_pid); returns
     what start() returned, or None when another process on the machine took the pid first."""
-    for _ in range(50):
+    for _ in range(10):
         with open('/proc/sys/kernel/ns_last_pid', 'w') as f:
             f.write(str(pid - 1))
         made = start()
@@ -184,6 +184,21 @@ def _killed_holder(cpool, kind):
     return lock, p.pid
 
 
+def _holder_and_successor(cpool, kind, start, made=None):
+    """(lock, pid, process): a lock whose holder was killed, and a process made by start()
+    that was given the holder's pid. Another process on the machine may take the pid first
+    (threads take pids too): a new holder is tried then, and the test skipped if that never
+    works."""
+    for _ in range(5):
+        lock, pid = _killed_holder(cpool, kind)
+        if made is not None:
+            made['lock'] = lock
+        successor = _with_pid(pid, start)
+        if successor is not None:
+            return lock, pid, successor
+    pytest.skip('the holder\'s pid was taken by another process each time')
+
+
 needs_pid_control = pytest.mark.skipif(
     not os.access('/proc/sys/kernel/ns_last_pid', os.W_OK),
     reason='pid reuse needs a writable /proc/sys/kernel/ns_last_pid (root)')
@@ -194,10 +209,8 @@ needs_pid_control = pytest.mark.skipif(
 def test_dead_holder_with_reused_pid_is_dead(kind):
     import cpool
     from cpool.synchronize import OwnerDiedWarning
-    lock, pid = _killed_holder(cpool, kind)
-    impostor = _with_pid(pid, lambda: subprocess.Popen(['sleep', '60']))
-    if impostor is None:
-        pytest.skip('pid %d was taken by another process each time' % pid)
+    lock, pid, impostor = _holder_and_successor(
+        cpool, kind, lambda: subprocess.Popen(['sleep', '60']))
     try:
         assert getattr(lock, '_lock', lock)._semlock._owner_pid == pid
         with pytest.warns(OwnerDiedWarning, match='died'):
@@ -212,17 +225,15 @@ def test_dead_holder_with_reused_pid_is_dead(kind):
 @needs_pid_control
 def test_acquirer_given_the_dead_holders_pid_takes_the_lock():
     import cpool
-    lock, pid = _killed_holder(cpool, 'Lock')
     out = cpool.Array('i', 3)
     ctx = cpool.get_context('fork')
+    made = {}
 
     def start():
-        p = ctx.Process(target=_acquire_and_report, args=(lock, out))
+        p = ctx.Process(target=_acquire_and_report, args=(made['lock'], out))
         p.start()
         return p
-    p = _with_pid(pid, start)
-    if p is None:
-        pytest.skip('pid %d was taken by another process each time' % pid)
+    lock, pid, p = _holder_and_successor(cpool, 'Lock', start, made)
     p.join(30)
     assert list(out) == [1, 1, pid]
     assert lock.acquire(timeout=1) is True  # and the new holder released it
