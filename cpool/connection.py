@@ -7,9 +7,12 @@ standard library's in both directions.
 """
 import itertools
 import os
+import selectors
 import socket
+import struct
 import sys
 import tempfile
+import time
 
 from . import _core
 from . import reduction
@@ -108,14 +111,9 @@ class Listener(object):
         """Accept a connection; with an authkey, it is authenticated before it is returned."""
         if self._listener is None:
             raise OSError('listener is closed')
-        c = self._listener.accept()
-        if _authenticates(self._authkey):
-            try:
-                _server_handshake(c, self._authkey, CONNECTION_TIMEOUT)
-            except BaseException:
-                c.close()  # dropped at once: nothing it sent is ever unpickled
-                raise
-        return c
+        if not _authenticates(self._authkey):
+            return self._listener.accept()
+        return self._listener.accept_authenticated(self._authkey, CONNECTION_TIMEOUT)
 
     def close(self):
         """Close the listening socket (and remove its file)."""
@@ -177,6 +175,7 @@ class SocketListener(object):
             raise
         self._family = family
         self._last_accepted = None
+        self._pending = []  # _PendingHandshake: connections whose handshake is under way
         if unix_path:
             self._unlink = util.Finalize(self, os.unlink, args=(address,), exitpriority=0)
         else:
@@ -187,7 +186,73 @@ class SocketListener(object):
         s.setblocking(True)
         return Connection(s.detach())
 
+    def accept_authenticated(self, authkey, timeout):
+        """The first connection to pass the handshake. Handshakes run side by side: new
+        connections are accepted while earlier ones are silent, and a connection still mid-way
+        when this returns carries on at the next call. A peer that fails (a wrong key, no
+        answer within timeout, a hang-up) is closed, nothing it sent unpickled, and its error
+        raised here, as the standard library's accept() raises its handshake's error."""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._socket, selectors.EVENT_READ)
+            for h in self._pending:
+                selector.register(h.sock, selectors.EVENT_READ, h)
+            while True:
+                now = time.monotonic()
+                for h in [h for h in self._pending if h.deadline <= now]:
+                    self._drop(h, selector)
+                    raise AuthenticationError('no answer to the authentication challenge '
+                                              'within %g s' % timeout)
+                wait = min([h.deadline for h in self._pending], default=now + 3600) - now
+                for key, _ in selector.select(max(wait, 0)):
+                    h = key.data
+                    if h is None:
+                        h = self._accept_pending(authkey, time.monotonic() + timeout, selector)
+                        if h is None or not h.done:
+                            continue
+                    else:
+                        try:
+                            if not h.readable():
+                                continue
+                        except BaseException:
+                            self._drop(h, selector)
+                            raise
+                    selector.unregister(h.sock)
+                    self._pending.remove(h)
+                    h.steps.close()
+                    h.sock.setblocking(True)
+                    self._last_accepted = h.address
+                    return Connection(h.sock.detach())
+
+    def _accept_pending(self, authkey, deadline, selector):
+        # Non-blocking: a connection another process or thread took first is not waited for.
+        self._socket.setblocking(False)
+        try:
+            s, address = self._socket.accept()
+        except (BlockingIOError, InterruptedError):
+            return None
+        finally:
+            self._socket.setblocking(True)
+        try:
+            h = _PendingHandshake(s, address, authkey, deadline)
+        except OSError:
+            s.close()  # gone before the challenge could be sent
+            return None
+        except BaseException:
+            s.close()
+            raise
+        self._pending.append(h)
+        selector.register(s, selectors.EVENT_READ, h)
+        return h
+
+    def _drop(self, h, selector):
+        selector.unregister(h.sock)
+        self._pending.remove(h)
+        h.close()  # dropped at once: nothing it sent is ever unpickled
+
     def close(self):
+        pending, self._pending = self._pending, []
+        for h in pending:
+            h.close()
         try:
             self._socket.close()
         finally:
@@ -299,47 +364,139 @@ def _verify_challenge(authkey, message, response):
         raise AuthenticationError('digest received was wrong')
 
 
-def _deliver(connection, authkey, digest_name, timeout):
+# The handshake is written once, as steps: each side is a generator that yields a message to
+# send, or None to ask for the next message received (sent back into it). A blocking driver
+# runs it on a Connection; the Listener runs many at once on non-blocking sockets, so a peer
+# that never speaks does not hold up the clients behind it.
+
+def _deliver_steps(authkey, digest_name):
     _check_authkey(authkey)
     message = os.urandom(MESSAGE_LENGTH)
     if _MODERN:
         message = b'{%s}%s' % (digest_name.encode('ascii'), message)
-    connection.send_bytes(_CHALLENGE + message)
-    answer = _recv_small(connection, timeout)
+    yield _CHALLENGE + message
+    answer = yield None
     try:
         _verify_challenge(authkey, message, answer)
     except AuthenticationError:
-        connection.send_bytes(_FAILURE)
+        yield _FAILURE
         raise
-    connection.send_bytes(_WELCOME)
+    yield _WELCOME
 
 
-def _answer(connection, authkey, timeout):
+def _answer_steps(authkey):
     _check_authkey(authkey)
-    message = _recv_small(connection, timeout)
+    message = yield None
     if not message.startswith(_CHALLENGE):
         raise AuthenticationError('Protocol error, expected challenge: message=%r' % (message,))
     message = message[len(_CHALLENGE):]
     if len(message) < _MD5ONLY_MESSAGE_LENGTH:
         raise AuthenticationError('challenge too short: %d bytes' % len(message))
-    connection.send_bytes(_create_response(authkey, message))
-    if _recv_small(connection, timeout) != _WELCOME:
+    yield _create_response(authkey, message)
+    if (yield None) != _WELCOME:
         raise AuthenticationError('digest sent was rejected')
+
+
+def _server_steps(authkey):
+    yield from _deliver_steps(authkey, 'sha256')
+    yield from _answer_steps(authkey)
+
+
+def _run_steps(steps, connection, timeout):
+    """Drive handshake steps on a blocking connection."""
+    reply = None
+    while True:
+        try:
+            out = steps.send(reply)
+        except StopIteration:
+            return
+        if out is None:
+            reply = _recv_small(connection, timeout)
+        else:
+            connection.send_bytes(out)
+            reply = None
 
 
 def deliver_challenge(connection, authkey, digest_name='sha256'):
     """Challenge the peer to prove it knows authkey (AuthenticationError if not)."""
-    _deliver(connection, authkey, digest_name, None)
+    _run_steps(_deliver_steps(authkey, digest_name), connection, None)
 
 
 def answer_challenge(connection, authkey):
     """Prove to the peer that we know authkey (AuthenticationError if it refuses)."""
-    _answer(connection, authkey, None)
+    _run_steps(_answer_steps(authkey), connection, None)
 
 
 def _server_handshake(connection, authkey, timeout):
-    _deliver(connection, authkey, 'sha256', timeout)
-    _answer(connection, authkey, timeout)
+    _run_steps(_server_steps(authkey), connection, timeout)
+
+
+class _PendingHandshake(object):
+    """A connection accepted by a Listener whose handshake is under way: a non-blocking socket,
+    the frame being read (exactly one frame at a time, so nothing the client sends after the
+    handshake is consumed here) and the server's steps."""
+
+    def __init__(self, sock, address, authkey, deadline):
+        sock.setblocking(False)
+        self.sock = sock
+        self.address = address
+        self.deadline = deadline
+        self.steps = _server_steps(authkey)
+        self.header = b''
+        self.body = None
+        self.need = 4
+        self.done = self._advance(None)
+
+    def _advance(self, reply):
+        """Run the steps until they want a message: False, or True when they finished."""
+        while True:
+            try:
+                out = self.steps.send(reply)
+            except StopIteration:
+                return True
+            if out is None:
+                return False
+            # A handshake message is under 300 bytes: it fits in any empty socket buffer.
+            self.sock.setblocking(True)
+            try:
+                self.sock.sendall(struct.pack('!i', len(out)) + out)
+            finally:
+                self.sock.setblocking(False)
+            reply = None
+
+    def readable(self):
+        """Read what is there; True once the handshake succeeded. Raises AuthenticationError
+        (a bad answer), OSError (an oversized message, a reset) or EOFError (the peer left),
+        as the blocking handshake on a Connection does."""
+        while True:
+            try:
+                chunk = self.sock.recv(self.need)
+            except (BlockingIOError, InterruptedError):
+                return False
+            if not chunk:
+                raise EOFError('the client closed the connection during the handshake')
+            self.need -= len(chunk)
+            if self.body is None:
+                self.header += chunk
+                if self.need:
+                    continue
+                size, = struct.unpack('!i', self.header)
+                if not 0 <= size <= _MAX_HANDSHAKE:
+                    raise OSError('bad message length')  # what Connection says, unread
+                self.body, self.need = b'', size
+                if size:
+                    continue
+            else:
+                self.body += chunk
+                if self.need:
+                    continue
+            message, self.header, self.body, self.need = self.body, b'', None, 4
+            if self._advance(message):
+                return True
+
+    def close(self):
+        self.steps.close()
+        self.sock.close()
 
 
 # ---- xmlrpc serialization (the managers' serializer='xmlrpclib') ----

@@ -185,7 +185,9 @@ def main(listener_fd, alive_r, preload, main_path=None, sys_path=None, sys_argv=
                     if rfds:
                         break
                 if alive_r in rfds:
-                    # EOF: the process that started us is gone.
+                    # EOF: the process that started us is gone. Killed, it could not remove
+                    # our socket and its temp directory: do it here, so nothing is left.
+                    _remove_socket(listener.getsockname())
                     raise SystemExit
                 if sig_r in rfds:
                     os.read(sig_r, 65536)
@@ -246,6 +248,18 @@ def main(listener_fd, alive_r, preload, main_path=None, sys_path=None, sys_argv=
             except OSError as e:
                 if e.errno != errno.ECONNABORTED:
                     raise
+
+
+def _remove_socket(address):
+    """Unlink the server's socket file and its directory if nothing else is left in it (the
+    directory is the parent's private temp dir: whatever else it holds is not ours)."""
+    if not address or util.is_abstract_socket_namespace(address):
+        return
+    try:
+        os.unlink(address)
+        os.rmdir(os.path.dirname(address))
+    except OSError:
+        pass  # already removed by the parent's exit, or the directory still holds its files
 
 
 def _serve_one(child_r, tracker_fd, fds, unused_fds, handlers):

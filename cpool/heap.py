@@ -36,7 +36,7 @@ class BufferWrapper(object):
 # ---- handing arena handles to a child being spawned ----
 
 def reduce_handle(handle):
-    """Reduce an arena handle (a _core.SemLock, Event or SharedBlock, or a subclass) for the
+    """Reduce an arena handle (a _core.SemLock, Event, CondWaiters or SharedBlock, or a subclass) for the
     child being spawned: the child's reference is taken now, the chunk's fd goes by DupFd."""
     context.assert_spawning(handle)
     fd, slot = handle._export()
@@ -54,7 +54,7 @@ def _rebuild_handle(cls, df, slot, *extra):
     return cls._attach(df.detach(), slot, *extra)
 
 
-for _t in (_core.SemLock, _core.Event, _core.SharedBlock):
+for _t in (_core.SemLock, _core.Event, _core.CondWaiters, _core.SharedBlock):
     reduction.register(_t, reduce_handle)
 del _t
 

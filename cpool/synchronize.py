@@ -7,8 +7,8 @@ acquire/release/`with`/wait/set are single C calls, with no system call unless s
 sleep; a waiter spins briefly first when that has lately paid off (a peer on another core).
 Blocking waits use CLOCK_MONOTONIC deadlines and wake every 80 ms to run signal handlers
 (Ctrl-C interrupts any wait; the lock is then not taken) and to look for a dead owner.
-Condition is the standard library's algorithm over three of these semaphores; Barrier is
-threading.Barrier over that Condition with its state in shared memory.
+Condition keeps its sleepers in a shared table (one futex word each, named by pid and start
+time); Barrier is threading.Barrier over that Condition with its state in shared memory.
 
 Beyond the standard library:
 - A Lock or RLock whose holder process dies is not lost: a waiter notices (within ~0.1 s) and
@@ -16,14 +16,19 @@ Beyond the standard library:
   protected may be inconsistent. Turn the warning into an error
   (`warnings.simplefilter('error', OwnerDiedWarning)`) to get an exception instead; the lock is
   then not taken. Semaphores have no owner and are not taken over.
-- Condition.notify waits at most NOTIFY_ACK_TIMEOUT seconds for each woken process to say it
-  woke (the standard library waits for ever, so a waiter killed while sleeping hangs notify).
-- A Barrier whose party died breaks when the others' timeout passes (BrokenBarrierError),
-  as a threading.Barrier does.
+- Condition.notify never waits for the woken to answer (the standard library waits for ever,
+  so a waiter killed while sleeping hangs its notify); a killed sleeper is passed over, and the
+  next live one woken in its place. At most 255 threads and processes wait on one Condition.
+- A Barrier whose party died while waiting breaks within ~0.1 s of the death
+  (BrokenBarrierError for every party waiting and for any that arrives later), and one whose
+  last party arrives after another died breaks instead of passing.
 
-Limits: an owner is recognised by its pid, so if the pid of a dead holder is reused by a new
-process before anyone looks, the lock waits for that process instead. Lock.kind is cpool's own
-MUTEX (2), not the standard library's SEMAPHORE (1): a Lock has an owner.
+An owner is recognised by its pid and its start time (/proc/PID/stat): when the pid of a dead
+holder was given to a new process, the start times differ and the holder is dead all the same.
+Start times count clock ticks (10 ms), so only a pid reused within the tick the holder started
+in would be mistaken, which the kernel's pid allocation never does in practice.
+Lock.kind is cpool's own MUTEX (2), not the standard library's SEMAPHORE (1): a Lock has an
+owner.
 """
 import sys
 import threading
@@ -42,9 +47,6 @@ RECURSIVE_MUTEX, SEMAPHORE, MUTEX = 0, 1, 2
 SEM_VALUE_MAX = _core.SemLock.SEM_VALUE_MAX
 OwnerDiedWarning = _core.OwnerDiedWarning
 BrokenBarrierError = threading.BrokenBarrierError
-
-# How long notify() waits for one woken process to report that it woke.
-NOTIFY_ACK_TIMEOUT = 2.0
 
 
 class SemLock(_core.SemLock):
@@ -153,27 +155,37 @@ class RLock(SemLock):
         return '<%s(%s, %s)>' % (self.__class__.__name__, name, count)
 
 
+class _Reading(object):
+    """A count read on demand, in the shape of a Semaphore's get_value()."""
+    __slots__ = ('get_value',)
+
+    def __init__(self, get_value):
+        self.get_value = get_value
+
+
 class Condition(object):
     """A condition variable over a Lock or RLock (an RLock of its own by default).
 
-    Sleepers are counted in shared semaphores: notify(n) hands out at most n wake-ups and
-    waits until that many sleepers took theirs, so a process that starts waiting after the
-    notify cannot steal one."""
+    Each sleeper takes a slot in shared memory naming it by pid and start time
+    (_core.CondWaiters) and sleeps on that slot alone: notify(n) marks the n oldest sleepers
+    woken and returns at once, without waiting for them to answer, so a process that starts
+    waiting after the notify cannot steal a wake-up, and a sleeper that was killed is passed
+    over (the next live one is woken instead)."""
 
     def __init__(self, lock=None, *, ctx=None):
         ctx = ctx or context._default_context.get_context()
         self._lock = lock or ctx.RLock()
-        self._sleeping_count = ctx.Semaphore(0)
-        self._woken_count = ctx.Semaphore(0)
-        self._wait_semaphore = ctx.Semaphore(0)
+        self._waiters = _core.CondWaiters()
+        # Whether notify frees a dead sleeper's slot; a Barrier keeps them to count its dead.
+        self._reclaim = True
         self._make_methods()
 
     def __getstate__(self):
         context.assert_spawning(self)
-        return (self._lock, self._sleeping_count, self._woken_count, self._wait_semaphore)
+        return (self._lock, self._waiters, self._reclaim)
 
     def __setstate__(self, state):
-        (self._lock, self._sleeping_count, self._woken_count, self._wait_semaphore) = state
+        (self._lock, self._waiters, self._reclaim) = state
         self._make_methods()
 
     def __enter__(self):
@@ -188,48 +200,44 @@ class Condition(object):
 
     def __repr__(self):
         try:
-            num_waiters = (self._sleeping_count._semlock._get_value() -
-                           self._woken_count._semlock._get_value())
+            num_waiters = self._waiters._sleeping()
         except Exception:
             num_waiters = 'unknown'
         return '<%s(%s, %s)>' % (self.__class__.__name__, self._lock, num_waiters)
 
-    def wait(self, timeout=None):
+    # The standard library's counters, read by code that checks for sleepers (CPython's own
+    # tests do: sleeping minus woken, and the wake-ups not yet taken). Here sleepers are the
+    # table's, and a wake-up is never left lying about.
+    @property
+    def _sleeping_count(self):
+        return _Reading(self._waiters._sleeping)
+
+    @property
+    def _woken_count(self):
+        return _Reading(int)
+
+    _wait_semaphore = _woken_count
+
+    def _sleep(self, timeout, watch):
+        # 1 woken, 0 timed out, 2 (watch) another sleeper died.
         assert self._lock._semlock._is_mine(), 'must acquire() condition before using wait()'
-        self._sleeping_count.release()
+        slot = self._waiters._enlist()
         # An RLock may be held several times: let go of all of them while sleeping.
         depth = self._lock._semlock._count()
         for _ in range(depth):
             self._lock.release()
         try:
-            return self._wait_semaphore.acquire(True, timeout)
+            return self._waiters._sleep(slot, timeout, watch)
         finally:
-            self._woken_count.release()
             for _ in range(depth):
                 self._lock.acquire()
 
+    def wait(self, timeout=None):
+        return self._sleep(timeout, False) == 1
+
     def notify(self, n=1):
         assert self._lock._semlock._is_mine(), 'lock is not owned'
-        # Sleepers that timed out since the last notify left a mark in woken_count: forget them.
-        while self._woken_count.acquire(False):
-            self._sleeping_count.acquire(False)
-        woken = 0
-        while woken < n and self._sleeping_count.acquire(False):
-            self._wait_semaphore.release()
-            woken += 1
-        if not woken:
-            return
-        deadline = time.monotonic() + NOTIFY_ACK_TIMEOUT
-        acked = 0
-        while acked < woken:
-            if not self._woken_count.acquire(True, max(0.0, deadline - time.monotonic())):
-                # A sleeper that never answers was killed (or is stopped): leave its wake-up
-                # to whoever waits next rather than wait for it for ever.
-                return
-            acked += 1
-        # Sleepers that timed out just now may have left wake-ups nobody will take.
-        while self._wait_semaphore.acquire(False):
-            pass
+        self._waiters._notify(n, self._reclaim)
 
     def notify_all(self):
         self.notify(n=sys.maxsize)
@@ -276,6 +284,7 @@ class Barrier(threading.Barrier):
         ctx = ctx or context._default_context.get_context()
         wrapper = heap.BufferWrapper(8)
         cond = ctx.Condition()
+        cond._reclaim = False  # a party that died sleeping stays counted until _reap_dead
         self.__setstate__((parties, action, timeout, cond, wrapper))
         self._state = 0
         self._count = 0
@@ -303,3 +312,37 @@ class Barrier(threading.Barrier):
     @_count.setter
     def _count(self, value):
         self._array[1] = value
+
+    # A party that died while waiting never takes back its count: each death the waiters'
+    # table reports (a sleeper checks every 30 ms while it waits) breaks the barrier and
+    # gives the count back, under the lock.
+
+    def _reap_dead(self):
+        dead = self._cond._waiters._reap()
+        if dead:
+            self._count -= dead
+        return dead
+
+    def _release(self):
+        if self._reap_dead():
+            self._break()
+            raise BrokenBarrierError
+        super()._release()
+        self._reap_dead()  # died just as it was released: its count, not its wake-up, is back
+
+    def _wait(self, timeout):
+        # threading.Barrier._wait, its wait_for written out to see a death while sleeping.
+        endtime = None if timeout is None else time.monotonic() + timeout
+        while self._state == 0:
+            left = None if endtime is None else endtime - time.monotonic()
+            if (left is not None and left <= 0) or self._cond._sleep(left, True) == 2:
+                if self._state == 0:
+                    self._break()
+                raise BrokenBarrierError
+        if self._state < 0:
+            raise BrokenBarrierError
+        assert self._state == 1
+
+    def _break(self):
+        super()._break()
+        self._reap_dead()

@@ -20,7 +20,7 @@ enum {
     CP_TYPE_POOL,
     CP_TYPE_POOLJOB,
     CP_TYPE_FORK_POPEN,
-    CP_TYPE_EVENT, CP_TYPE_SHAREDBLOCK, CP_WARN_OWNER_DIED, /* synchronize.c */
+    CP_TYPE_EVENT, CP_TYPE_SHAREDBLOCK, CP_WARN_OWNER_DIED, CP_TYPE_CONDWAITERS, /* synchronize.c */
     CP_OBJ_PICKLE_DUMPS,   /* pickle.dumps / loads cached for the hot paths */
     CP_OBJ_PICKLE_LOADS,
     CP_OBJ_QUEUE_EMPTY, CP_OBJ_QUEUE_FULL, /* queue.Empty / queue.Full */

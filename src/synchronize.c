@@ -1,11 +1,13 @@
-/* Bindings of the shared-memory arena: SemLock (Lock, RLock, Semaphore), Event and SharedBlock
-   (the memory behind Value/Array), each one handle on an arena slot. */
+/* Bindings of the shared-memory arena: SemLock (Lock, RLock, Semaphore), Event, CondWaiters
+   (a Condition's sleepers) and SharedBlock (the memory behind Value/Array), each one handle on
+   an arena slot. */
 #include "module.h"
 
 #include <errno.h>
 #include <stdlib.h>
 
 #include "arena.h"
+#include "condvar.h"
 #include "deadline.h"
 #include "semlock.h"
 
@@ -99,11 +101,11 @@ static HandleObject *handle_attach(PyObject *cls, PyObject *const *args, Py_ssiz
    step returns 1 done, -ETIMEDOUT or -EINTR. Returns 1 done, 0 deadline passed, -1 exception. */
 typedef int (*wait_step_fn)(void *obj, int64_t until, int first);
 
-static int wait_loop(wait_step_fn step, void *obj, int64_t deadline)
+static int wait_loop_ticks(wait_step_fn step, void *obj, int64_t deadline, int64_t tick_ns)
 {
     /* Only a wait that may last spins: a poll (timeout 0 or negative) looks once. */
     for (int first = deadline > cp_now_ns();; first = 0) {
-        int64_t tick = cp_now_ns() + TICK_NS;
+        int64_t tick = cp_now_ns() + tick_ns;
         int64_t until = deadline < tick ? deadline : tick;
         int r;
         Py_BEGIN_ALLOW_THREADS
@@ -116,6 +118,11 @@ static int wait_loop(wait_step_fn step, void *obj, int64_t deadline)
         if (PyErr_CheckSignals() < 0)
             return -1;
     }
+}
+
+static int wait_loop(wait_step_fn step, void *obj, int64_t deadline)
+{
+    return wait_loop_ticks(step, obj, deadline, TICK_NS);
 }
 
 /* timeout (None or absent: for ever) -> absolute deadline. */
@@ -257,6 +264,7 @@ static PyObject *semlock_attach(PyObject *cls, PyObject *const *args, Py_ssize_t
 typedef struct {
     SemLockObject *self;
     uint32_t dead;  /* set when the lock was taken over from this dead process */
+    uint64_t dead_start;
 } sem_wait_arg;
 
 static int sem_wait_step(void *obj, int64_t until, int first)
@@ -266,7 +274,7 @@ static int sem_wait_step(void *obj, int64_t until, int first)
     int r = cp_sem_wait(s, until, first ? &a->self->spin : NULL);
     if (r == 0)
         return 1;
-    if (r == -ETIMEDOUT && s->kind != CP_SEM_SEMAPHORE && (a->dead = cp_mutex_take_from_dead(s)))
+    if (r == -ETIMEDOUT && s->kind != CP_SEM_SEMAPHORE && (a->dead = cp_mutex_take_from_dead(s, &a->dead_start)))
         return 1;
     return r;
 }
@@ -298,15 +306,14 @@ static PyObject *semlock_acquire(PyObject *op, PyObject *const *args, Py_ssize_t
         goto taken;
     if (deadline == 0)
         Py_RETURN_FALSE;
-    sem_wait_arg a = {self, 0};
+    sem_wait_arg a = {self, 0, 0};
     int r = wait_loop(sem_wait_step, &a, deadline);
     if (r <= 0)
         return r < 0 ? NULL : Py_NewRef(Py_False);
     if (a.dead && warn_owner_died(self, a.dead) < 0) {
         /* The warning became an error: the lock is left as it was, the dead process's, so the
            next acquirer learns it too. */
-        uint32_t mine = cp_sem_self();
-        atomic_compare_exchange_strong(&self->sem->word, &mine, a.dead);
+        cp_mutex_give_back(self->sem, a.dead, a.dead_start);
         return NULL;
     }
 taken:
@@ -393,6 +400,11 @@ static PyObject *semlock_get_owner_pid(PyObject *op, void *closure)
     return PyLong_FromUnsignedLong(atomic_load(&self->sem->word));
 }
 
+static PyObject *semlock_get_owner_start(PyObject *op, void *closure)
+{
+    return PyLong_FromUnsignedLongLong(atomic_load(&SEM(op)->sem->owner_start));
+}
+
 static PyMethodDef semlock_methods[] = {
     {"acquire", (PyCFunction)(void (*)(void))semlock_acquire, METH_FASTCALL | METH_KEYWORDS,
      "acquire(block=True, timeout=None) -> bool: False when the timeout passed."},
@@ -415,6 +427,8 @@ static PyGetSetDef semlock_getset[] = {
     {"kind", semlock_get_kind, NULL, "RECURSIVE_MUTEX 0, SEMAPHORE 1, cpool's Lock 2."},
     {"maxvalue", semlock_get_maxvalue, NULL, "Largest value."},
     {"_owner_pid", semlock_get_owner_pid, NULL, "pid holding the lock, 0 when free."},
+    {"_owner_start", semlock_get_owner_start, NULL,
+     "Start time of the holder (/proc/PID/stat field 22), 0 when free or not yet known."},
     {NULL},
 };
 
@@ -557,6 +571,165 @@ static PyType_Spec event_spec = {
     .slots = event_slots,
 };
 
+/* ---- CondWaiters: a Condition's sleepers ---- */
+
+/* A sleeper watching for dead co-sleepers (a Barrier's party) wakes this often, and the one
+   that looks (one per interval among all) reports a death within about 100 ms of it. */
+#define WATCH_TICK_NS (30 * 1000 * 1000)
+
+typedef struct {
+    HandleObject h;
+    cp_cond_t *cond;
+} CondObject;
+
+#define COND(op) (((CondObject *)(op))->cond)
+
+static PyObject *cond_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    if (PyTuple_GET_SIZE(args) || (kwds && PyDict_GET_SIZE(kwds))) {
+        PyErr_SetString(PyExc_TypeError, "CondWaiters() takes no arguments");
+        return NULL;
+    }
+    CondObject *self = (CondObject *)type->tp_alloc(type, 0);
+    if (!self)
+        return NULL;
+    if (handle_alloc(&self->h, sizeof(cp_cond_t)) < 0) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    self->cond = self->h.ref.addr;
+    cp_cond_init(self->cond);
+    return (PyObject *)self;
+}
+
+static PyObject *cond_attach(PyObject *cls, PyObject *const *args, Py_ssize_t nargs)
+{
+    CondObject *self = (CondObject *)handle_attach(cls, args, nargs);
+    if (!self)
+        return NULL;
+    self->cond = self->h.ref.addr;
+    if (self->cond->magic != CP_COND_MAGIC || self->cond->nslots != CP_COND_SLOTS) {
+        PyErr_SetString(PyExc_ValueError, "not a CondWaiters in shared memory");
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static PyObject *cond_enlist(PyObject *op, PyObject *unused)
+{
+    int i = cp_cond_enlist(COND(op));
+    if (i < 0)
+        return PyErr_Format(PyExc_RuntimeError,
+                            "more than %d threads or processes wait on one Condition",
+                            CP_COND_SLOTS);
+    return PyLong_FromLong(i);
+}
+
+typedef struct {
+    cp_cond_t *cond;
+    int slot, watch, dead;
+} cond_sleep_arg;
+
+static int cond_sleep_step(void *obj, int64_t until, int first)
+{
+    cond_sleep_arg *a = obj;
+    int r = cp_cond_sleep(a->cond, a->slot, until);
+    if (r == -ETIMEDOUT && a->watch && cp_cond_dead_sleepers(a->cond, WATCH_TICK_NS) > 0) {
+        a->dead = 1;
+        return 1;
+    }
+    return r;
+}
+
+/* _sleep(slot, timeout, watch) -> 1 woken, 0 timed out, 2 (watch only) another sleeper died.
+   The slot is free again when this returns or raises. */
+static PyObject *cond_sleep(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "_sleep(slot, timeout, watch)");
+        return NULL;
+    }
+    long slot = PyLong_AsLong(args[0]);
+    if (slot == -1 && PyErr_Occurred())
+        return NULL;
+    if (slot < 0 || slot >= CP_COND_SLOTS) {
+        PyErr_SetString(PyExc_ValueError, "slot out of range");
+        return NULL;
+    }
+    int watch = PyObject_IsTrue(args[2]);
+    int64_t deadline;
+    if (watch < 0 || timeout_deadline(args[1], &deadline) < 0)
+        return NULL;
+    cond_sleep_arg a = {COND(op), (int)slot, watch, 0};
+    int r = wait_loop_ticks(cond_sleep_step, &a, deadline, watch ? WATCH_TICK_NS : TICK_NS);
+    if (r == 1 && !a.dead)
+        return PyLong_FromLong(1);
+    /* Timed out, interrupted or a death seen: leave, unless a notify came first. */
+    int woken = cp_cond_leave(a.cond, a.slot);
+    if (r < 0)
+        return NULL; /* the interrupt wins, as in threading.Condition: a wake-up is lost */
+    return PyLong_FromLong(woken ? 1 : a.dead ? 2 : 0);
+}
+
+static PyObject *cond_notify(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "_notify(n, reclaim)");
+        return NULL;
+    }
+    Py_ssize_t n = PyLong_AsSsize_t(args[0]);
+    int reclaim = PyObject_IsTrue(args[1]);
+    if ((n == -1 && PyErr_Occurred()) || reclaim < 0)
+        return NULL;
+    if (n <= 0)
+        return PyLong_FromLong(0);
+    uint32_t want = n > CP_COND_SLOTS ? CP_COND_SLOTS : (uint32_t)n;
+    return PyLong_FromLong(cp_cond_notify(COND(op), want, reclaim));
+}
+
+static PyObject *cond_reap(PyObject *op, PyObject *unused)
+{
+    return PyLong_FromLong(cp_cond_reap(COND(op)));
+}
+
+static PyObject *cond_sleeping(PyObject *op, PyObject *unused)
+{
+    return PyLong_FromLong(cp_cond_sleeping(COND(op)));
+}
+
+static PyMethodDef cond_methods[] = {
+    {"_enlist", cond_enlist, METH_NOARGS,
+     "Under the lock, before releasing it to sleep: a slot for the caller."},
+    {"_sleep", (PyCFunction)(void (*)(void))cond_sleep, METH_FASTCALL,
+     "_sleep(slot, timeout, watch) -> 1 woken, 0 timed out, 2 another sleeper died (watch)."},
+    {"_notify", (PyCFunction)(void (*)(void))cond_notify, METH_FASTCALL,
+     "_notify(n, reclaim) -> live sleepers woken, oldest first; dead ones passed over (freed "
+     "when reclaim, else kept for _reap)."},
+    {"_reap", cond_reap, METH_NOARGS, "Free dead sleepers' slots: how many."},
+    {"_sleeping", cond_sleeping, METH_NOARGS, "Sleepers now."},
+    {"_export", handle_export, METH_NOARGS, "(fd, slot) for a child being spawned."},
+    {"_unexport", handle_unexport, METH_NOARGS, "Undo an _export() never delivered."},
+    {"_attach", (PyCFunction)(void (*)(void))cond_attach, METH_FASTCALL | METH_CLASS,
+     "_attach(fd, slot): the CondWaiters exported by the parent."},
+    {NULL},
+};
+
+static PyType_Slot cond_slots[] = {
+    {Py_tp_new, cond_new},
+    {Py_tp_dealloc, handle_dealloc},
+    {Py_tp_methods, cond_methods},
+    {Py_tp_doc, "CondWaiters(): a Condition's sleepers in shared memory, by pid and start time."},
+    {0, NULL},
+};
+
+static PyType_Spec cond_spec = {
+    .name = "cpool._core.CondWaiters",
+    .basicsize = sizeof(CondObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .slots = cond_slots,
+};
+
 /* ---- SharedBlock: raw shared bytes exposing the buffer protocol ---- */
 
 typedef struct {
@@ -695,6 +868,7 @@ int cp_exec_synchronize(PyObject *module)
     cp_sem_self_init();
     if (cp_add_type(module, CP_TYPE_SEMLOCK, &semlock_spec, NULL) < 0 ||
         cp_add_type(module, CP_TYPE_EVENT, &event_spec, NULL) < 0 ||
+        cp_add_type(module, CP_TYPE_CONDWAITERS, &cond_spec, NULL) < 0 ||
         cp_add_type(module, CP_TYPE_SHAREDBLOCK, &block_spec, NULL) < 0)
         return -1;
     PyObject *semlock = cp_get_state(module)->slot[CP_TYPE_SEMLOCK];

@@ -1,4 +1,5 @@
-/* Futex mutex, semaphore and event on words in shared memory; owner-death detection by pid. */
+/* Futex mutex, semaphore and event on words in shared memory; owner-death detection by pid and
+   start time. */
 #define _GNU_SOURCE
 #include "semlock.h"
 
@@ -9,6 +10,7 @@
 #include <sched.h>
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -18,10 +20,12 @@
 /* ---- own pid, cached (getpid is a syscall on current glibc) ---- */
 
 uint32_t cp_sem_self_pid;
+uint64_t cp_sem_self_start_cache;
 
 static void self_after_fork(void)
 {
     cp_sem_self_pid = (uint32_t)getpid();
+    cp_sem_self_start_cache = 0; /* the child started now: read on first use */
 }
 
 static void self_init(void)
@@ -36,25 +40,57 @@ void cp_sem_self_init(void)
     pthread_once(&once, self_init);
 }
 
-int cp_pid_dead(pid_t pid)
+int cp_proc_start(pid_t pid, uint64_t *start, int *zombie)
 {
-    if (pid <= 0)
-        return 0;
-    if (kill(pid, 0) < 0)
-        return errno == ESRCH;
-    /* kill() succeeds on a zombie: a killed holder stays one until its parent reaps it. */
-    char path[64], buf[256];
+    char path[64], buf[512];
+    *start = 0;
+    *zombie = 0;
     snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
-        return errno == ENOENT;
+        return errno == ENOENT ? -ESRCH : -errno;
     ssize_t n = read(fd, buf, sizeof buf - 1);
     close(fd);
     if (n <= 0)
-        return 0;
+        return n < 0 && errno == ESRCH ? -ESRCH : 0;
     buf[n] = '\0';
+    /* The name (field 2) may hold spaces and parentheses: the fields start after the last ')'. */
     char *p = strrchr(buf, ')');
-    return p && p[1] == ' ' && (p[2] == 'Z' || p[2] == 'X');
+    if (!p || p[1] != ' ')
+        return 0;
+    p += 2;
+    *zombie = *p == 'Z' || *p == 'X';
+    for (int field = 3; field < 22; field++) { /* field 3 is the state, 22 the start time */
+        p = strchr(p, ' ');
+        if (!p)
+            return 0;
+        p++;
+    }
+    *start = strtoull(p, NULL, 10);
+    return 0;
+}
+
+uint64_t cp_sem_self_start_read(void)
+{
+    uint64_t start;
+    int zombie;
+    cp_proc_start((pid_t)cp_sem_self_pid, &start, &zombie);
+    cp_sem_self_start_cache = start;
+    return start;
+}
+
+int cp_proc_dead(pid_t pid, uint64_t start)
+{
+    if (pid <= 0)
+        return 0;
+    if (kill(pid, 0) < 0 && errno == ESRCH)
+        return 1;
+    /* kill() succeeds on a zombie: a killed holder stays one until its parent reaps it. */
+    uint64_t now_start;
+    int zombie;
+    if (cp_proc_start(pid, &now_start, &zombie) == -ESRCH)
+        return 1;
+    return zombie || (start && now_start && now_start != start);
 }
 
 void cp_sem_init(cp_sem_t *s, int kind, uint32_t value, uint32_t maxvalue)
@@ -85,8 +121,10 @@ static int mutex_wait(cp_sem_t *s, int64_t deadline)
     for (;;) {
         uint32_t v = atomic_load(&s->word);
         if (v == 0) {
-            if (atomic_compare_exchange_strong(&s->word, &v, me))
+            if (atomic_compare_exchange_strong(&s->word, &v, me)) {
+                atomic_store(&s->owner_start, cp_sem_self_start());
                 return 0;
+            }
             continue;
         }
         /* Sleepers are counted, not flagged in the word: a release makes a system call only
@@ -123,6 +161,11 @@ int cp_sem_post(cp_sem_t *s)
 {
     uint32_t v = atomic_load(&s->word);
     if (is_mutex(s)) {
+        if (v == 0)
+            return -EOVERFLOW;
+        /* Cleared first: while the word still names us, a start time of 0 reads "unknown",
+           never another process's time that would make us look dead to the next owner. */
+        atomic_store(&s->owner_start, 0);
         do {
             if (v == 0)
                 return -EOVERFLOW;
@@ -148,13 +191,39 @@ uint32_t cp_sem_value(cp_sem_t *s)
     return v;
 }
 
-uint32_t cp_mutex_take_from_dead(cp_sem_t *s)
+uint32_t cp_mutex_take_from_dead(cp_sem_t *s, uint64_t *dead_start)
 {
     uint32_t pid = atomic_load(&s->word);
-    if (pid == 0 || pid == cp_sem_self() || !cp_pid_dead((pid_t)pid))
+    if (pid == 0)
+        return 0;
+    uint64_t start = atomic_load(&s->owner_start);
+    if (atomic_load(&s->word) != pid)
+        return 0; /* changed hands while we looked: start may be the new owner's */
+    if (pid == cp_sem_self()) {
+        /* Our pid, another start time: a process that had our pid before us died holding it. */
+        if (!start || start == cp_sem_self_start())
+            return 0;
+    } else if (!cp_proc_dead((pid_t)pid, start)) {
+        return 0;
+    }
+    /* The start time is claimed (set to 0) before the word, so that no other waiter, seeing
+       our pid beside the dead owner's start time, takes us for dead in turn. */
+    if (start && !atomic_compare_exchange_strong(&s->owner_start, &start, 0))
         return 0;
     uint32_t expected = pid;
-    return atomic_compare_exchange_strong(&s->word, &expected, cp_sem_self()) ? pid : 0;
+    if (!atomic_compare_exchange_strong(&s->word, &expected, cp_sem_self()))
+        return 0;
+    atomic_store(&s->owner_start, cp_sem_self_start());
+    *dead_start = start;
+    return pid;
+}
+
+void cp_mutex_give_back(cp_sem_t *s, uint32_t pid, uint64_t start)
+{
+    uint32_t mine = cp_sem_self();
+    atomic_store(&s->owner_start, 0);
+    if (atomic_compare_exchange_strong(&s->word, &mine, pid))
+        atomic_store(&s->owner_start, start);
 }
 
 /* ---- events ---- */
