@@ -65,8 +65,10 @@ static int cp_exec(PyObject *m)
         add_exception(m, CP_EXC_AUTHENTICATION_ERROR, "cpool.AuthenticationError", pe,
                       "The peer failed the authkey challenge.") < 0 ||
         add_exception(m, CP_EXC_WORKER_LOST_ERROR, "cpool.WorkerLostError", pe,
-                      "A pool worker died while running the task; .exitcode says how.") < 0 ||
-        PyObject_SetAttrString(st->slot[CP_EXC_WORKER_LOST_ERROR], "exitcode", Py_None) < 0)
+                      "A pool worker died while running the task; .exitcode says how, .pid "
+                      "which.") < 0 ||
+        PyObject_SetAttrString(st->slot[CP_EXC_WORKER_LOST_ERROR], "exitcode", Py_None) < 0 ||
+        PyObject_SetAttrString(st->slot[CP_EXC_WORKER_LOST_ERROR], "pid", Py_None) < 0)
         return -1;
 
     PyObject *pickle = PyImport_ImportModule("pickle");

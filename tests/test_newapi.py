@@ -1,0 +1,359 @@
+"""The API that Python 3.14-3.16 added, on every Python cpool supports: differential against
+multiprocessing where the running stdlib has it, behaviour tests (cpool alone) where it does not."""
+import inspect
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+
+
+def _need(mod_or_ctx, has, since):
+    # The stdlib side runs only where the running Python has the API; cpool's always runs.
+    name = getattr(mod_or_ctx, '__name__', None) or type(mod_or_ctx).__module__
+    if name.split('.')[0] == 'multiprocessing' and not has:
+        pytest.skip('the standard library has this from Python %s' % since)
+
+
+# ---- Process.interrupt() (3.14) ----
+
+def _wait_for_interrupt(path):
+    # Shows that SIGINT arrived as KeyboardInterrupt: the finally block runs, then exit code 1.
+    try:
+        open(path + '.ready', 'w').close()
+        time.sleep(60)
+    finally:
+        with open(path, 'w') as f:
+            f.write('finally ran')
+
+
+def _ignore_interrupt_then_exit(path):
+    try:
+        open(path + '.ready', 'w').close()
+        time.sleep(60)
+    except KeyboardInterrupt:
+        sys.exit(7)
+
+
+def _start_and_wait_ready(ctx, target, path):
+    p = ctx.Process(target=target, args=(path,))
+    p.start()
+    deadline = time.monotonic() + 30
+    while not os.path.exists(path + '.ready'):
+        assert time.monotonic() < deadline and p.exitcode is None, 'child never got ready'
+        time.sleep(0.01)
+    return p
+
+
+def test_interrupt_raises_keyboardinterrupt_in_child(ctx, tmp_path):
+    _need(ctx, hasattr(ctx.Process, 'interrupt'), '3.14')
+    path = str(tmp_path / 'out')
+    p = _start_and_wait_ready(ctx, _wait_for_interrupt, path)
+    p.interrupt()
+    p.join(30)
+    assert p.exitcode == 1
+    with open(path) as f:
+        assert f.read() == 'finally ran'
+
+
+def test_interrupt_caught_sets_own_exit_code(ctx, tmp_path):
+    _need(ctx, hasattr(ctx.Process, 'interrupt'), '3.14')
+    p = _start_and_wait_ready(ctx, _ignore_interrupt_then_exit, str(tmp_path / 'out'))
+    p.interrupt()
+    p.join(30)
+    assert p.exitcode == 7
+
+
+def test_interrupt_before_start_and_after_close(mpmod):
+    _need(mpmod, hasattr(mpmod.Process, 'interrupt'), '3.14')
+    p = mpmod.Process(target=time.sleep, args=(0,))
+    p.interrupt()  # not started: nothing to signal, as terminate() does
+    p.start()
+    p.join()
+    p.interrupt()  # already exited: no error
+    p.close()
+    with pytest.raises(ValueError):
+        p.interrupt()
+
+
+# ---- Lock.locked() / RLock.locked() (3.14), and on the managed ones ----
+
+def _hold_until(lock, held, release):
+    with lock:
+        held.set()
+        release.wait(30)
+
+
+@pytest.mark.parametrize('kind', ['Lock', 'RLock'])
+def test_locked(ctx, kind):
+    lock = getattr(ctx, kind)()
+    _need(ctx, hasattr(lock, 'locked'), '3.14')
+    assert lock.locked() is False
+    with lock:
+        assert lock.locked() is True
+        if kind == 'RLock':
+            with lock:
+                assert lock.locked() is True
+            assert lock.locked() is True
+    assert lock.locked() is False
+    # Held by another process: locked there is locked here.
+    held, release = ctx.Event(), ctx.Event()
+    p = ctx.Process(target=_hold_until, args=(lock, held, release))
+    p.start()
+    try:
+        assert held.wait(30)
+        assert lock.locked() is True
+    finally:
+        release.set()
+        p.join(30)
+    assert lock.locked() is False
+
+
+@pytest.mark.parametrize('kind', ['Lock', 'RLock'])
+def test_managed_locked(mpmod, kind):
+    import threading
+    with mpmod.Manager() as m:
+        lock = getattr(m, kind)()
+        _need(mpmod, 'locked' in type(lock)._exposed_, '3.14')
+        assert lock.locked() is False
+        lock.acquire()
+        assert lock.locked() is True
+        if kind == 'RLock':
+            # Another client thread (another serving thread) sees it held too.
+            seen = []
+            t = threading.Thread(target=lambda: seen.append(lock.locked()))
+            t.start()
+            t.join(30)
+            assert seen == [True]
+        lock.release()
+        assert lock.locked() is False
+
+
+# ---- SyncManager.set(), list clear/copy, dict fromkeys and | / |= (3.14) ----
+
+def test_managed_set(mpmod):
+    with mpmod.Manager() as m:
+        _need(mpmod, hasattr(m, 'set'), '3.14')
+        s = m.set([1, 2, 3])
+        s.add(4)
+        s.discard(1)
+        assert sorted(s) == [2, 3, 4] and len(s) == 3 and 2 in s and 9 not in s
+        alias = s
+        s |= {5}
+        s &= {2, 3, 5, 6}
+        s -= {3}
+        s ^= {7}
+        assert s is alias  # in-place operators change the served set, not the name
+        assert s.copy() == {2, 5, 7}
+        assert s | {8} == {2, 5, 7, 8} and {8} | s == {2, 5, 7, 8}
+        assert s & {2, 9} == {2} and s - {2} == {5, 7} and s ^ {2} == {5, 7}
+        assert s.issubset({2, 5, 7, 9}) and s <= {2, 5, 7} and not s < {2, 5, 7}
+        assert s.union([1]) == {1, 2, 5, 7} and s.isdisjoint({0})
+        assert s.pop() in {2, 5, 7} and len(s) == 2
+        s.clear()
+        assert len(s) == 0
+
+
+def test_managed_list_clear_copy(mpmod):
+    with mpmod.Manager() as m:
+        lst = m.list([1, 2, 3])
+        _need(mpmod, 'copy' in type(lst)._exposed_, '3.14')
+        c = lst.copy()
+        assert c == [1, 2, 3] and type(c) is list  # a plain copy, by value
+        c.append(4)
+        assert len(lst) == 3
+        lst.clear()
+        assert len(lst) == 0
+
+
+def test_managed_dict_fromkeys_and_or(mpmod):
+    with mpmod.Manager() as m:
+        d = m.dict(a=1)
+        _need(mpmod, 'fromkeys' in type(d)._exposed_, '3.14')
+        assert d.fromkeys('xy', 0) == {'x': 0, 'y': 0}
+        alias = d
+        d |= {'b': 2}
+        assert d is alias and dict(d.items()) == {'a': 1, 'b': 2}
+        assert d | {'c': 3} == {'a': 1, 'b': 2, 'c': 3}
+        assert {'z': 0} | d == {'z': 0, 'a': 1, 'b': 2}
+        assert list(reversed(d)) == ['b', 'a']
+
+
+# ---- set_forkserver_preload(..., on_error=) (3.15) ----
+
+_PRELOAD_PROGRAM = r'''
+import sys, warnings
+import {mod} as mp
+if __name__ == '__main__':
+    ctx = mp.get_context('forkserver')
+    ctx.set_forkserver_preload(['os', 'no_such_module_xyz'], on_error=sys.argv[1])
+    r, w = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=w.send, args=(42,))
+    try:
+        p.start()
+    except (EOFError, ConnectionError) as e:
+        print('START FAILED', type(e).__name__, getattr(e, '__notes__', []), flush=True)
+        sys.exit(3)
+    w.close()
+    print('GOT', r.recv(), flush=True)
+    p.join()
+    print('EXIT', p.exitcode, flush=True)
+'''
+
+
+def _run_preload_program(mpmod, tmp_path, on_error):
+    prog = tmp_path / 'prog.py'
+    prog.write_text(_PRELOAD_PROGRAM.format(mod=mpmod.__name__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    # ImportWarning is hidden by default: -W shows it (the server inherits the flags).
+    return subprocess.run([sys.executable, '-W', 'always::ImportWarning', str(prog), on_error],
+                          capture_output=True, text=True, timeout=60, env=env)
+
+
+def _has_on_error(mpmod):
+    return 'on_error' in inspect.signature(mpmod.set_forkserver_preload).parameters
+
+
+@pytest.mark.parametrize('on_error', ['ignore', 'warn'])
+def test_preload_on_error_ignore_and_warn(mpmod, tmp_path, on_error):
+    _need(mpmod, _has_on_error(mpmod), '3.15')
+    r = _run_preload_program(mpmod, tmp_path, on_error)
+    assert r.returncode == 0, r.stderr
+    assert 'GOT 42' in r.stdout and 'EXIT 0' in r.stdout
+    warned = 'ImportWarning' in r.stderr and 'no_such_module_xyz' in r.stderr
+    assert warned == (on_error == 'warn'), r.stderr
+
+
+def test_preload_on_error_fail(mpmod, tmp_path):
+    _need(mpmod, _has_on_error(mpmod), '3.15')
+    r = _run_preload_program(mpmod, tmp_path, 'fail')
+    assert r.returncode == 3, (r.stdout, r.stderr)
+    assert 'START FAILED' in r.stdout and 'Forkserver process may have crashed' in r.stdout
+    assert 'ModuleNotFoundError' in r.stderr and 'no_such_module_xyz' in r.stderr
+
+
+def test_preload_on_error_bad_value(mpmod):
+    _need(mpmod, _has_on_error(mpmod), '3.15')
+    with pytest.raises(ValueError, match="on_error must be 'ignore', 'warn', or 'fail'"):
+        mpmod.set_forkserver_preload(['os'], on_error='loud')
+    with pytest.raises(TypeError):
+        mpmod.set_forkserver_preload(['os'], 'warn')  # keyword-only
+
+
+# ---- Pool.imap(..., buffersize=) (3.15): at most processes + buffersize chunks read ahead ----
+
+_read = []
+
+
+def _counting(n):
+    for i in range(n):
+        _read.append(i)
+        yield i
+
+
+def _square(x):
+    return x * x
+
+
+def _pool_types(mpmod):
+    from importlib import import_module
+    return [mpmod.Pool, import_module(mpmod.__name__ + '.pool').ThreadPool]
+
+
+def _has_buffersize(mpmod):
+    from importlib import import_module
+    imap = import_module(mpmod.__name__ + '.pool').Pool.imap
+    return 'buffersize' in inspect.signature(imap).parameters
+
+
+@pytest.mark.parametrize('method', ['imap', 'imap_unordered'])
+@pytest.mark.parametrize('chunksize,buffersize', [(1, 1), (1, 3), (4, 2)])
+def test_imap_buffersize_bounds_reading(mpmod, method, chunksize, buffersize):
+    _need(mpmod, _has_buffersize(mpmod), '3.15')
+    processes, n = 2, 200
+    for Pool in _pool_types(mpmod):
+        _read.clear()
+        with Pool(processes) as p:
+            it = getattr(p, method)(_square, _counting(n), chunksize=chunksize,
+                                    buffersize=buffersize)
+            got = []
+            for _ in range(5):
+                got.append(next(it))
+                # Chunks handed out but not yet returned by next() never exceed the window.
+                consumed_chunks = -(-len(got) // chunksize)
+                limit = (processes + buffersize + consumed_chunks) * chunksize
+                time.sleep(0.05)  # give the reader every chance to run ahead
+                assert len(_read) <= limit, (Pool.__name__, len(_read), limit)
+            got.extend(it)
+        assert sorted(got) == [x * x for x in range(n)]
+        if method == 'imap':
+            assert got == [x * x for x in range(n)]
+        assert len(_read) == n
+
+
+def test_imap_buffersize_infinite_input(mpmod):
+    _need(mpmod, _has_buffersize(mpmod), '3.15')
+    with mpmod.Pool(2) as p:
+        it = p.imap(_square, itertools.count(), buffersize=4)
+        assert [next(it) for _ in range(50)] == [x * x for x in range(50)]
+
+
+@pytest.mark.parametrize('bad,exc', [(0, ValueError), (-1, ValueError), (1.5, TypeError)])
+def test_imap_buffersize_rejects(bad, exc):
+    import cpool
+    from cpool.pool import ThreadPool
+    for Pool in (cpool.Pool, ThreadPool):
+        with Pool(1) as p:
+            with pytest.raises(exc):
+                p.imap(_square, range(3), buffersize=bad)
+
+
+# ---- WorkerLostError: pid, exitcode and the signal's name (3.15's BrokenProcessPool model) ----
+
+def _die_by(sig):
+    os.kill(os.getpid(), sig)
+    time.sleep(30)
+
+
+def _exit_now(code):
+    os._exit(code)
+
+
+@pytest.mark.parametrize('sig,name', [(signal.SIGKILL, 'SIGKILL'), (signal.SIGTERM, 'SIGTERM')])
+def test_worker_lost_error_names_pid_and_signal(cctx, sig, name):
+    import cpool
+    with cctx.Pool(1) as p:
+        pids = set(p.map(_pid_of, range(4)))
+        with pytest.raises(cpool.WorkerLostError) as ei:
+            p.apply(_die_by, (sig,))
+        e = ei.value
+        assert e.exitcode == -sig and e.pid in pids
+        assert 'pid %d' % e.pid in str(e) and 'exit code %d' % -sig in str(e)
+        assert '(%s)' % name in str(e)
+        assert p.apply(_square, (3,)) == 9  # replaced, still serving
+
+
+def test_worker_lost_error_exit_code_without_signal(cctx):
+    import cpool
+    with cctx.Pool(1) as p:
+        with pytest.raises(cpool.WorkerLostError) as ei:
+            p.apply(_exit_now, (5,))
+        e = ei.value
+        assert e.exitcode == 5 and isinstance(e.pid, int)
+        assert 'exit code 5 ' in str(e) and 'SIG' not in str(e)
+        import pickle
+        back = pickle.loads(pickle.dumps(e))
+        assert (back.pid, back.exitcode, str(back)) == (e.pid, e.exitcode, str(e))
+
+
+def _pid_of(_):
+    return os.getpid()
+
+
+def test_worker_lost_error_class_defaults():
+    import cpool
+    assert cpool.WorkerLostError.pid is None and cpool.WorkerLostError.exitcode is None
