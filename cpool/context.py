@@ -41,6 +41,12 @@ class BaseContext(object):
             raise NotImplementedError('cannot determine number of cpus')
         return num
 
+    def usable_cpu_count(self):
+        """cpool's own: the CPUs this process can use (affinity and cgroup CPU quota counted);
+        Pool() uses it as its default size when CPOOL_POOL_PROCESSES=usable is set."""
+        from ._cpus import usable_cpu_count
+        return usable_cpu_count()
+
     def Manager(self):
         """A started SyncManager: shared objects served by a manager process."""
         from .managers import SyncManager

@@ -38,7 +38,7 @@ import warnings
 import weakref
 from functools import partial
 
-from . import _core, context, reduction, util
+from . import _core, _cpus, context, reduction, util
 from .context import ProcessError, TimeoutError, WorkerLostError  # noqa: F401
 
 __all__ = ['Pool', 'ThreadPool']
@@ -285,7 +285,7 @@ def _with_progress(it, total, progress):
 
 def _check_pool_args(processes, initializer):
     if processes is None:
-        processes = os.cpu_count() or 1
+        processes = _cpus.default_pool_size()
     if processes < 1:
         raise ValueError("Number of processes must be at least 1")
     if initializer is not None and not callable(initializer):

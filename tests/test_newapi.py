@@ -357,3 +357,162 @@ def _pid_of(_):
 def test_worker_lost_error_class_defaults():
     import cpool
     assert cpool.WorkerLostError.pid is None and cpool.WorkerLostError.exitcode is None
+
+
+# ---- Pool size: os.process_cpu_count() semantics on 3.13+, usable_cpu_count() opt-in ----
+
+_SIZES = r'''
+import os, sys, json
+import cpool, cpool.pool
+out = {'usable': cpool.usable_cpu_count(), 'cpu_count': cpool.cpu_count()}
+with cpool.Pool() as p:
+    out['cpool_pool'] = len(p._pool)
+with cpool.pool.ThreadPool() as p:
+    out['cpool_threadpool'] = len(p._pool)
+if os.environ.get('WITH_STDLIB'):
+    import multiprocessing, multiprocessing.pool
+    with multiprocessing.Pool() as p:
+        out['mp_pool'] = len(p._pool)
+    with multiprocessing.pool.ThreadPool() as p:
+        out['mp_threadpool'] = len(p._pool)
+    out['mp_cpu_count'] = multiprocessing.cpu_count()
+print(json.dumps(out))
+'''
+
+
+def _sizes(prefix=(), **env):
+    import json
+    full = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), **env)
+    r = subprocess.run(list(prefix) + [sys.executable, '-c', _SIZES], capture_output=True,
+                       text=True, timeout=60, env=full)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def _need_taskset():
+    import shutil
+    if shutil.which('taskset') is None:
+        pytest.skip('taskset is not installed')
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip('this process may run on one CPU only: affinity 1 would prove nothing')
+
+
+def test_pool_default_size_follows_stdlib_under_taskset():
+    _need_taskset()
+    got = _sizes(['taskset', '-c', '0'], WITH_STDLIB='1')
+    # The stdlib of this very Python is the reference, for Pool, ThreadPool and cpu_count().
+    assert got['cpool_pool'] == got['mp_pool']
+    assert got['cpool_threadpool'] == got['mp_threadpool']
+    assert got['cpu_count'] == got['mp_cpu_count'] == os.cpu_count()
+    expected = 1 if sys.version_info >= (3, 13) else os.cpu_count()
+    assert got['cpool_pool'] == expected
+    assert got['usable'] == 1
+
+
+def test_pool_usable_opt_in_under_taskset():
+    _need_taskset()
+    got = _sizes(['taskset', '-c', '0'], CPOOL_POOL_PROCESSES='usable')
+    assert got['cpool_pool'] == got['cpool_threadpool'] == 1  # on every Python version
+    assert got['cpu_count'] == os.cpu_count()  # cpu_count() itself keeps the stdlib's meaning
+
+
+def test_pool_size_env_rejects_unknown_value():
+    full = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), CPOOL_POOL_PROCESSES='all')
+    r = subprocess.run([sys.executable, '-c', 'import cpool; cpool.Pool()'],
+                       capture_output=True, text=True, timeout=60, env=full)
+    assert r.returncode != 0 and 'CPOOL_POOL_PROCESSES' in r.stderr
+
+
+def _make_cgroup(version, settings):
+    """A real child cgroup with a CPU quota, where this machine lets us make one (root, a
+    writable hierarchy with the cpu controller); None where it does not."""
+    from cpool import _cpus
+    for v, mount, root in _cpus._cgroup_mounts():
+        if v != version:
+            continue
+        d = os.path.join(mount, 'cpool-test-%d' % os.getpid())
+        try:
+            os.mkdir(d)
+        except OSError:
+            continue
+        try:
+            for name, value in settings:
+                with open(os.path.join(d, name), 'w') as f:
+                    f.write(value)
+        except OSError:
+            os.rmdir(d)  # e.g. v2 without the cpu controller enabled for children
+            continue
+        return d
+    return None
+
+
+@pytest.mark.parametrize('version', [1, 2])
+def test_usable_cpu_count_real_cgroup_quota(version):
+    if os.cpu_count() < 2:
+        pytest.skip('one CPU: a 1-CPU quota would prove nothing')
+    settings = ([('cpu.cfs_period_us', '100000'), ('cpu.cfs_quota_us', '50000')]
+                if version == 1 else [('cpu.max', '50000 100000')])
+    d = _make_cgroup(version, settings)
+    if d is None:
+        pytest.skip('cannot create a cgroup v%d with a CPU quota here (needs root and a '
+                    'writable %s hierarchy with the cpu controller)'
+                    % (version, 'v1 cpu' if version == 1 else 'v2'))
+    try:
+        # The child moves itself into the group before Python starts, then reports.
+        code = ('import cpool, json; print(json.dumps([cpool.usable_cpu_count(), '
+                'len(cpool.Pool()._pool)]))')
+        sh = 'echo $$ > %s/cgroup.procs && exec "$0" -c "$1"' % d
+        full = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path),
+                    CPOOL_POOL_PROCESSES='usable')
+        r = subprocess.run(['sh', '-c', sh, sys.executable, code], capture_output=True,
+                           text=True, timeout=60, env=full)
+        assert r.returncode == 0, r.stderr
+        import json
+        assert json.loads(r.stdout) == [1, 1]
+    finally:
+        os.rmdir(d)
+
+
+def _fake_cgroups(tmp_path, monkeypatch, mountinfo, cgroup, files):
+    from cpool import _cpus
+    (tmp_path / 'mountinfo').write_text(mountinfo.replace('ROOT', str(tmp_path)))
+    (tmp_path / 'cgroup').write_text(cgroup)
+    for rel, text in files.items():
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    monkeypatch.setattr(_cpus, '_PROC_SELF_MOUNTINFO', str(tmp_path / 'mountinfo'))
+    monkeypatch.setattr(_cpus, '_PROC_SELF_CGROUP', str(tmp_path / 'cgroup'))
+    return _cpus
+
+
+_V2_MOUNT = '41 31 0:38 / ROOT/v2 rw,relatime - cgroup2 cgroup2 rw\n'
+_V1_MOUNT = '32 31 0:29 / ROOT/cpu rw,relatime - cgroup cgroup rw,cpu,cpuacct\n'
+
+
+@pytest.mark.parametrize('files,expected', [
+    ({'v2/job/step/cpu.max': '150000 100000\n'}, 2),            # 1.5 CPUs round up, as loky
+    ({'v2/job/cpu.max': '100000 100000', 'v2/job/step/cpu.max': 'max 100000'}, 1),  # parent's
+    ({'v2/job/step/cpu.max': 'max 100000'}, None),              # no quota
+    ({}, None),                                                  # no cpu controller files
+])
+def test_cgroup_v2_quota_parsing(tmp_path, monkeypatch, files, expected):
+    cp = _fake_cgroups(tmp_path, monkeypatch, _V2_MOUNT, '0::/job/step\n', files)
+    assert cp._cgroup_count() == expected
+
+
+@pytest.mark.parametrize('quota,period,expected', [
+    ('250000', '100000', 3), ('-1', '100000', None), ('50000', '100000', 1)])
+def test_cgroup_v1_quota_parsing(tmp_path, monkeypatch, quota, period, expected):
+    cp = _fake_cgroups(tmp_path, monkeypatch, _V1_MOUNT, '3:cpu,cpuacct:/slurm/job_7\n',
+                       {'cpu/slurm/job_7/cpu.cfs_quota_us': quota,
+                        'cpu/slurm/job_7/cpu.cfs_period_us': period})
+    assert cp._cgroup_count() == expected
+
+
+def test_usable_cpu_count_takes_the_smallest(tmp_path, monkeypatch):
+    cp = _fake_cgroups(tmp_path, monkeypatch, _V2_MOUNT, '0::/\n',
+                       {'v2/cpu.max': '100000 100000'})
+    assert cp.usable_cpu_count() == 1
+    monkeypatch.setattr(cp, '_cgroup_count', lambda: None)
+    assert cp.usable_cpu_count() == min(os.cpu_count(), len(os.sched_getaffinity(0)))
