@@ -516,3 +516,38 @@ def test_usable_cpu_count_takes_the_smallest(tmp_path, monkeypatch):
     assert cp.usable_cpu_count() == 1
     monkeypatch.setattr(cp, '_cgroup_count', lambda: None)
     assert cp.usable_cpu_count() == min(os.cpu_count(), len(os.sched_getaffinity(0)))
+
+
+# ---- each Python's defaults (3.14: forkserver start method on Linux, pickle protocol 5) ----
+
+def test_default_start_method_is_the_running_pythons(mpmod):
+    import cpool
+    import multiprocessing
+    fresh = subprocess.run(
+        [sys.executable, '-c', 'import %s as m; print(m.get_start_method())' % mpmod.__name__],
+        capture_output=True, text=True, timeout=60,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert fresh.returncode == 0, fresh.stderr
+    assert fresh.stdout.strip() == ('forkserver' if sys.version_info >= (3, 14) else 'fork')
+    assert cpool.get_all_start_methods()[0] == multiprocessing.get_all_start_methods()[0]
+
+
+def test_forking_pickler_protocol_is_the_running_pythons(mpmod):
+    from importlib import import_module
+    data = bytes(import_module(mpmod.__name__ + '.reduction').ForkingPickler.dumps([1, 'a']))
+    import pickle
+    assert data[:2] == b'\x80' + bytes([pickle.DEFAULT_PROTOCOL])
+
+
+def test_suite_default_start_mode():
+    # Under CPOOL_TEST_DEFAULT_START both libraries default to it for every test (conftest).
+    import cpool
+    import multiprocessing
+    want = os.environ.get('CPOOL_TEST_DEFAULT_START')
+    if not want:
+        pytest.skip('CPOOL_TEST_DEFAULT_START is not set')
+    assert cpool.get_start_method() == multiprocessing.get_start_method() == want
+    p = cpool.Process(target=_square, args=(2,))
+    p.start()
+    p.join(30)
+    assert p.exitcode == 0 and p._popen.method == want
