@@ -121,6 +121,12 @@ static PyModuleDef_Slot cp_slots[] = {
 #ifdef Py_mod_multiple_interpreters
     {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_NOT_SUPPORTED},
 #endif
+#ifdef Py_mod_gil
+    /* Declared, not assumed: the audit in docs/python-3.14.md found state that only the GIL
+       protects (a pool's job lists and counters, borrowed list items, a global counter), so a
+       free-threaded build re-enables the GIL when it imports this module. */
+    {Py_mod_gil, Py_MOD_GIL_USED},
+#endif
     {0, NULL},
 };
 

@@ -2387,10 +2387,10 @@ static int job_clear(PoolJob *j)
         }
         if (j->registered) {
             /* an imap iterator dropped before its end: its late results will be dropped */
-            PyObject *t, *v, *tb;
-            PyErr_Fetch(&t, &v, &tb);
+            PyObject *exc = cp_fetch_exc(); /* PyErr_Fetch is deprecated since 3.12 */
             unregister_job(j->core, j);
-            PyErr_Restore(t, v, tb);
+            if (exc)
+                cp_restore_exc(exc);
         }
     }
     Py_CLEAR(j->core);
