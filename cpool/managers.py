@@ -1647,7 +1647,8 @@ _BaseSetProxy = MakeProxyType('SetProxy', (
     'issuperset', 'pop', 'remove', 'symmetric_difference',
     'symmetric_difference_update', 'union', 'update',
 ))
-# A set's iterator cannot be pickled: iterating goes through a served Iterator, as a dict's does.
+# Iterating goes through a served Iterator, as a dict's does (pickling the set's iterator would
+# send a snapshot list of the whole set in one message).
 _BaseSetProxy._method_to_typeid_ = {
     '__iter__': 'Iterator',
 }
