@@ -91,7 +91,12 @@ class ForkServer(object):
         """Start the server unless it runs already (restarted if it died)."""
         with self._lock:
             if self._forkserver_pid is not None:
-                pid, status = os.waitpid(self._forkserver_pid, os.WNOHANG)
+                try:
+                    pid, status = os.waitpid(self._forkserver_pid, os.WNOHANG)
+                except ChildProcessError:
+                    # State inherited through a bare os.fork(): the server is the parent's
+                    # child and goes on serving it; this process starts its own.
+                    pid = -1
                 if not pid:
                     return
                 os.close(self._forkserver_alive_fd)

@@ -553,3 +553,31 @@ def test_suite_default_start_mode():
     p.start()
     p.join(30)
     assert p.exitcode == 0 and p._popen.method == want
+
+
+def test_forkserver_usable_after_bare_os_fork():
+    # With forkserver the default (3.14), a library that os.fork()s after the parent started the
+    # server used to fail: the inherited server is not the child's to wait for.
+    import cpool
+    ctx = cpool.get_context('forkserver')
+    p = ctx.Process(target=_square, args=(1,))
+    p.start()
+    p.join(30)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            q = ctx.Process(target=_square, args=(2,))
+            q.start()
+            q.join(30)
+            code = 0 if q.exitcode == 0 else 2
+        finally:
+            os.write(w, bytes([code]))
+            os._exit(code)
+    os.close(w)
+    got = os.read(r, 1)
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    assert got == b'\x00' and os.waitstatus_to_exitcode(status) == 0
