@@ -41,6 +41,12 @@ class BaseContext(object):
             raise NotImplementedError('cannot determine number of cpus')
         return num
 
+    def usable_cpu_count(self):
+        """cpool's own: the CPUs this process can use (affinity and cgroup CPU quota counted);
+        Pool() uses it as its default size when CPOOL_POOL_PROCESSES=usable is set."""
+        from ._cpus import usable_cpu_count
+        return usable_cpu_count()
+
     def Manager(self):
         """A started SyncManager: shared objects served by a manager process."""
         from .managers import SyncManager
@@ -138,9 +144,9 @@ class BaseContext(object):
         from .spawn import set_executable
         set_executable(executable)
 
-    def set_forkserver_preload(self, module_names):
+    def set_forkserver_preload(self, module_names, *, on_error='ignore'):
         from .forkserver import set_forkserver_preload
-        set_forkserver_preload(module_names)
+        set_forkserver_preload(module_names, on_error=on_error)
 
     def get_context(self, method=None):
         if method is None:

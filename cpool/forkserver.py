@@ -33,6 +33,7 @@ class ForkServer(object):
         # itself, with the parent's sys.argv, as spawn does. Only a list the user sets makes
         # the server import it.
         self._preload_main = False
+        self._preload_on_error = 'ignore'
 
     def _stop(self):
         # For tests: stop the server and forget it.
@@ -50,12 +51,19 @@ class ForkServer(object):
                     pass
             self._forkserver_address = None
 
-    def set_forkserver_preload(self, modules_names):
-        """Modules the server imports once, so forked children start with them loaded."""
+    def set_forkserver_preload(self, modules_names, *, on_error='ignore'):
+        """Modules the server imports once, so forked children start with them loaded.
+
+        on_error (3.15's API, on every Python) says what a module that fails to import does in
+        the server: 'ignore' it, 'warn' (an ImportWarning on the server's stderr) or 'fail'
+        (the server exits, and starting a process raises, with a note saying why)."""
         if not all(type(mod) is str for mod in modules_names):
             raise TypeError('module_names must be a list of strings')
+        if on_error not in ('ignore', 'warn', 'fail'):
+            raise ValueError("on_error must be 'ignore', 'warn', or 'fail', not %r" % (on_error,))
         self._preload_modules = modules_names
         self._preload_main = '__main__' in modules_names
+        self._preload_on_error = on_error
 
     def get_inherited_fds(self):
         """In a child of the server: the fds its parent handed over, in DupFd index order."""
@@ -91,7 +99,12 @@ class ForkServer(object):
         """Start the server unless it runs already (restarted if it died)."""
         with self._lock:
             if self._forkserver_pid is not None:
-                pid, status = os.waitpid(self._forkserver_pid, os.WNOHANG)
+                try:
+                    pid, status = os.waitpid(self._forkserver_pid, os.WNOHANG)
+                except ChildProcessError:
+                    # State inherited through a bare os.fork(): the server is the parent's
+                    # child and goes on serving it; this process starts its own.
+                    pid = -1
                 if not pid:
                     return
                 os.close(self._forkserver_alive_fd)
@@ -108,6 +121,8 @@ class ForkServer(object):
                     # The script's top level may read its arguments: it gets the parent's.
                     data['main_path'] = prep['init_main_from_path']
                     data['sys_argv'] = prep['sys_argv']
+                if self._preload_on_error != 'ignore':
+                    data['on_error'] = self._preload_on_error
             else:
                 data = {}
 
@@ -138,24 +153,42 @@ class ForkServer(object):
                 self._forkserver_pid = pid
 
 
-def main(listener_fd, alive_r, preload, main_path=None, sys_path=None, sys_argv=None):
+def _preload(preload, main_path, sys_path, sys_argv, on_error):
+    # The main script may raise anything (it is run, not just imported); a module, ImportError.
+    if sys_path is not None:
+        sys.path[:] = sys_path
+    if '__main__' in preload and main_path is not None:
+        if sys_argv is not None:
+            sys.argv[:] = sys_argv  # the script's top level may read its arguments
+        process.current_process()._inheriting = True
+        try:
+            spawn.import_main_path(main_path)
+        except Exception as e:
+            _preload_failed(on_error, '__main__ from %r' % main_path, e)
+        finally:
+            del process.current_process()._inheriting
+    for modname in preload:
+        if modname == '__main__':
+            continue
+        try:
+            __import__(modname)
+        except ImportError as e:
+            _preload_failed(on_error, 'module %r' % modname, e)
+
+
+def _preload_failed(on_error, what, exc):
+    if on_error == 'fail':
+        raise exc
+    if on_error == 'warn':
+        import warnings
+        warnings.warn('Failed to preload %s: %s' % (what, exc), ImportWarning, stacklevel=3)
+
+
+def main(listener_fd, alive_r, preload, main_path=None, sys_path=None, sys_argv=None,
+         on_error='ignore'):
     """The server's loop: fork a child per request, report each child's exit code."""
     if preload:
-        if sys_path is not None:
-            sys.path[:] = sys_path
-        if '__main__' in preload and main_path is not None:
-            if sys_argv is not None:
-                sys.argv[:] = sys_argv
-            process.current_process()._inheriting = True
-            try:
-                spawn.import_main_path(main_path)
-            finally:
-                del process.current_process()._inheriting
-        for modname in preload:
-            try:
-                __import__(modname)
-            except ImportError:
-                pass
+        _preload(preload, main_path, sys_path, sys_argv, on_error)
 
     util._close_stdin()
     sig_r, sig_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)

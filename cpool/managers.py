@@ -1345,6 +1345,18 @@ class _RLock(_Acquirer):
         # release it again, so it is released even though the client left in order.
         self._release_for_dead_peer()
 
+    def locked(self):
+        # threading.RLock has locked() from 3.14 only; before, a serving thread that does not
+        # own the lock probes it without blocking (its own hold would make the probe succeed).
+        if hasattr(self._lock, 'locked'):
+            return self._lock.locked()
+        if self._lock._is_owned():
+            return True
+        if self._lock.acquire(False):
+            self._lock.release()
+            return False
+        return True
+
     # What threading.Condition needs to wait on this lock.
     def _is_owned(self):
         return self._lock._is_owned()
@@ -1462,7 +1474,7 @@ class IteratorProxy(BaseProxy):
 
 
 class AcquirerProxy(BaseProxy):
-    _exposed_ = ('acquire', 'release')
+    _exposed_ = ('acquire', 'release', 'locked')
 
     def acquire(self, blocking=True, timeout=None):
         args = (blocking,) if timeout is None else (blocking, timeout)
@@ -1470,6 +1482,10 @@ class AcquirerProxy(BaseProxy):
 
     def release(self):
         return self._callmethod('release')
+
+    def locked(self):
+        """3.14's API: whether the served lock is held (a served semaphore has no locked())."""
+        return self._callmethod('locked')
 
     def __enter__(self):
         return self._callmethod('acquire')
@@ -1576,7 +1592,7 @@ class ValueProxy(BaseProxy):
 BaseListProxy = MakeProxyType('BaseListProxy', (
     '__add__', '__contains__', '__delitem__', '__getitem__', '__len__',
     '__mul__', '__reversed__', '__rmul__', '__setitem__',
-    'append', 'count', 'extend', 'index', 'insert', 'pop', 'remove',
+    'append', 'clear', 'copy', 'count', 'extend', 'index', 'insert', 'pop', 'remove',
     'reverse', 'sort', '__imul__'
 ))
 
@@ -1593,9 +1609,12 @@ class ListProxy(BaseListProxy):
     __class_getitem__ = classmethod(types.GenericAlias)
 
 
+# clear/copy on lists, fromkeys and the | operators on dicts, and the set proxy: what 3.14-3.15
+# added, offered on every Python (copy, fromkeys and | return plain values, as there).
 _BaseDictProxy = MakeProxyType('DictProxy', (
-    '__contains__', '__delitem__', '__getitem__', '__iter__', '__len__',
-    '__setitem__', 'clear', 'copy', 'get', 'items',
+    '__contains__', '__delitem__', '__getitem__', '__ior__', '__iter__', '__len__',
+    '__or__', '__reversed__', '__ror__',
+    '__setitem__', 'clear', 'copy', 'fromkeys', 'get', 'items',
     'keys', 'pop', 'popitem', 'setdefault', 'update', 'values'
 ))
 _BaseDictProxy._method_to_typeid_ = {
@@ -1603,7 +1622,43 @@ _BaseDictProxy._method_to_typeid_ = {
 }
 
 
+def _served_inplace(name):
+    """An in-place operator that changes the served object; the proxy stays the name bound to
+    it (the served method's return value, a copy of the object, is not wanted)."""
+    def op(self, value):
+        self._callmethod(name, (value,))
+        return self
+    op.__name__ = name
+    return op
+
+
 class DictProxy(_BaseDictProxy):
+    __ior__ = _served_inplace('__ior__')
+    __class_getitem__ = classmethod(types.GenericAlias)
+
+
+_BaseSetProxy = MakeProxyType('SetProxy', (
+    '__and__', '__contains__', '__iand__', '__ior__',
+    '__isub__', '__iter__', '__ixor__', '__len__', '__or__', '__rand__',
+    '__ror__', '__rsub__', '__rxor__', '__sub__', '__xor__',
+    '__ge__', '__gt__', '__le__', '__lt__',
+    'add', 'clear', 'copy', 'difference', 'difference_update', 'discard',
+    'intersection', 'intersection_update', 'isdisjoint', 'issubset',
+    'issuperset', 'pop', 'remove', 'symmetric_difference',
+    'symmetric_difference_update', 'union', 'update',
+))
+# Iterating goes through a served Iterator, as a dict's does (pickling the set's iterator would
+# send a snapshot list of the whole set in one message).
+_BaseSetProxy._method_to_typeid_ = {
+    '__iter__': 'Iterator',
+}
+
+
+class SetProxy(_BaseSetProxy):
+    __ior__ = _served_inplace('__ior__')
+    __iand__ = _served_inplace('__iand__')
+    __ixor__ = _served_inplace('__ixor__')
+    __isub__ = _served_inplace('__isub__')
     __class_getitem__ = classmethod(types.GenericAlias)
 
 
@@ -1648,6 +1703,7 @@ SyncManager.register('Barrier', threading.Barrier, BarrierProxy)
 SyncManager.register('Pool', _Pool, PoolProxy)
 SyncManager.register('list', list, ListProxy)
 SyncManager.register('dict', dict, DictProxy)
+SyncManager.register('set', set, SetProxy)
 SyncManager.register('Value', Value, ValueProxy)
 SyncManager.register('Array', Array, ArrayProxy)
 SyncManager.register('Namespace', Namespace, NamespaceProxy)

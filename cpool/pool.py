@@ -14,8 +14,10 @@ Beyond the standard library:
   - task_timeout=seconds (opt-in), on the Pool (every task) or per call (apply_async, map,
     imap, ...): an item running longer fails with cpool.TimeoutError and its worker is killed
     and replaced.
-  - imap/imap_unordered read their input lazily, at most `buffersize` chunks ahead (default
-    max(256, 64 * processes)), so a generator of any length runs in constant memory.
+  - imap/imap_unordered read their input lazily, so a generator of any length runs in
+    constant memory. buffersize=b means what it means in CPython 3.15+: at most processes + b
+    chunks are read and not yet returned by next(); without it cpool still reads ahead only
+    max(256, 64 * processes) chunks (the standard library reads the whole input first).
   - progress=True (or a label) on map/starmap/imap/imap_unordered shows a progress bar: tqdm
     when installed, else a line on stderr.
   - Ctrl-C in the parent interrupts map/get/next at once; workers ignore SIGINT and are
@@ -37,7 +39,7 @@ import warnings
 import weakref
 from functools import partial
 
-from . import _core, context, reduction, util
+from . import _core, _cpus, context, reduction, util
 from .context import ProcessError, TimeoutError, WorkerLostError  # noqa: F401
 
 __all__ = ['Pool', 'ThreadPool']
@@ -286,12 +288,25 @@ def _with_progress(it, total, progress):
 
 def _check_pool_args(processes, initializer):
     if processes is None:
-        processes = os.cpu_count() or 1
+        processes = _cpus.default_pool_size()
     if processes < 1:
         raise ValueError("Number of processes must be at least 1")
     if initializer is not None and not callable(initializer):
         raise TypeError('initializer must be a callable')
     return processes
+
+
+def _imap_window(buffersize, processes):
+    """How many chunks an imap may have read and not yet returned: processes + buffersize, as
+    CPython's imap counts it (a chunk per worker plus buffersize waiting); cpool's lazy default
+    without one."""
+    if buffersize is None:
+        return max(256, 64 * processes)
+    if not isinstance(buffersize, int) or isinstance(buffersize, bool):
+        raise TypeError("buffersize must be an integer or None")
+    if buffersize < 1:
+        raise ValueError("buffersize must be None or > 0")
+    return processes + buffersize
 
 
 def _length(iterable):
@@ -487,14 +502,9 @@ class Pool(object):
         self._check_running()
         if chunksize < 1:
             raise ValueError("Chunksize must be 1+, not {0:n}".format(chunksize))
-        if buffersize is None:
-            buffersize = max(256, 64 * len(self._pool))
-        elif not isinstance(buffersize, int):
-            raise TypeError("buffersize must be an integer or None")
-        elif buffersize < 1:
-            raise ValueError("buffersize must be None or > 0")
+        window = _imap_window(buffersize, len(self._pool))
         total = _length(iterable) if progress else None
-        it = self._core.imap(func, iterable, chunksize, ordered, star, buffersize, task_timeout)
+        it = self._core.imap(func, iterable, chunksize, ordered, star, window, task_timeout)
         return _with_progress(it, total, progress) if progress else it
 
     def _map_progress(self, func, iterable, chunksize, star, progress, task_timeout):
@@ -781,9 +791,8 @@ class ThreadPool(Pool):
         self._check_running()
         if chunksize < 1:
             raise ValueError("Chunksize must be 1+, not {0:n}".format(chunksize))
-        if buffersize is not None and buffersize < 1:
-            raise ValueError("buffersize must be None or > 0")
-        result = _ThreadIMapIterator(self, ordered, buffersize)
+        window = None if buffersize is None else _imap_window(buffersize, self._processes)
+        result = _ThreadIMapIterator(self, ordered, window)
 
         def feed():
             # Feeds on after close() (as the standard library's task handler does) and stops
@@ -792,13 +801,16 @@ class ThreadPool(Pool):
             try:
                 it = iter(iterable)
                 while self._state != TERMINATE:
-                    chunk = tuple(itertools.islice(it, chunksize))
-                    if not chunk:
-                        break
+                    # A slot first, then the input: nothing is read beyond the window.
                     if result._slots is not None:
                         while not result._slots.acquire(timeout=0.1):
                             if self._state == TERMINATE:
                                 break
+                        if self._state == TERMINATE:
+                            break
+                    chunk = tuple(itertools.islice(it, chunksize))
+                    if not chunk:
+                        break
                     if chunksize == 1:
                         task = (result, n, func, chunk, {})
                     else:

@@ -30,10 +30,16 @@ class Popen(popen_fork.Popen):
 
     def _launch(self, process_obj):
         data = spawn.dump_for_child(self, process_obj)
-        self.sentinel, w = forkserver.connect_to_new_process(self._fds)
-        with open(w, 'wb', closefd=True) as f:
-            f.write(data)
-        self.pid = forkserver.read_signed(self.sentinel)
+        try:
+            self.sentinel, w = forkserver.connect_to_new_process(self._fds)
+            with open(w, 'wb', closefd=True) as f:
+                f.write(data)
+            self.pid = forkserver.read_signed(self.sentinel)
+        except (EOFError, ConnectionError) as e:
+            # Seen when the server exited at start, e.g. on_error='fail' and a preload failed.
+            e.add_note('Forkserver process may have crashed; its stderr says why '
+                       '(see set_forkserver_preload(on_error=...))')
+            raise
         try:
             # Signals go through a pidfd (this child is the server's, not ours).
             self._pidfd = _core.pidfd_open(self.pid)

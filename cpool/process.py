@@ -107,6 +107,13 @@ class BaseProcess(object):
         # written only after the fork (a page written on both sides of it faults twice).
         _children.add(self)
 
+    def interrupt(self):
+        """Send SIGINT to the child (3.14's API, on every Python): by default it raises
+        KeyboardInterrupt there, so finally blocks and context managers run; exit code 1."""
+        self._check_closed()
+        if self._popen is not None:
+            self._popen.interrupt()
+
     def terminate(self):
         """Send SIGTERM to the child."""
         self._check_closed()

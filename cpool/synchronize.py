@@ -73,6 +73,11 @@ class SemLock(_core.SemLock):
         context.assert_spawning(self)
         return heap.reduce_handle(self)
 
+    def locked(self):
+        """True if the lock is held (by any thread or process), or the semaphore is at zero:
+        3.14's API, offered on every Python."""
+        return self._get_value() == 0
+
 
 class Semaphore(SemLock):
     __slots__ = ()

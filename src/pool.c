@@ -1119,6 +1119,24 @@ static int ready_done(PoolJob *j)
 
 /* ---- dead and overrunning workers ---- */
 
+/* "SIGKILL" for 9, from the signal module (only on this error path); NULL, no error set, if
+   it has no name for it. */
+static PyObject *signal_name(int sig)
+{
+    PyObject *name = NULL;
+    PyObject *mod = PyImport_ImportModule("signal");
+    if (mod) {
+        PyObject *member = PyObject_CallMethod(mod, "Signals", "i", sig);
+        if (member) {
+            name = PyObject_GetAttrString(member, "name");
+            Py_DECREF(member);
+        }
+        Py_DECREF(mod);
+    }
+    PyErr_Clear();
+    return name;
+}
+
 static PyObject *make_worker_lost(PoolCore *c, cp_state *st, uint32_t w, int exitcode, int timed_out,
                                   int64_t timeout_ns)
 {
@@ -1139,8 +1157,23 @@ static PyObject *make_worker_lost(PoolCore *c, cp_state *st, uint32_t w, int exi
     }
     Py_DECREF(code);
     if (!timed_out) {
-        PyObject *msg = PyUnicode_FromFormat("worker %u (pid %d) died while running the task "
-                                             "(exit code %d)", w, (int)c->pids[w], exitcode);
+        /* As 3.15's BrokenProcessPool cause reads ("Process PID terminated abruptly with exit
+           code N"), plus the signal's name: the pid and the way it died find it in the logs. */
+        PyObject *pid = PyLong_FromLong((long)c->pids[w]);
+        if (!pid || PyObject_SetAttrString(exc, "pid", pid) < 0) {
+            Py_XDECREF(pid);
+            Py_DECREF(exc);
+            return NULL;
+        }
+        Py_DECREF(pid);
+        PyObject *how = exitcode < 0 ? signal_name(-exitcode) : NULL;
+        PyObject *msg = how ? PyUnicode_FromFormat("worker %u (pid %d) terminated abruptly "
+                                                   "with exit code %d (%S) while running the "
+                                                   "task", w, (int)c->pids[w], exitcode, how)
+                            : PyUnicode_FromFormat("worker %u (pid %d) terminated abruptly "
+                                                   "with exit code %d while running the task",
+                                                   w, (int)c->pids[w], exitcode);
+        Py_XDECREF(how);
         if (msg) {
             PyObject *a = PyTuple_Pack(1, msg);
             if (a)
@@ -2451,10 +2484,10 @@ static int job_clear(PoolJob *j)
         }
         if (j->registered) {
             /* an imap iterator dropped before its end: its late results will be dropped */
-            PyObject *t, *v, *tb;
-            PyErr_Fetch(&t, &v, &tb);
+            PyObject *exc = cp_fetch_exc(); /* PyErr_Fetch is deprecated since 3.12 */
             unregister_job(j->core, j);
-            PyErr_Restore(t, v, tb);
+            if (exc)
+                cp_restore_exc(exc);
         }
     }
     Py_CLEAR(j->core);

@@ -8,6 +8,27 @@ import pytest
 
 START_METHODS = ['fork', 'spawn', 'forkserver']
 
+# CPOOL_TEST_DEFAULT_START=forkserver runs the suite with that start method as the default of
+# both libraries, as Python 3.14 makes it on Linux: what 3.14 users get, tested on any Python.
+_DEFAULT_START = os.environ.get('CPOOL_TEST_DEFAULT_START')
+
+
+def pytest_configure(config):
+    if not _DEFAULT_START:
+        return
+    if _DEFAULT_START not in START_METHODS:
+        raise pytest.UsageError('CPOOL_TEST_DEFAULT_START must be one of %s, not %r'
+                                % (START_METHODS, _DEFAULT_START))
+    import multiprocessing
+    import cpool
+    multiprocessing.set_start_method(_DEFAULT_START, force=True)
+    cpool.set_start_method(_DEFAULT_START, force=True)
+
+
+def pytest_report_header(config):
+    if _DEFAULT_START:
+        return 'default start method (CPOOL_TEST_DEFAULT_START): %s' % _DEFAULT_START
+
 
 @pytest.fixture(params=['multiprocessing', 'cpool'])
 def mpmod(request):

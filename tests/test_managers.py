@@ -245,7 +245,9 @@ def test_register_autoproxy_exposed_method_to_typeid(mpmod):
     importlib.import_module(mpmod.__name__ + '.managers')
     MyManager = _register(mpmod)
     assert not hasattr(MyManager, 'NoCreate')
-    with MyManager() as m:
+    # A class defined in a function reaches the manager process only by fork (whatever the
+    # default start method is, e.g. under CPOOL_TEST_DEFAULT_START=forkserver).
+    with MyManager(ctx=mpmod.get_context('fork')) as m:
         c = m.Counter(5)
         assert c.incr() == 6 and c.incr(4) == 10
         assert not hasattr(c, '_hidden')
@@ -483,7 +485,7 @@ def test_remote_manager_over_tcp(mpmod):
     importlib.import_module(mpmod.__name__ + '.managers')
     MyManager = _register(mpmod)
     key = b'remote secret'
-    server_side = MyManager(address=('127.0.0.1', 0), authkey=key)
+    server_side = MyManager(address=('127.0.0.1', 0), authkey=key, ctx=mpmod.get_context('fork'))
     server_side.start()
     try:
         host, port = server_side.address
