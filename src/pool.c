@@ -1857,8 +1857,9 @@ static PyObject *core_worker_loop(PoolCore *c, PyObject *const *args, Py_ssize_t
                 r = Py_NewRef(setup_err);
             }
             else {
-                if (i)
-                    atomic_store_explicit(&slot->item_start_ns, cp_now_ns(), memory_order_relaxed);
+                /* The timeout is the function's: unpickling the task (which may import the
+                   function's module first, in a spawned worker) is not counted. */
+                atomic_store_explicit(&slot->item_start_ns, cp_now_ns(), memory_order_relaxed);
                 r = run_chunk(func, h.kind, PyTuple_GET_ITEM(chunks, i), slot);
                 ok = r != NULL;
                 if (!r)
