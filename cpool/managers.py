@@ -36,6 +36,11 @@ from . import process
 from . import util
 from .connection import _server_handshake
 from .context import ProcessError, get_spawning_popen
+from .context import _default_context as _ctx  # noqa: E402
+get_context = _ctx.get_context  # a name the stdlib module has (from the package)
+from os import getpid  # noqa: F401
+
+HAS_SHMEM = True  # cpool.shared_memory exists on every platform cpool runs on
 
 __all__ = ['BaseManager', 'SyncManager', 'BaseProxy', 'Token']
 

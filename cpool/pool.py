@@ -41,6 +41,8 @@ from functools import partial
 
 from . import _core, _cpus, context, reduction, util
 from .context import ProcessError, TimeoutError, WorkerLostError  # noqa: F401
+from .connection import wait  # noqa: F401  (names the stdlib module has)
+get_context = context._default_context.get_context  # a name the stdlib module has
 
 __all__ = ['Pool', 'ThreadPool']
 

@@ -5,6 +5,8 @@ import select
 
 from . import _core, forkserver, popen_fork, spawn
 
+from .context import set_spawning_popen  # noqa: E402,F401  (a name the stdlib module has)
+
 __all__ = ['Popen']
 
 

@@ -4,6 +4,8 @@ import os
 
 from . import _core, popen_fork, resource_tracker, spawn, util
 
+from .context import set_spawning_popen  # noqa: E402,F401  (a name the stdlib module has)
+
 __all__ = ['Popen']
 
 

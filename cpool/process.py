@@ -4,6 +4,7 @@ import signal
 import sys
 import threading
 import weakref
+from weakref import WeakSet  # noqa: F401  (a name the stdlib module has)
 
 from . import _core
 

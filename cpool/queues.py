@@ -41,6 +41,9 @@ import weakref
 
 from . import _core
 from . import context
+# Names the standard library's queues module has from its imports; code reaches for them there.
+from .reduction import ForkingPickler as _ForkingPickler  # noqa: E402,F401
+from .util import debug, info, Finalize, register_after_fork, is_exiting  # noqa: E402,F401
 
 __all__ = ['Queue', 'SimpleQueue', 'JoinableQueue']
 

@@ -17,6 +17,7 @@ __all__ = ['send_handle', 'recv_handle', 'ForkingPickler', 'register', 'dump', '
            'sendfds', 'recvfds']
 
 HAVE_SEND_HANDLE = True
+ACKNOWLEDGE = sys.platform == 'darwin'  # a received fd needs an ack (macOS), as the stdlib says
 # The running Python's default, as the standard library's ForkingPickler has it (4 up to 3.13,
 # 5 from 3.14). The C paths (Connection.send, Queue, Pool) pickle with 5 on every version:
 # they need its out-of-band buffers, and every supported Python reads it.

@@ -28,6 +28,7 @@ import struct
 import types
 
 from cpool import _core, resource_tracker
+from functools import partial  # noqa: F401  (a name the stdlib module has)
 
 __all__ = ["SharedMemory", "ShareableList"]
 

@@ -10,6 +10,9 @@ import weakref
 from . import heap
 from . import reduction
 from .context import assert_spawning, _default_context
+from .context import _default_context as _ctx  # noqa: E402
+get_context = _ctx.get_context  # a name the stdlib module has (from the package)
+from .reduction import ForkingPickler as _ForkingPickler  # noqa: F401
 
 __all__ = ['RawValue', 'RawArray', 'Value', 'Array', 'copy', 'synchronized']
 

@@ -7,6 +7,17 @@ import types
 
 from . import process, util
 
+
+# The standard library's spawn module has these (from its context); the default context's.
+def get_start_method(allow_none=False):
+    from .context import _default_context
+    return _default_context.get_start_method(allow_none)
+
+
+def set_start_method(method, force=False):
+    from .context import _default_context
+    return _default_context.set_start_method(method, force)
+
 __all__ = ['_main', 'freeze_support', 'set_executable', 'get_executable',
            'get_preparation_data', 'get_command_line', 'import_main_path']
 

@@ -269,11 +269,25 @@ class ForkAwareLocal(threading.local):
         return type(self), ()
 
 
+try:
+    MAXFD = os.sysconf('SC_OPEN_MAX')
+except Exception:
+    MAXFD = 256
+
+
 def close_all_fds_except(fds):
-    fds = list(fds) + [-1, os.sysconf('SC_OPEN_MAX') if hasattr(os, 'sysconf') else 1 << 16]
+    fds = list(fds) + [-1, MAXFD]
     fds.sort()
     for i in range(len(fds) - 1):
         os.closerange(fds[i] + 1, fds[i + 1])
+
+
+# Linux has the abstract AF_UNIX namespace (the standard library's names for that fact).
+def _platform_supports_abstract_sockets():
+    return sys.platform in ('linux', 'android')
+
+
+abstract_sockets_supported = _platform_supports_abstract_sockets()
 
 
 def is_abstract_socket_namespace(address):
