@@ -71,7 +71,7 @@ class BaseProcess(object):
         self._kwargs = dict(kwargs)
         # The default name is made when first asked for: most are never read, and every object
         # a start allocates costs copy-on-write faults after the fork.
-        self._name = name or None
+        self._lazy_name = name or None
         if daemon is not None:
             self.daemon = daemon
         _dangling.add(self)
@@ -163,14 +163,23 @@ class BaseProcess(object):
 
     @property
     def name(self):
-        if self._name is None:
-            self._name = type(self).__name__ + '-' + ':'.join(str(i) for i in self._identity)
-        return self._name
+        if self._lazy_name is None:
+            self._lazy_name = type(self).__name__ + '-' + ':'.join(str(i) for i in self._identity)
+        return self._lazy_name
 
     @name.setter
     def name(self, name):
         assert isinstance(name, str), 'name must be a string'
-        self._name = name
+        self._lazy_name = name
+
+    # The standard library's attribute, which libraries read directly (loky's popen does).
+    @property
+    def _name(self):
+        return self.name
+
+    @_name.setter
+    def _name(self, name):
+        self._lazy_name = name
 
     @property
     def daemon(self):
