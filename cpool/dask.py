@@ -201,7 +201,7 @@ class Pool(object):
             with dask.config.set(LOCAL_CONFIG):
                 self._cluster = distributed.LocalCluster(
                     n_workers=processes or os.cpu_count() or 1, threads_per_worker=1,
-                    processes=True, host='127.0.0.1', dashboard_address=None)
+                    processes=True, host='127.0.0.1', dashboard_address=':0')
             client = distributed.Client(self._cluster, set_as_default=False)
         elif client is None:
             client = distributed.Client(address, set_as_default=False)
@@ -301,8 +301,8 @@ class Pool(object):
         if self._state == TERMINATE:
             return
         self._state = TERMINATE
-        self._tasks.put(None)
         self._stop(ProcessError('the pool was terminated before the task finished'))
+        self._tasks.put(None)
         self._release_cluster()
 
     def join(self):
@@ -418,7 +418,16 @@ class Pool(object):
             return
         with self._lock:
             self._inflight[fut.key] = fut
+            late = self._state == TERMINATE or self._lost is not None
         fut.add_done_callback(partial(self._done, job, i))
+        if late:  # terminate() took its list of futures to cancel before this one was added
+            self._cancel([fut])
+
+    def _cancel(self, futs):
+        try:
+            self._client.cancel(futs, force=True)
+        except Exception:
+            pass  # a client that lost its scheduler cancels them itself
 
     def _done(self, job, i, fut):
         """In Dask's callback thread: turn a finished future into the job's (ok, value)."""
@@ -471,10 +480,7 @@ class Pool(object):
         with self._lock:
             futs = list(self._inflight.values())
         if futs:
-            try:
-                self._client.cancel(futs, force=True)
-            except Exception:
-                pass  # a client that lost its scheduler cancels them itself
+            self._cancel(futs)
         self._drain(exc)
         for job in list(self._cache.values()):
             if isinstance(job, IMapIterator):
@@ -489,8 +495,10 @@ class Pool(object):
                 task = self._tasks.get_nowait()
             except queue.Empty:
                 return
-            if task is not None:
-                task[0]._set(task[1], (False, exc))
+            if task is None:
+                self._tasks.put(None)  # the submitter's stop sign stays for it to see
+                return
+            task[0]._set(task[1], (False, exc))
 
     def _release_cluster(self):
         plugin, self._plugin = self._plugin, None
