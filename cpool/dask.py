@@ -19,8 +19,8 @@ the standard library's Pool, and what Dask does not give by default is given her
   - a worker that dies mid-task fails that task with cpool.WorkerLostError and the pool keeps
     serving (the LocalCluster made here is configured with allowed-failures=0; a scheduler of
     your own retries a task on `distributed.scheduler.allowed-failures` workers first);
-  - the scheduler going away fails the pending tasks with SchedulerLostError within seconds;
-  - maxtasksperchild=n restarts a worker process (through its nanny) after n tasks of this pool.
+  - the scheduler going away fails the pending tasks with SchedulerLostError within seconds.
+maxtasksperchild is refused (NotImplementedError): Dask replaces workers by their lifetime.
 
 Functions and arguments travel with Dask's pickling (cloudpickle: lambdas work too); results
 travel pickled by the standard pickle, so what the standard library cannot return fails here
@@ -65,7 +65,6 @@ class SchedulerLostError(ProcessError):
 
 _worker_lock = threading.Lock()
 _initialized = set()     # pool ids whose initializer ran in this process
-_tasks_run = {}          # pool id -> tasks of that pool run in this process (maxtasksperchild)
 
 
 def _initialize(pool_id, initializer, initargs):
@@ -97,7 +96,7 @@ def _encode(result):
         return pickle.dumps((False, MaybeEncodingError(e, result[1])), pickle.HIGHEST_PROTOCOL)
 
 
-def _run(pool_id, maxtasks, kind, func, args):
+def _run(kind, func, args):
     """One task in a worker: an apply (args = (args, kwds)) or one chunk of a map/starmap."""
     try:
         if kind == _APPLY:
@@ -109,22 +108,7 @@ def _run(pool_id, maxtasks, kind, func, args):
         result = (True, value)
     except BaseException as e:  # as cpool's workers: SystemExit/KeyboardInterrupt fail the task
         result = (False, ExceptionWithTraceback(e, e.__traceback__))
-    data = _encode(result)
-    del result
-    if maxtasks:
-        _count_task(pool_id, maxtasks)
-    return data
-
-
-def _count_task(pool_id, maxtasks):
-    with _worker_lock:
-        n = _tasks_run[pool_id] = _tasks_run.get(pool_id, 0) + 1
-    if n >= maxtasks:
-        # The nanny starts a fresh process in its place; graceful, so the scheduler hands this
-        # worker's other tasks and results elsewhere instead of counting them as lost.
-        worker = distributed.get_worker()
-        worker.loop.add_callback(worker.close_gracefully, restart=True,
-                                 reason='cpool maxtasksperchild')
+    return _encode(result)
 
 
 # ---- results, as the standard library's ----
@@ -194,7 +178,12 @@ class Pool(object):
         if maxtasksperchild is not None:
             if not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0:
                 raise ValueError("maxtasksperchild must be a positive int or None")
-        self._maxtasks = maxtasksperchild or 0
+            # A worker closing itself after n tasks races with the scheduler handing it the
+            # next one, which then fails as lost: Dask's own way is the worker's lifetime.
+            raise NotImplementedError(
+                'maxtasksperchild is not available on Dask: start the workers with '
+                '--lifetime (distributed.worker.lifetime.duration) and --lifetime-restart '
+                'to have them replaced regularly')
         self._cluster = None
         self._own_client = client is None
         if client is None and address is None:
@@ -410,7 +399,7 @@ class Pool(object):
 
     def _submit(self, job, i, kind, func, args):
         try:
-            fut = self._client.submit(_run, self._id, self._maxtasks, kind, func, args,
+            fut = self._client.submit(_run, kind, func, args,
                                       pure=False, retries=0)
         except BaseException as e:
             self._slots.release()
