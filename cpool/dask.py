@@ -7,7 +7,7 @@
 
 Pool(processes=None, initializer=None, initargs=(), maxtasksperchild=None, *, client=None,
 address=None) takes a distributed.Client, a scheduler address, or neither (then a LocalCluster
-of `processes` worker processes on this machine, one thread each). Dask is only the engine:
+of `processes` worker processes on this machine, one thread each; address='local' is the same). Dask is only the engine:
 results, their order, callbacks and exceptions (the worker's traceback as __cause__) are those of
 the standard library's Pool, and what Dask does not give by default is given here:
   - every call runs, even two equal ones (pure=False: no deduplication), and none is retried;
@@ -186,6 +186,8 @@ class Pool(object):
                 'to have them replaced regularly')
         self._cluster = None
         self._own_client = client is None
+        if address == 'local':  # what a `--dask local` command-line option gives
+            address = None
         if client is None and address is None:
             with dask.config.set(LOCAL_CONFIG):
                 self._cluster = distributed.LocalCluster(

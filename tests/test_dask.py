@@ -484,6 +484,7 @@ finally:
 '''
 
 
+@pytest.mark.stress  # a cluster of its own: 20-35 s on a loaded machine
 @pytest.mark.timeout(150)
 def test_scheduler_going_away_fails_the_tasks(tmp_path):
     code = SCHEDULER_GONE % {'tests': HERE, 'tmp': str(tmp_path)}
@@ -515,6 +516,7 @@ print('out of the with block', flush=True)
 '''
 
 
+@pytest.mark.stress  # a cluster of its own: 20-35 s on a loaded machine
 @pytest.mark.timeout(150)
 def test_ctrl_c_during_map(tmp_path):
     code = CTRL_C % {'tests': HERE, 'tmp': str(tmp_path)}

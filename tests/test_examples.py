@@ -78,3 +78,20 @@ def test_parallel_writers_keeps_the_bound():
 ])
 def test_example_under_other_start_methods(name, args, parts, method):  # noqa: ARG001
     same_output(name, *args, '--start-method', method)
+
+
+# The Pool examples once more on a Dask LocalCluster started by the example (cpool.dask).
+DASK_CASES = [('gc_content', ['--records', '300']), ('gene_stats', ['--genes', '500']),
+              ('kmer_count', ['--canonical', '--top', '30'])]
+
+
+@pytest.mark.stress  # a cluster started per run: 10-20 s on a loaded machine
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize('name, args', DASK_CASES)
+def test_example_on_dask_same_output(name, args):
+    pytest.importorskip('distributed')
+    std = run(name, 'multiprocessing', *args)
+    assert std.returncode == 0, std.stderr
+    ours = run(name, 'cpool', *args, '--dask', 'local', '--processes', '2', timeout=150)
+    assert ours.returncode == 0, ours.stderr[-3000:]
+    assert ours.stdout == std.stdout and ours.stdout.strip()
