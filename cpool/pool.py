@@ -311,6 +311,20 @@ def _imap_window(buffersize, processes):
     return processes + buffersize
 
 
+def _map_chunksize(n, chunksize, workers):
+    """The chunksize of a map over n items: the standard library's default (about four chunks
+    per worker), 0 for no items (the result is ready at once)."""
+    if chunksize is None:
+        chunksize, extra = divmod(n, workers * 4)
+        if extra:
+            chunksize += 1
+    if n == 0:
+        return 0
+    if chunksize < 1:
+        raise ValueError("Chunksize must be 1+, not {0:n}".format(chunksize))
+    return chunksize
+
+
 def _length(iterable):
     try:
         return len(iterable)
@@ -765,14 +779,7 @@ class ThreadPool(Pool):
         self._check_running()
         if not hasattr(iterable, '__len__'):
             iterable = list(iterable)
-        if chunksize is None:
-            chunksize, extra = divmod(len(iterable), len(self._pool) * 4)
-            if extra:
-                chunksize += 1
-        if len(iterable) == 0:
-            chunksize = 0
-        elif chunksize < 1:
-            raise ValueError("Chunksize must be 1+, not {0:n}".format(chunksize))
+        chunksize = _map_chunksize(len(iterable), chunksize, len(self._pool))
         result = _ThreadMapResult(self, chunksize, len(iterable), callback, error_callback)
         if chunksize:
             it = iter(iterable)

@@ -3,6 +3,7 @@
 
     python examples/gc_content.py                 # on a generated FASTA (seeded, 2000 records)
     python examples/gc_content.py genome.fa       # on your own file (plain or .gz)
+    python examples/gc_content.py --dask local      # on a Dask LocalCluster (or --dask tcp://host:8786)
     python examples/gc_content.py --module multiprocessing   # the same with the standard library
 
 Prints one line per record (name, length, GC fraction) in input order, then a summary.
@@ -59,13 +60,20 @@ def main():
     ap.add_argument('--module', default='cpool', choices=('cpool', 'multiprocessing'),
                     help='the multiprocessing implementation (default cpool)')
     ap.add_argument('--start-method', default=None, choices=('fork', 'spawn', 'forkserver'))
+    ap.add_argument('--dask', metavar='ADDRESS',
+                    help="run the Pool on a Dask cluster: its scheduler's address, or 'local'")
     args = ap.parse_args()
 
     mp = importlib.import_module(args.module).get_context(args.start_method)
     records = read_fasta(args.fasta) if args.fasta else generated_fasta(args.records, args.seed)
     count = total_len = total_gc = total_at = 0
     out = sys.stdout
-    with mp.Pool(args.processes) as pool:
+    if args.dask:  # the same Pool code on a Dask cluster (pip install 'cpool[dask]')
+        from cpool.dask import Pool
+        pool = Pool(args.processes, address=args.dask)
+    else:
+        pool = mp.Pool(args.processes)
+    with pool:
         for name, length, gc, at in pool.imap(gc_content, records, chunksize=args.chunksize):
             out.write('%s\t%d\t%.4f\n' % (name, length, gc / (gc + at) if gc + at else 0.0))
             count += 1

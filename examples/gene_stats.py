@@ -3,6 +3,7 @@
 
     python examples/gene_stats.py                       # a generated matrix (seeded, 3000 genes)
     python examples/gene_stats.py counts.tsv --groups ctrl,ctrl,ctrl,trt,trt,trt
+    python examples/gene_stats.py --dask local      # on a Dask LocalCluster (or --dask tcp://host:8786)
     python examples/gene_stats.py --module multiprocessing
 
 Input: a header line, then one gene per line: its id and one value per sample. The genes are
@@ -70,6 +71,8 @@ def main():
     ap.add_argument('--module', default='cpool', choices=('cpool', 'multiprocessing'),
                     help='the multiprocessing implementation (default cpool)')
     ap.add_argument('--start-method', default=None, choices=('fork', 'spawn', 'forkserver'))
+    ap.add_argument('--dask', metavar='ADDRESS',
+                    help="run the Pool on a Dask cluster: its scheduler's address, or 'local'")
     args = ap.parse_args()
 
     mp = importlib.import_module(args.module).get_context(args.start_method)
@@ -86,7 +89,12 @@ def main():
         ap.error('--groups: one of two group names per sample (%d samples)' % nsamples)
 
     done, failed = {}, {}
-    with mp.Pool(args.processes) as pool:
+    if args.dask:  # the same Pool code on a Dask cluster (pip install 'cpool[dask]')
+        from cpool.dask import Pool
+        pool = Pool(args.processes, address=args.dask)
+    else:
+        pool = mp.Pool(args.processes)
+    with pool:
         for number, start in enumerate(range(0, len(body), args.chunk)):
             pool.apply_async(
                 chunk_stats, (start + 2, body[start:start + args.chunk], groups),

@@ -3,6 +3,7 @@
 
     python examples/kmer_count.py                  # generated reads (seeded), k=5, top 20
     python examples/kmer_count.py reads.fq.gz -k 7 --top 50
+    python examples/kmer_count.py --dask local      # on a Dask LocalCluster (or --dask tcp://host:8786)
     python examples/kmer_count.py --module multiprocessing
 
 The reads are split into chunks; each worker counts the k-mers of one chunk into a Counter
@@ -93,12 +94,19 @@ def main():
     ap.add_argument('--module', default='cpool', choices=('cpool', 'multiprocessing'),
                     help='the multiprocessing implementation (default cpool)')
     ap.add_argument('--start-method', default=None, choices=('fork', 'spawn', 'forkserver'))
+    ap.add_argument('--dask', metavar='ADDRESS',
+                    help="run the Pool on a Dask cluster: its scheduler's address, or 'local'")
     args = ap.parse_args()
 
     mp = importlib.import_module(args.module).get_context(args.start_method)
     reads = read_sequences(args.reads) if args.reads else generated_reads(args.reads_count, args.seed)
     tasks = [(chunk, args.k, args.canonical) for chunk in chunks(reads, args.chunk)]
-    with mp.Pool(args.processes) as pool:
+    if args.dask:  # the same Pool code on a Dask cluster (pip install 'cpool[dask]')
+        from cpool.dask import Pool
+        pool = Pool(args.processes, address=args.dask)
+    else:
+        pool = mp.Pool(args.processes)
+    with pool:
         partial = pool.map(count_chunk, tasks)
     total = Counter()
     for counts in partial:

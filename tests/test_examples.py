@@ -97,3 +97,20 @@ def test_shared_matrix_writes_every_gene_computed_on_the_shared_buffer(tmp_path)
     lines = ours_out.read_text().splitlines()
     assert lines == std_out.read_text().splitlines() and len(lines) == 1201
     assert lines[1].startswith('GENE00001\t') and lines[-1].startswith('GENE01200\t')
+
+
+# The Pool examples once more on a Dask LocalCluster started by the example (cpool.dask).
+DASK_CASES = [('gc_content', ['--records', '300']), ('gene_stats', ['--genes', '500']),
+              ('kmer_count', ['--canonical', '--top', '30'])]
+
+
+@pytest.mark.stress  # a cluster started per run: 10-20 s on a loaded machine
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize('name, args', DASK_CASES)
+def test_example_on_dask_same_output(name, args):
+    pytest.importorskip('distributed')
+    std = run(name, 'multiprocessing', *args)
+    assert std.returncode == 0, std.stderr
+    ours = run(name, 'cpool', *args, '--dask', 'local', '--processes', '2', timeout=150)
+    assert ours.returncode == 0, ours.stderr[-3000:]
+    assert ours.stdout == std.stdout and ours.stdout.strip()

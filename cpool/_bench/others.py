@@ -1,6 +1,7 @@
 """Other libraries measured on the cases they have an equivalent for: faster-fifo (a shared-memory
 queue, its processes started by fork, which its queues are made for), mpire (WorkerPool) and loky
-(ProcessPoolExecutor).
+(ProcessPoolExecutor); and cpool.dask.Pool on a LocalCluster of as many worker processes (module
+name `dask`, opt-in with --modules: what the network and Dask's scheduler cost per task).
 
 Each library is seen through a small facade with the attribute names the cases use (Pool, Queue,
 Process), so the very same case code, inputs and checks run on every library; a facade method
@@ -113,10 +114,18 @@ def _faster_fifo():
 _POOL_CASES = ('pool_map', 'pool_map_chunk1', 'pool_apply_async', 'pool_imap', 'pool_imap_unordered',
                'pool_apply_latency', 'fasta_gc_imap', 'fastq_kmer_imap', 'genes_apply_async')
 
+def _dask():
+    # A LocalCluster of cfg['workers'] processes, one thread each, made by the pool itself (what
+    # `Pool(n)` gives a user of cpool.dask); the micro cases warm it up before timing.
+    from cpool.dask import Pool
+    return types.SimpleNamespace(Pool=Pool)
+
+
 # library -> (facade factory, the cases it runs)
 LIBRARIES = {
     'faster_fifo': (_faster_fifo, ('queue_small', 'queue_1mb', 'fastq_queue_pipeline')),
     'mpire': (lambda: types.SimpleNamespace(Pool=_MpirePool), _POOL_CASES),
+    'dask': (_dask, _POOL_CASES),
     'loky': (lambda: types.SimpleNamespace(Pool=_LokyPool),
              tuple(c for c in _POOL_CASES if c != 'pool_imap_unordered')),
 }
