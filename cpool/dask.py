@@ -41,8 +41,8 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from .context import ProcessError, TimeoutError, WorkerLostError  # noqa: F401
 from .pool import (CLOSE, INIT, RUN, TERMINATE, MaybeEncodingError, ExceptionWithTraceback,
-                   _check_pool_args, _map_chunksize, _ThreadIMapIterator, _ThreadMapResult,
-                   _ThreadResult)
+                   _check_pool_args, _imap_window, _map_chunksize, _ThreadIMapIterator,
+                   _ThreadMapResult, _ThreadResult)
 
 __all__ = ['Pool', 'AsyncResult', 'SchedulerLostError', 'WorkerLostError']
 
@@ -340,13 +340,8 @@ class Pool(object):
         self._check_running()
         if chunksize < 1:
             raise ValueError("Chunksize must be 1+, not {0:n}".format(chunksize))
-        if buffersize is None:
-            buffersize = max(256, 64 * self._processes)
-        elif not isinstance(buffersize, int):
-            raise TypeError("buffersize must be an integer or None")
-        elif buffersize < 1:
-            raise ValueError("buffersize must be None or > 0")
-        result = IMapIterator(self, ordered, buffersize)
+        # The window counts as cpool.Pool's does (CPython 3.15+): processes + buffersize chunks.
+        result = IMapIterator(self, ordered, _imap_window(buffersize, self._processes))
         t = threading.Thread(target=self._feed, name='cpool-dask-imap-feeder', daemon=True,
                              args=(result, iter(iterable), func, chunksize, star))
         t.start()
