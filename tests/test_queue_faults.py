@@ -118,7 +118,12 @@ def test_consumer_killed_during_large_get_leaves_the_message():
     q.put(item)
     duration = _timed(q.get)
     still_there = got_by_child = 0
-    for f in (0.3, 0.6, 0.8, 0.9, 0.9, 0.95, 0.9, 1.2):
+    # Kills at fractions of the measured get; a loaded machine moves the child's copy, so trials
+    # go on (at most 24) until 3 kills did land inside it.
+    fractions = (0.3, 0.6, 0.8, 0.9, 0.9, 0.95, 0.9, 1.2) * 3
+    for f in fractions:
+        if still_there >= 3:
+            break
         q.put(item)
         r, w = os.pipe()
         p = ctx.Process(target=_consumer, args=(q, w))
