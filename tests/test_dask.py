@@ -530,12 +530,24 @@ def test_ctrl_c_during_map(tmp_path):
 
 
 def test_slurm_cluster_job_script():
-    jq = pytest.importorskip('dask_jobqueue')
-    cluster = jq.SLURMCluster(cores=1, processes=1, memory='2GB', queue='normal',
-                              walltime='01:00:00', job_extra_directives=['--cpus-per-task=1'])
-    try:
-        script = cluster.job_script()
-    finally:
-        cluster.close()
+    import importlib.util
+    import subprocess
+    import sys
+    if importlib.util.find_spec('dask_jobqueue') is None:
+        pytest.skip("could not import 'dask_jobqueue'")
+    # In a fresh interpreter: importing dask_jobqueue replaces this process's SIGINT handler
+    # with one that calls sys.exit(), which would turn every later Ctrl-C test into SystemExit.
+    prog = """if 1:
+        import dask_jobqueue as jq
+        cluster = jq.SLURMCluster(cores=1, processes=1, memory='2GB', queue='normal',
+                                  walltime='01:00:00', job_extra_directives=['--cpus-per-task=1'])
+        try:
+            print(cluster.job_script())
+        finally:
+            cluster.close()
+    """
+    res = subprocess.run([sys.executable, '-c', prog], capture_output=True, text=True, timeout=100)
+    assert res.returncode == 0, res.stderr[-3000:]
+    script = res.stdout
     assert '#SBATCH -p normal' in script and '#SBATCH -t 01:00:00' in script
     assert 'distributed.cli.dask_worker' in script and '--nthreads 1' in script
