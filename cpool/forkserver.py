@@ -125,9 +125,12 @@ class ForkServer(object):
                     data['on_error'] = self._preload_on_error
             else:
                 data = {}
+            tempdir = util.get_temp_dir()
+            if process.current_process()._config.get('tempdir_owner') == os.getpid():
+                data['remove_dir'] = True  # ours to remove if we are killed; a forked child's not
 
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as listener:
-                address = os.path.join(util.get_temp_dir(), 'fs-%d-%s' % (os.getpid(),
+                address = os.path.join(tempdir, 'fs-%d-%s' % (os.getpid(),
                                                                           os.urandom(6).hex()))
                 listener.bind(address)
                 os.chmod(address, 0o600)
@@ -185,7 +188,7 @@ def _preload_failed(on_error, what, exc):
 
 
 def main(listener_fd, alive_r, preload, main_path=None, sys_path=None, sys_argv=None,
-         on_error='ignore'):
+         on_error='ignore', remove_dir=False):
     """The server's loop: fork a child per request, report each child's exit code."""
     if preload:
         _preload(preload, main_path, sys_path, sys_argv, on_error)
@@ -220,7 +223,7 @@ def main(listener_fd, alive_r, preload, main_path=None, sys_path=None, sys_argv=
                 if alive_r in rfds:
                     # EOF: the process that started us is gone. Killed, it could not remove
                     # our socket and its temp directory: do it here, so nothing is left.
-                    _remove_socket(listener.getsockname())
+                    _remove_socket(listener.getsockname(), remove_dir)
                     raise SystemExit
                 if sig_r in rfds:
                     os.read(sig_r, 65536)
@@ -283,14 +286,16 @@ def main(listener_fd, alive_r, preload, main_path=None, sys_path=None, sys_argv=
                     raise
 
 
-def _remove_socket(address):
-    """Unlink the server's socket file and its directory if nothing else is left in it (the
-    directory is the parent's private temp dir: whatever else it holds is not ours)."""
+def _remove_socket(address, remove_dir):
+    """Unlink the server's socket file and, when the server's parent created it, its directory
+    if nothing else is left in it (the parent's private temp dir: whatever else it holds is not
+    ours; a forked child's server leaves it to the process that made it, which still uses it)."""
     if not address or util.is_abstract_socket_namespace(address):
         return
     try:
         os.unlink(address)
-        os.rmdir(os.path.dirname(address))
+        if remove_dir:
+            os.rmdir(os.path.dirname(address))
     except OSError:
         pass  # already removed by the parent's exit, or the directory still holds its files
 

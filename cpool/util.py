@@ -85,6 +85,8 @@ def get_temp_dir():
         info('created temp directory %s', tempdir)
         Finalize(None, shutil.rmtree, args=(tempdir, True), exitpriority=-100)
         process.current_process()._set_config('tempdir', tempdir)
+        # Forked children inherit the directory (and this config): only its creator removes it.
+        process.current_process()._set_config('tempdir_owner', os.getpid())
     return tempdir
 
 

@@ -9,11 +9,6 @@ import pytest
 
 START_METHODS = ['fork', 'spawn', 'forkserver']
 
-# The Ctrl-C tests need Python's own SIGINT handler here and in the programs they start. A suite
-# started with SIGINT ignored (`cmd &` in a script, nohup) would inherit SIG_IGN, and children
-# now keep ignored signals as the standard library's do: put the default back first.
-if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # CPOOL_TEST_DEFAULT_START=forkserver runs the suite with that start method as the default of
 # both libraries, as Python 3.14 makes it on Linux: what 3.14 users get, tested on any Python.
@@ -21,6 +16,12 @@ _DEFAULT_START = os.environ.get('CPOOL_TEST_DEFAULT_START')
 
 
 def pytest_configure(config):
+    # The Ctrl-C tests need Python's own SIGINT handler here and in the programs they start. A
+    # suite started with SIGINT ignored (`cmd &` in a script, nohup) would inherit SIG_IGN, and
+    # children keep ignored signals as the standard library's do: put the default back first.
+    # (Here, not at import: worker processes import this module too, some from a thread.)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if not _DEFAULT_START:
         return
     if _DEFAULT_START not in START_METHODS:
