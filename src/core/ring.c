@@ -73,6 +73,15 @@ static void notify_set(cp_ring_t *r, int nonempty)
     (void)n;
 }
 
+/* Under the lock: the eventfd set from the committed count (arming, or a holder that died
+   between a commit and its notify_set). */
+static void notify_resync(cp_ring_t *r)
+{
+    notify_set(r, 0);
+    if (live(r->h)->count)
+        notify_set(r, 1);
+}
+
 /* Publish c: fill the other slot, then one seq_cst store flips to it. The store is also what a
    sleeper's "still nothing?" check pairs with (see wake()). */
 static void commit(cp_ring_t *r, const cp_ring_counters *c)
@@ -113,11 +122,8 @@ static int ring_lock(cp_ring_t *r, int flags)
         }
         pthread_mutex_consistent(&h->lock);
         /* ... but it may have died between the commit and the eventfd's update. */
-        if (atomic_load_explicit(&h->notify, memory_order_relaxed)) {
-            notify_set(r, 0);
-            if (live(h)->count)
-                notify_set(r, 1);
-        }
+        if (atomic_load_explicit(&h->notify, memory_order_relaxed))
+            notify_resync(r);
         return 0;
     }
     return -e; /* EBUSY for a trylock, ETIMEDOUT for a slice */
@@ -739,9 +745,7 @@ int cp_ring_notify_arm(cp_ring_t *r)
     if (rc < 0)
         return rc;
     if (!atomic_load_explicit(&h->notify, memory_order_relaxed)) {
-        notify_set(r, 0);
-        if (live(h)->count)
-            notify_set(r, 1);
+        notify_resync(r);
         atomic_store(&h->notify, 1);
     }
     ring_unlock(h);
