@@ -13,6 +13,7 @@ import time
 import pytest
 
 import cpool
+from conftest import sigint_after
 
 # The standard library has no equivalent promise to compare with here: its put() hands the
 # item to a feeder thread (Ctrl-C never lands in the copy) and an interrupted get() leaves its
@@ -20,16 +21,6 @@ import cpool
 
 BIG = 200 << 20
 FRACTIONS = (0.05, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.97)
-
-
-def _sigint_at(delay):
-    """SIGINT to this process after delay seconds, from a thread (the main thread handles it)."""
-    def fire():
-        time.sleep(delay)
-        os.kill(os.getpid(), signal.SIGINT)
-    t = threading.Thread(target=fire, daemon=True)
-    t.start()
-    return t
 
 
 def _drain(q):
@@ -57,7 +48,7 @@ def test_interrupted_get_leaves_the_message():
     for _ in range(2):
         for f in FRACTIONS:
             q.put(item)
-            t = _sigint_at(f * duration)
+            t = sigint_after(f * duration)
             got = None
             try:
                 got = q.get(timeout=30)
@@ -84,7 +75,7 @@ def test_interrupted_put_enqueues_nothing():
     raised = returned = 0
     for _ in range(2):
         for f in FRACTIONS:
-            t = _sigint_at(f * duration)
+            t = sigint_after(f * duration)
             ok = False
             try:
                 q.put(item)
@@ -118,12 +109,14 @@ def test_consumer_killed_during_large_get_leaves_the_message():
     q.put(item)
     duration = _timed(q.get)
     still_there = got_by_child = 0
-    # Kills at fractions of the measured get; a loaded machine moves the child's copy, so trials
-    # go on (at most 24) until 3 kills did land inside it.
+    # Kills at fractions of the measured get; the child's copy may run faster or slower than
+    # the parent's was, so each kill that came after the child finished halves the delays to
+    # come, and trials go on (at most 24) until 3 kills did land inside the copy.
     fractions = (0.3, 0.6, 0.8, 0.9, 0.9, 0.95, 0.9, 1.2) * 3
     for f in fractions:
         if still_there >= 3:
             break
+        f *= 0.5 ** got_by_child
         q.put(item)
         r, w = os.pipe()
         p = ctx.Process(target=_consumer, args=(q, w))
@@ -148,13 +141,7 @@ def test_consumer_killed_during_large_get_leaves_the_message():
 def _interrupt_latency(op, after):
     """Seconds from SIGINT (sent `after` s into op) to KeyboardInterrupt, or None."""
     sent = []
-
-    def fire():
-        time.sleep(after)
-        sent.append(time.monotonic())
-        os.kill(os.getpid(), signal.SIGINT)
-    t = threading.Thread(target=fire, daemon=True)
-    t.start()
+    t = sigint_after(after, sent)
     finished = []
     try:
         op()
