@@ -67,6 +67,21 @@ def open_fds():
     return set(int(x) for x in os.listdir('/proc/self/fd'))
 
 
+def sigint_after(delay, sent=None):
+    """SIGINT to this process after delay seconds, from a daemon thread (the main thread gets
+    KeyboardInterrupt); the moment it was sent is appended to `sent` if given. The thread."""
+    import threading
+
+    def fire():
+        time.sleep(delay)
+        if sent is not None:
+            sent.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGINT)
+    t = threading.Thread(target=fire, daemon=True)
+    t.start()
+    return t
+
+
 def zombies():
     """Pids of this process's children that have exited and not been reaped."""
     me = os.getpid()

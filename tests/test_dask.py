@@ -484,13 +484,19 @@ finally:
 '''
 
 
+def _run_script(code):
+    """Runs code in a fresh interpreter (a cluster of its own) from the repository root."""
+    res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
 @pytest.mark.stress  # a cluster of its own: 20-35 s on a loaded machine
 @pytest.mark.timeout(150)
 def test_scheduler_going_away_fails_the_tasks(tmp_path):
     code = SCHEDULER_GONE % {'tests': HERE, 'tmp': str(tmp_path)}
-    res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
-                         timeout=120, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
-    assert res.returncode == 0, res.stderr[-3000:]
+    res = _run_script(code)
     lines = res.stdout.splitlines()
     assert lines[0] == 'ran [0, 1, 4]'
     assert lines[1].startswith('lost after ') and 'lost the connection' in lines[1]
@@ -520,9 +526,7 @@ print('out of the with block', flush=True)
 @pytest.mark.timeout(150)
 def test_ctrl_c_during_map(tmp_path):
     code = CTRL_C % {'tests': HERE, 'tmp': str(tmp_path)}
-    res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
-                         timeout=120, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
-    assert res.returncode == 0, res.stderr[-3000:]
+    res = _run_script(code)
     lines = res.stdout.splitlines()
     assert lines[0].startswith('KeyboardInterrupt after ') and float(lines[0].split()[2]) < 10
     assert lines[1:] == ['out of the with block']

@@ -16,7 +16,7 @@ import pytest
 import cpool
 from cpool import _core
 
-from conftest import open_fds
+from conftest import open_fds, sigint_after
 
 
 # ---- helpers run in children (module level so spawn can find them) ----
@@ -376,15 +376,6 @@ def test_unbounded_put_does_not_block_without_reader_and_memory_returns():
     assert used <= 8 << 20, used
 
 
-def _sigint_after(delay):
-    def fire():
-        time.sleep(delay)
-        os.kill(os.getpid(), signal.SIGINT)
-    t = threading.Thread(target=fire, daemon=True)
-    t.start()
-    return t
-
-
 @pytest.mark.parametrize('what', ['get', 'put_full', 'join', 'get_many'])
 def test_sigint_interrupts_blocking_call(what):
     q = cpool.JoinableQueue(1)
@@ -392,7 +383,7 @@ def test_sigint_interrupts_blocking_call(what):
         q.put(0)
     calls = {'get': q.get, 'put_full': lambda: q.put(1), 'join': q.join,
              'get_many': q.get_many}
-    _sigint_after(0.2)
+    sigint_after(0.2)
     t = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         calls[what]()
@@ -408,7 +399,7 @@ def test_sigint_interrupts_get_while_lock_holder_is_stopped():
     time.sleep(0.03)
     os.kill(p.pid, signal.SIGSTOP)  # most likely inside its copy, holding the lock
     try:
-        _sigint_after(0.3)
+        sigint_after(0.3)
         t = time.monotonic()
         with pytest.raises(KeyboardInterrupt):
             q.get()
