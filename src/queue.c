@@ -34,6 +34,15 @@ enum {
 #define STACK_GET 8192
 #define MANY_CHUNK (256 * 1024)
 
+/* The destination of a large get whose copy Ctrl-C stopped: a bytes/bytearray (owner) or heap
+   scratch, of cap bytes, for the records of one allocation class (dst_class). */
+typedef struct {
+    PyObject *owner;
+    char *scratch;
+    size_t cap;
+    int cls;
+} spare_dst;
+
 typedef struct {
     PyObject_HEAD
     cp_ring_t ring;
@@ -45,6 +54,7 @@ typedef struct {
     PyObject *protocol;        /* 5 */
     PyObject *kw_callback;     /* ("buffer_callback",) */
     PyObject *kw_buffers;      /* ("buffers",) */
+    spare_dst spare;           /* a large get's destination kept over Ctrl-C (get_large) */
 } QueueObject;
 
 /* ---- encoding one object into pieces of a ring message ---- */
@@ -743,39 +753,67 @@ static int wait_readable(QueueObject *q, int blocking, int64_t deadline)
     return after_wait(rc, q->empty_exc);
 }
 
-/* Take one record whose payload is too big for the stack: into a bytes/bytearray made for
-   it when that is what it decodes to (one copy), else into heap scratch. */
+/* What a large record is copied into: a bytes/bytearray made for it when that is what it
+   decodes to (one copy), else heap scratch. */
+enum { DST_BYTES, DST_BYTEARRAY, DST_SCRATCH };
+
+static int dst_class(int kind)
+{
+    if (kind == K_BYTES)
+        return DST_BYTES;
+    return kind == K_BYTEARRAY || kind == K_PICKLE5 ? DST_BYTEARRAY : DST_SCRATCH;
+}
+
+static void spare_clear(spare_dst *s)
+{
+    Py_CLEAR(s->owner);
+    PyMem_RawFree(s->scratch);
+    memset(s, 0, sizeof *s);
+}
+
+/* Take one record whose payload is too big for the stack.
+   A copy stopped by Ctrl-C keeps its partly filled destination in q->spare for the retry that
+   usually follows, instead of freeing it: the kernel unmaps about 600 MB per 0.1 s, so freeing a
+   1.5 GB destination would hold KeyboardInterrupt back past the 100 ms promise. The next large
+   get takes it when class and size match and frees it otherwise; so do dealloc and close(). */
 static PyObject *get_large(QueueObject *q, const cp_ring_got *want, int *again)
 {
-    PyObject *owner = NULL;
-    char *scratch = NULL, *dst;
-    size_t cap = (size_t)want->len;
-    if (want->kind == K_BYTES) {
-        owner = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)cap);
-        dst = owner ? PyBytes_AS_STRING(owner) : NULL;
-    }
-    else if (want->kind == K_BYTEARRAY || want->kind == K_PICKLE5) {
-        owner = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)cap);
-        dst = owner ? PyByteArray_AS_STRING(owner) : NULL;
+    spare_dst d = {NULL, NULL, (size_t)want->len, dst_class(want->kind)};
+    char *dst = NULL;
+    if (q->spare.cap == d.cap && q->spare.cls == d.cls && (q->spare.owner || q->spare.scratch)) {
+        d = q->spare; /* ours alone now: another thread's get cannot take it too */
+        memset(&q->spare, 0, sizeof q->spare);
     }
     else {
-        dst = scratch = PyMem_RawMalloc(cap ? cap : 1);
-        if (!scratch)
+        spare_clear(&q->spare);
+        if (d.cls == DST_BYTES)
+            d.owner = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)d.cap);
+        else if (d.cls == DST_BYTEARRAY)
+            d.owner = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)d.cap);
+        else if (!(d.scratch = PyMem_RawMalloc(d.cap ? d.cap : 1)))
             PyErr_NoMemory();
+        if (!d.owner && !d.scratch)
+            return NULL;
     }
-    if (!dst)
-        return NULL;
+    if (d.scratch)
+        dst = d.scratch;
+    else
+        dst = d.cls == DST_BYTES ? PyBytes_AS_STRING(d.owner) : PyByteArray_AS_STRING(d.owner);
     cp_ring_got got;
-    long n = try_get(q, dst, cap, 1, &got, cap > BIG_COPY);
+    long n = try_get(q, dst, d.cap, 1, &got, d.cap > BIG_COPY);
     PyObject *res = NULL;
     if (n == 1)
-        res = decode(q, got.kind, dst + got.offset, got.len, got.offset == 0 ? owner : NULL);
+        res = decode(q, got.kind, dst + got.offset, got.len, got.offset == 0 ? d.owner : NULL);
     else if (n == -EMSGSIZE || n == -EAGAIN)
         *again = 1; /* another reader took it first */
     else
         get_error(q, n);
-    Py_XDECREF(owner);
-    PyMem_RawFree(scratch);
+    if ((n == -EINTR || n == -ECANCELED) && d.cap > BIG_COPY) {
+        spare_clear(&q->spare); /* another thread's, stashed while we copied */
+        q->spare = d;
+        return NULL;
+    }
+    spare_clear(&d);
     return res;
 }
 
@@ -926,6 +964,7 @@ static PyObject *Queue_close(QueueObject *q, PyObject *unused)
 {
     /* The mapping stays until the object goes: another thread may be inside get(). */
     q->closed = 1;
+    spare_clear(&q->spare);
     Py_RETURN_NONE;
 }
 
@@ -1097,6 +1136,7 @@ static void Queue_dealloc(QueueObject *q)
     PyTypeObject *tp = Py_TYPE(q);
     if (q->attached)
         cp_ring_close(&q->ring);
+    spare_clear(&q->spare);
     Py_CLEAR(q->dumps);
     Py_CLEAR(q->loads);
     Py_CLEAR(q->empty_exc);
