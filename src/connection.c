@@ -32,6 +32,19 @@ typedef struct {
     char grown; /* kernel buffer already enlarged for bulk transfers */
     cp_spin_t spin; /* how long a recv polls for the next message before it blocks */
     PyObject *weakreflist;
+    /* The message being read. A receive that a signal handler's exception (Ctrl-C) or a
+       timeout stops mid-message leaves its progress here and the next receive goes on with
+       it, so nothing is lost and the stream stays in step (the standard library's next
+       receive reads payload bytes as a header). Keeping the partly filled payload also spares
+       KeyboardInterrupt the free of a large one (the kernel unmaps ~600 MB per 0.1 s). */
+    struct {
+        unsigned char hdr[CP_FRAME_HDR_MAX];
+        size_t hdr_done;   /* header bytes read: 4, then 12 for a long header */
+        int have_len;      /* hdr is whole and len decoded */
+        uint64_t len;      /* payload length */
+        PyObject *payload; /* bytes of cap bytes being filled, done of them read; or NULL */
+        size_t cap, done;
+    } rx;
 } ConnObject;
 
 static inline cp_state *state_of(PyTypeObject *defining_class)
@@ -169,12 +182,33 @@ static int fd_has_input(void *fd)
     return poll(&p, 1, 0) != 0; /* ready, hung up, or an error the read will report */
 }
 
-/* Read a frame header. 0 and *len; -1 with an exception (EOFError when nothing came). */
-static int read_header(ConnObject *self, int fd, uint64_t *len, int64_t deadline)
+/* The next receive starts a new message. */
+static void rx_reset(ConnObject *self)
 {
-    unsigned char h[CP_FRAME_HDR_MAX];
-    size_t done = 0;
-    if (deadline == CP_NO_DEADLINE || cp_deadline_left_ns(deadline) > CP_SPIN_MAX_NS) {
+    Py_CLEAR(self->rx.payload);
+    memset(&self->rx, 0, sizeof self->rx);
+}
+
+/* read_exact's end of file within a message: the message is gone, and so is the stream. */
+static int rx_eof(ConnObject *self, int in_message)
+{
+    if (in_message)
+        PyErr_SetString(PyExc_OSError, "got end of file during message");
+    else
+        PyErr_SetNone(PyExc_EOFError);
+    rx_reset(self);
+    return -1;
+}
+
+/* Read (the rest of) the current message's header: 0 and rx.len; -1 with an exception
+   (EOFError when nothing came). Progress stays in self->rx when it stops mid-header. */
+static int rx_header(ConnObject *self, int fd, int64_t deadline)
+{
+    if (self->rx.have_len)
+        return 0;
+    unsigned char *h = self->rx.hdr;
+    if (self->rx.hdr_done == 0 &&
+        (deadline == CP_NO_DEADLINE || cp_deadline_left_ns(deadline) > CP_SPIN_MAX_NS)) {
         /* A reply often comes within microseconds when the peer runs on another core; a
            sleep in read() and the wake-up cost far more (tens of microseconds in a VM whose
            idle core halts). So poll for a while first; the budget adapts (spin.h). */
@@ -182,66 +216,88 @@ static int read_header(ConnObject *self, int fd, uint64_t *len, int64_t deadline
         cp_spin_until(fd_has_input, &fd, &self->spin, 1);
         Py_END_ALLOW_THREADS
     }
-    int r = read_exact(self, fd, h, 4, &done, deadline);
-    if (r == CP_FRAME_EOF) {
-        if (done == 0)
-            PyErr_SetNone(PyExc_EOFError);
-        else
-            PyErr_SetString(PyExc_OSError, "got end of file during message");
-        return -1;
-    }
+    int r = 0;
+    if (self->rx.hdr_done < 4)
+        r = read_exact(self, fd, h, 4, &self->rx.hdr_done, deadline);
+    if (r == CP_FRAME_EOF)
+        return rx_eof(self, self->rx.hdr_done > 0);
     if (r < 0)
         return -1;
-    int kind = cp_frame_header_short(h, len);
+    int kind = cp_frame_header_short(h, &self->rx.len);
     if (kind == 1) {
-        done = 0;
+        size_t done = self->rx.hdr_done - 4;
         r = read_exact(self, fd, h + 4, 8, &done, deadline);
+        self->rx.hdr_done = 4 + done;
         if (r == CP_FRAME_EOF)
-            PyErr_SetString(PyExc_OSError, "got end of file during message");
-        if (r != 0)
+            return rx_eof(self, 1);
+        if (r < 0)
             return -1;
-        *len = cp_frame_header_long(h + 4);
+        self->rx.len = cp_frame_header_long(h + 4);
     } else if (kind < 0) {
+        rx_reset(self);
+        bad_message_length(self);
+        return -1;
+    }
+    self->rx.have_len = 1;
+    return 0;
+}
+
+/* Read (the rest of) the current message's payload into a bytes object of its exact size
+   (no intermediate copy; grown by doubling from GROW_START so that a bogus length followed by
+   EOF costs at most twice what came). The message, its progress reset; NULL with an exception,
+   the progress kept when a signal or the deadline stopped it. */
+static PyObject *rx_payload(ConnObject *self, int fd, int64_t deadline)
+{
+    uint64_t len = self->rx.len;
+    if (!self->rx.payload) {
+        self->rx.cap = len < GROW_START ? (size_t)len : GROW_START;
+        self->rx.done = 0;
+        if (!(self->rx.payload = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)self->rx.cap)))
+            return NULL;
+    }
+    for (;;) {
+        int r = read_exact(self, fd, PyBytes_AS_STRING(self->rx.payload), self->rx.cap,
+                           &self->rx.done, deadline);
+        if (r == CP_FRAME_EOF) {
+            rx_eof(self, 1);
+            return NULL;
+        }
+        if (r < 0)
+            return NULL;
+        if (self->rx.cap == len) {
+            PyObject *b = self->rx.payload;
+            self->rx.payload = NULL;
+            rx_reset(self);
+            return b;
+        }
+        size_t cap = (uint64_t)self->rx.cap * 2 < len ? self->rx.cap * 2 : (size_t)len;
+        if (_PyBytes_Resize(&self->rx.payload, (Py_ssize_t)cap) < 0) {
+            rx_reset(self); /* the payload was freed: the stream is out of step */
+            return NULL;
+        }
+        self->rx.cap = cap;
+    }
+}
+
+/* Refuse a message longer than maxlength (< 0: no limit) or than a bytes object can be. */
+static int rx_check_length(ConnObject *self, Py_ssize_t maxlength)
+{
+    uint64_t len = self->rx.len;
+    if ((maxlength >= 0 && len > (uint64_t)maxlength) || len > (uint64_t)PY_SSIZE_T_MAX) {
+        rx_reset(self);
         bad_message_length(self);
         return -1;
     }
     return 0;
 }
 
-/* Read a payload of len bytes into a new bytes object (exact size, no intermediate copy). */
-static PyObject *read_payload(ConnObject *self, int fd, uint64_t len, int64_t deadline)
-{
-    size_t cap = len < GROW_START ? (size_t)len : GROW_START;
-    PyObject *b = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)cap);
-    if (!b)
-        return NULL;
-    size_t done = 0;
-    for (;;) {
-        int r = read_exact(self, fd, PyBytes_AS_STRING(b), cap, &done, deadline);
-        if (r == CP_FRAME_EOF)
-            PyErr_SetString(PyExc_OSError, "got end of file during message");
-        if (r != 0) {
-            Py_DECREF(b);
-            return NULL;
-        }
-        if (cap == len)
-            return b;
-        cap = (uint64_t)cap * 2 < len ? cap * 2 : (size_t)len;
-        if (_PyBytes_Resize(&b, (Py_ssize_t)cap) < 0)
-            return NULL;
-    }
-}
-
 /* One whole message as bytes; maxlength < 0 means no limit. */
 static PyObject *recv_message(ConnObject *self, Py_ssize_t maxlength, int64_t deadline)
 {
     int fd = self->fd;
-    uint64_t len;
-    if (read_header(self, fd, &len, deadline) < 0)
+    if (rx_header(self, fd, deadline) < 0 || rx_check_length(self, maxlength) < 0)
         return NULL;
-    if ((maxlength >= 0 && len > (uint64_t)maxlength) || len > (uint64_t)PY_SSIZE_T_MAX)
-        return bad_message_length(self);
-    return read_payload(self, fd, len, deadline);
+    return rx_payload(self, fd, deadline);
 }
 
 /* ---- methods ---- */
@@ -312,6 +368,7 @@ static void conn_dealloc(PyObject *op)
     if (self->weakreflist)
         PyObject_ClearWeakRefs(op);
     close_fd(self);
+    rx_reset(self);
     tp->tp_free(op);
     Py_DECREF(tp);
 }
@@ -567,27 +624,41 @@ static PyObject *conn_recv_bytes_into(PyObject *op, PyTypeObject *cls, PyObject 
         goto done;
     }
     int fd = self->fd;
-    uint64_t len;
-    if (read_header(self, fd, &len, CP_NO_DEADLINE) < 0)
+    if (rx_header(self, fd, CP_NO_DEADLINE) < 0 || rx_check_length(self, -1) < 0)
         goto done;
-    if (len > (uint64_t)PY_SSIZE_T_MAX) {
-        bad_message_length(self);
-        goto done;
-    }
-    if (len <= (uint64_t)(view.len - off)) {
+    uint64_t len = self->rx.len;
+    if (len <= (uint64_t)(view.len - off) && !self->rx.payload) {
         /* Straight into the caller's buffer, which our Py_buffer keeps alive and in place. */
         size_t got = 0;
         int r = read_exact(self, fd, (char *)view.buf + off, (size_t)len, &got, CP_NO_DEADLINE);
-        if (r == CP_FRAME_EOF)
-            PyErr_SetString(PyExc_OSError, "got end of file during message");
-        if (r == 0)
+        if (r == 0) {
+            rx_reset(self);
             result = PyLong_FromSsize_t((Py_ssize_t)len);
-    } else {
-        PyObject *whole = read_payload(self, fd, len, CP_NO_DEADLINE);
-        if (whole) {
-            PyErr_SetObject(state_of(cls)->slot[CP_EXC_BUFFER_TOO_SHORT], whole);
-            Py_DECREF(whole);
         }
+        else if (r == CP_FRAME_EOF)
+            rx_eof(self, 1);
+        else if (got > 0) {
+            /* Stopped mid-message: what came so far is kept for the next receive, which
+               need not be into this buffer. */
+            size_t cap = len < GROW_START ? (size_t)len : got > GROW_START ? got : GROW_START;
+            self->rx.payload = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)cap);
+            if (self->rx.payload) {
+                memcpy(PyBytes_AS_STRING(self->rx.payload), (char *)view.buf + off, got);
+                self->rx.cap = cap;
+                self->rx.done = got;
+            }
+            else
+                rx_reset(self);
+        }
+    } else {
+        PyObject *whole = rx_payload(self, fd, CP_NO_DEADLINE);
+        if (whole && len <= (uint64_t)(view.len - off)) {
+            memcpy((char *)view.buf + off, PyBytes_AS_STRING(whole), (size_t)len);
+            result = PyLong_FromSsize_t((Py_ssize_t)len);
+        }
+        else if (whole)
+            PyErr_SetObject(state_of(cls)->slot[CP_EXC_BUFFER_TOO_SHORT], whole);
+        Py_XDECREF(whole);
     }
 done:
     PyBuffer_Release(&view);
@@ -647,6 +718,7 @@ static PyObject *conn_fileno(PyObject *op, PyObject *unused)
 static PyObject *conn_close(PyObject *op, PyObject *unused)
 {
     close_fd((ConnObject *)op);
+    rx_reset((ConnObject *)op);
     Py_RETURN_NONE;
 }
 

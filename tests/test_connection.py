@@ -478,6 +478,105 @@ def test_signal_during_partial_message_is_seen():
     assert time.monotonic() - t < 1.5
 
 
+@pytest.mark.parametrize('split', [2, 4, 4 + 3, 12 + 5], ids=['in-header', 'after-header',
+                                                           'in-payload', 'in-long-header'])
+@pytest.mark.parametrize('how', ['sigint', 'timeout'])
+def test_receive_stopped_mid_message_resumes(split, how):
+    """A receive that Ctrl-C or a timeout stops mid-message leaves what came for the next one:
+    the message arrives whole and the stream stays in step (the stdlib's next receive reads
+    payload bytes as a header)."""
+    s, c = raw_pair()
+    long_header = split == 12 + 5
+    payload = bytes(range(256)) * 40
+    frame = (struct.pack('!i', -1) + struct.pack('!Q', len(payload)) if long_header
+             else struct.pack('!i', len(payload))) + payload
+    s.sendall(frame[:split])
+    if how == 'sigint':
+        interrupt_after(0.2)
+        with pytest.raises(KeyboardInterrupt):
+            c.recv_bytes()
+    else:
+        with pytest.raises(TimeoutError):
+            c._recv_bytes_timeout(None, 0.2)
+    s.sendall(frame[split:] + struct.pack('!i', 5) + b'after')
+    assert c.recv_bytes() == payload
+    assert c.recv_bytes() == b'after'
+
+
+@pytest.mark.parametrize('resume_with', ['recv_bytes', 'recv_bytes_into', 'short_buffer'])
+def test_recv_bytes_into_stopped_mid_message_resumes(resume_with):
+    s, c = raw_pair()
+    payload = b'p' * 1000 + b'q' * 1000
+    s.sendall(struct.pack('!i', len(payload)) + payload[:1500])
+    buf = bytearray(4000)
+    interrupt_after(0.2)
+    with pytest.raises(KeyboardInterrupt):
+        c.recv_bytes_into(buf)
+    s.sendall(payload[1500:])
+    if resume_with == 'recv_bytes':
+        assert c.recv_bytes() == payload
+    elif resume_with == 'recv_bytes_into':
+        other = bytearray(3000)
+        assert c.recv_bytes_into(other, 100) == len(payload)
+        assert other[100:100 + len(payload)] == payload
+    else:
+        with pytest.raises(cpool.BufferTooShort) as e:
+            c.recv_bytes_into(bytearray(10))
+        assert e.value.args[0] == payload
+
+
+def _send_big(conn, n, ready):
+    data = bytes(range(251)) * (n // 251)
+    ready.send(len(data))
+    conn.send_bytes(data)
+    conn.send_bytes(b'next')
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_in_large_recv_bytes_is_quick_and_loses_nothing():
+    """Issue 17 item 8: Ctrl-C within 100 ms mid-way through a large message, which the
+    retried receive then returns whole."""
+    ctx = cpool.get_context('fork')
+    size = 512 << 20
+
+    def one(after):
+        r, w = ctx.Pipe(duplex=False)
+        rr, rw = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_send_big, args=(w, size, rw))
+        p.start()
+        n = rr.recv()
+        sent = []
+        t = threading.Timer(after, lambda: (sent.append(time.monotonic()),
+                                            os.kill(os.getpid(), signal.SIGINT)))
+        t0 = time.monotonic()
+        if after is not None:
+            t.start()
+        lat = None
+        got = []
+        try:
+            got.append(r.recv_bytes())
+            if after is not None:
+                t.join()
+            time.sleep(0.01)
+        except KeyboardInterrupt:
+            if after is not None:
+                t.join()
+            if not got:
+                lat = time.monotonic() - sent[0]
+        took = time.monotonic() - t0
+        data = got[0] if got else r.recv_bytes()
+        assert len(data) == n and data[:251] == bytes(range(251)) and data[-251:] == data[:251]
+        assert r.recv_bytes() == b'next'
+        p.join(30)
+        return lat, took
+
+    _, full = one(None)
+    lats = [lat for f in (0.2, 0.4, 0.6, 0.8, 0.2, 0.4, 0.6, 0.8)
+            for lat, _ in [one(full * f)] if lat is not None]
+    assert len(lats) >= 3, lats
+    assert sorted(lats)[len(lats) // 2] < 0.1, lats
+
+
 def test_signal_handler_runs_and_recv_resumes():
     """A signal whose handler returns does not break a blocking recv (EINTR is retried)."""
     a, b = cpool.Pipe()
