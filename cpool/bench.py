@@ -194,7 +194,9 @@ def select_cases(only):
 
 
 def default_modules():
-    return ['multiprocessing', 'cpool'] + [m for m in THIRD_PARTY if importlib.util.find_spec(m)]
+    # serial, the plain loop, runs the pool cases in-process: the "vs serial" columns
+    return (['multiprocessing', 'cpool', 'serial'] +
+            [m for m in THIRD_PARTY if importlib.util.find_spec(m)])
 
 
 def supports(spec, case):

@@ -145,3 +145,37 @@ def test_other_libraries_run_their_equivalent_cases(tmp_path):
         for name, case in cases.items():
             expected = 'ok' if name in LIBRARIES[lib][1] else 'unsupported'
             assert case['results'][lib]['status'] == expected, (lib, name, case['results'][lib])
+
+
+def test_serial_plain_loop_column(tmp_path):
+    """The plain loop runs the pool cases in-process; every module's row shows its speed-up over
+    it and the share of the machine's limit; cases without a Pool show '-' for it."""
+    res = bench('--modules', 'multiprocessing,cpool,serial', '--only',
+                'pool_map,fasta_gc_imap,queue_small', '--rounds', '1', '--scale', '0.02',
+                '--workers', '2', '--out', str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    doc = json.loads((tmp_path / 'bench.json').read_text())
+    limit = min(2, os.cpu_count())
+    for name in ('pool_map', 'fasta_gc_imap'):
+        cells = doc['cases'][name]['results']
+        assert cells['serial']['status'] == 'ok' and cells['serial']['vs_serial'] == 1.0
+        for mod in ('multiprocessing', 'cpool'):
+            v = cells[mod]['median'] / cells['serial']['median']
+            assert cells[mod]['vs_serial'] == pytest.approx(v)
+            row = next(line for line in res.stdout.splitlines() if line.startswith(name + ' '))
+            assert '%.2fx %d%%' % (v, round(100 * v / limit)) in row
+    q = doc['cases']['queue_small']['results']
+    assert q['serial']['status'] == 'unsupported' and q['cpool']['vs_serial'] is None
+    assert 'cpool vs the plain loop: geometric mean' in res.stdout
+    assert 'serial vs multiprocessing' not in res.stdout  # the plain loop is no library
+    # the plain loop runs the cases' very code: same results, no processes
+    from cpool._bench import serial
+    with serial.Pool(2) as p:
+        got = []
+        r = p.apply_async(divmod, (7, 2), callback=got.append)
+        e = p.apply_async(divmod, (1, 0), error_callback=got.append)
+        assert r.get() == (3, 1) and got[0] == (3, 1) and isinstance(got[1], ZeroDivisionError)
+        with pytest.raises(ZeroDivisionError):
+            e.get()
+        assert p.map(abs, [-1, 2]) == [1, 2] and list(p.imap(abs, iter([-3]))) == [3]
+        assert p.starmap(pow, [(2, 3)]) == [8]

@@ -1,4 +1,5 @@
-"""Other libraries measured on the cases they have an equivalent for: faster-fifo (a shared-memory
+"""Other libraries measured on the cases they have an equivalent for: the plain loop (`serial`, no
+pool at all: cpool._bench.serial), faster-fifo (a shared-memory
 queue, its processes started by fork, which its queues are made for), mpire (WorkerPool) and loky
 (ProcessPoolExecutor); and cpool.dask.Pool on a LocalCluster of as many worker processes (module
 name `dask`, opt-in with --modules: what the network and Dask's scheduler cost per task).
@@ -25,7 +26,10 @@ class _MpirePool:
     def _items(iterable):
         if isinstance(iterable, range):
             return iterable
-        return ((x,) if isinstance(x, (tuple, list, dict)) else x for x in iterable)
+        wrapped = ((x,) if isinstance(x, (tuple, list, dict)) else x for x in iterable)
+        # A sized input stays sized: from a generator mpire cannot size its chunks and falls
+        # back to chunk_size 4 (and warns), which is not how its documentation has it used.
+        return list(wrapped) if hasattr(iterable, '__len__') else wrapped
 
     def map(self, fn, iterable, chunksize=None):
         return self._pool.map(fn, self._items(iterable), chunk_size=chunksize)
@@ -123,6 +127,8 @@ def _dask():
 
 # library -> (facade factory, the cases it runs)
 LIBRARIES = {
+    'serial': (lambda: __import__('cpool._bench.serial', fromlist=['Pool']),
+               _POOL_CASES + ('matrix_args_stats',)),
     'faster_fifo': (_faster_fifo, ('queue_small', 'queue_1mb', 'fastq_queue_pipeline')),
     'mpire': (lambda: types.SimpleNamespace(Pool=_MpirePool), _POOL_CASES),
     'dask': (_dask, _POOL_CASES),

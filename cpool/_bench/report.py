@@ -3,6 +3,8 @@ import json
 import math
 import statistics
 
+SERIAL = 'serial'  # the plain loop (cpool._bench.serial): no pool at all
+
 # what a cell shows for a module without a number
 NO_NUMBER = {'n/a': 'n/a', 'failed': 'FAILED', 'timeout': 'TIMEOUT', 'unsupported': '-'}
 
@@ -15,8 +17,12 @@ def summarize(results, modules):
         for cell in cells.values():
             cell['median'] = statistics.median(cell['runs']) if cell['status'] == 'ok' else None
         bmed = cells.get(base, {}).get('median')
+        smed = cells.get(SERIAL, {}).get('median')
         for cell in cells.values():
             cell['ratio'] = cell['median'] / bmed if bmed and cell['median'] is not None else None
+            # the speed-up over the same code in a plain loop (when the run has one)
+            cell['vs_serial'] = (cell['median'] / smed if smed and cell['median'] is not None
+                                 else None)
     return results
 
 
@@ -29,6 +35,8 @@ def headline(results, modules):
     """Geometric means of each module's ratio over the cases both it and the baseline ran."""
     out = {}
     for mod in modules[1:]:
+        if mod == SERIAL:
+            continue
         per_kind = {}
         for case in results.values():
             r = case['results'].get(mod, {}).get('ratio')
@@ -38,7 +46,19 @@ def headline(results, modules):
         if every:
             out[mod] = {'all': geomean(every), 'cases': len(every),
                         **{k: geomean(v) for k, v in per_kind.items()}}
+        vs = [c['results'][mod]['vs_serial'] for c in results.values()
+              if c['results'].get(mod, {}).get('vs_serial')]
+        if vs and mod in out:
+            out[mod]['vs_serial'] = geomean(vs)
+            out[mod]['vs_serial_cases'] = len(vs)
     return out
+
+
+def serial_cell(cell, limit):
+    """'1.46x 73%': the speed-up over the plain loop and its fraction of the machine's limit
+    (min(workers, CPUs)), or '' when the case has no plain-loop number."""
+    v = cell.get('vs_serial')
+    return '%.2fx %d%%' % (v, round(100 * v / limit)) if v else ''
 
 
 def human(x):
@@ -59,22 +79,30 @@ def table(doc):
             meta['python'], meta['platform'], meta['cpu_count'], meta['cpu_model'],
             meta['workers'], meta['rounds'], meta['scale']),
         'medians of throughput (higher is better); ratio = module / %s' % base,
-        '',
     ]
-    head = ['case', 'unit', base] + [h for m in modules[1:] for h in (m, 'ratio')]
+    with_serial = SERIAL in modules
+    limit = max(1, min(meta['workers'], meta['cpu_count']))
+    if with_serial:
+        lines.append('vs serial = module / the plain loop (no pool), then that speed-up as a share '
+                     'of the limit min(workers, CPUs) = %d' % limit)
+    lines.append('')
+    shown = [m for m in modules if m != SERIAL] + ([SERIAL] if with_serial else [])
+    head = ['case', 'unit', base]
+    for m in shown[1:]:
+        head += [m] if m == SERIAL else [m, 'ratio'] + (['vs serial'] if with_serial else [])
+    if with_serial:
+        head.insert(3, 'vs serial')
     rows = []
     for name, case in results.items():
         row = [name, case['unit']]
-        for mod in modules:
+        for mod in shown:
             cell = case['results'].get(mod, {'status': 'unsupported'})
-            if cell['status'] == 'ok':
-                row.append(human(cell['median']))
-                if mod != base:
-                    row.append('%.2fx' % cell['ratio'] if cell['ratio'] else '')
-            else:
-                row.append(NO_NUMBER[cell['status']])
-                if mod != base:
-                    row.append('')
+            ok = cell['status'] == 'ok'
+            row.append(human(cell['median']) if ok else NO_NUMBER[cell['status']])
+            if mod not in (base, SERIAL):
+                row.append('%.2fx' % cell['ratio'] if ok and cell['ratio'] else '')
+            if with_serial and mod != SERIAL:
+                row.append(serial_cell(cell, limit) if ok else '')
         rows.append(row)
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
 
@@ -96,6 +124,9 @@ def table(doc):
         parts = ', '.join('%s %.2fx' % (k, h[k]) for k in ('micro', 'workload') if k in h)
         lines.append('%s vs %s: geometric mean %.2fx over %d cases (%s)' % (
             mod, base, h['all'], h['cases'], parts))
+        if h.get('vs_serial'):
+            lines.append('%s vs the plain loop: geometric mean %.2fx over %d cases (limit %dx)' % (
+                mod, h['vs_serial'], h['vs_serial_cases'], limit))
     problems = [(name, mod, cell) for name, case in results.items()
                 for mod, cell in case['results'].items() if cell['status'] in ('n/a', 'failed', 'timeout')]
     if problems:
