@@ -317,6 +317,65 @@ def matrix_args_stats(mp, n, cfg):
     return n, dt
 
 
+def slice_stats(lines, part):
+    """Per line of one slice of a file: GC share and longest homopolymer, as output lines."""
+    out = []
+    for line in lines:
+        seq = line.rstrip('\n')
+        run = best = 1
+        for a, b in zip(seq, seq[1:]):
+            run = run + 1 if a == b else 1
+            best = max(best, run)
+        out.append('%d\t%.4f\t%d\n' % (part, (seq.count('G') + seq.count('C')) / len(seq), best))
+    return out
+
+
+def line_slices_apply_async(mp, n, cfg):
+    """A file's distinct lines (the reads of a FASTQ) split into 4 * workers slices, one
+    apply_async per slice, lists of strings both ways, the results written in input order."""
+    path = data_file(cfg, 'fastq', n)
+    t = perf()
+    with open(path) as f:
+        lines = [line for i, line in enumerate(f) if i % 4 == 1]
+    parts = 4 * cfg['workers']
+    step = -(-len(lines) // parts)
+    out = []
+    with mp.Pool(cfg['workers']) as pool:
+        pending = [pool.apply_async(slice_stats, (lines[i:i + step], k))
+                   for k, i in enumerate(range(0, len(lines), step))]
+        for r in pending:
+            out.extend(r.get())
+    dt = perf() - t
+    if len(out) != n or not out[-1].startswith('%d\t' % (len(pending) - 1)):
+        raise AssertionError('expected %d output lines in slice order, got %d' % (n, len(out)))
+    return n, dt
+
+
+_arrays = {}  # n -> the input arrays, made once per benchmark worker (outside the timing)
+ARRAY_ELEMS = 1 << 20  # 8 MB of float64
+
+
+def standardize(a):
+    return (a - a.mean()) / a.std()
+
+
+def numpy_map(mp, n, cfg):
+    """Pool.map over n arrays of 8 MB float64, each returned standardized: the payload both ways."""
+    import numpy as np
+    if n not in _arrays:
+        _arrays[n] = [np.random.default_rng(i).normal(5.0, 2.0, ARRAY_ELEMS) for i in range(n)]
+    arrays = _arrays[n]
+    with mp.Pool(cfg['workers']) as pool:
+        pool.map(abs, range(4 * cfg['workers']), chunksize=1)  # workers started
+        t = perf()
+        out = pool.map(standardize, arrays)
+        dt = perf() - t
+    for i in (0, n - 1):
+        if out[i].shape != arrays[i].shape or not np.allclose(out[i], standardize(arrays[i])):
+            raise AssertionError('wrong result for array %d' % i)
+    return n * arrays[0].nbytes / 1e6, dt
+
+
 def check_lines(out, n, last_name):
     if len(out) != n or not out[-1].startswith(last_name + '\t'):
         raise AssertionError('expected %d output lines ending with %s, got %d' % (n, last_name, len(out)))

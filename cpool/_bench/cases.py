@@ -47,6 +47,11 @@ CASES = {
     'matrix_shm_stats': Case(bio.matrix_shm_stats, 20_000, 'gene/s', 'workload',
                              'per-gene mean/var of a genes x 1000 float64 matrix in SharedMemory, '
                              'Pool.imap_unordered of row ranges'),
+    'line_slices_apply_async': Case(bio.line_slices_apply_async, 200_000, 'line/s', 'workload',
+                                    "a file's lines in 4 * workers slices, apply_async each, "
+                                    'lists of strings both ways, output in order'),
+    'numpy_map': Case(bio.numpy_map, 48, 'MB/s', 'workload',
+                      'Pool.map over 8 MB float64 arrays, each returned standardized'),
     'matrix_args_stats': Case(bio.matrix_args_stats, 20_000, 'gene/s', 'workload',
                               'the same, the row slices pickled as task arguments'),
 }

@@ -32,7 +32,9 @@ class _MpirePool:
         return list(wrapped) if hasattr(iterable, '__len__') else wrapped
 
     def map(self, fn, iterable, chunksize=None):
-        return self._pool.map(fn, self._items(iterable), chunk_size=chunksize)
+        # Pool.map returns one result per item: mpire would join numpy results into one array
+        return self._pool.map(fn, self._items(iterable), chunk_size=chunksize,
+                              concatenate_numpy_output=False)
 
     def imap(self, fn, iterable, chunksize=1):
         return self._pool.imap(fn, self._items(iterable), chunk_size=chunksize)
@@ -116,7 +118,8 @@ def _faster_fifo():
 
 
 _POOL_CASES = ('pool_map', 'pool_map_chunk1', 'pool_apply_async', 'pool_imap', 'pool_imap_unordered',
-               'pool_apply_latency', 'fasta_gc_imap', 'fastq_kmer_imap', 'genes_apply_async')
+               'pool_apply_latency', 'fasta_gc_imap', 'fastq_kmer_imap', 'genes_apply_async',
+               'line_slices_apply_async', 'numpy_map')
 
 def _dask():
     # A LocalCluster of cfg['workers'] processes, one thread each, made by the pool itself (what
