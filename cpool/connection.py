@@ -17,6 +17,7 @@ import time
 from . import _core
 from . import reduction
 from . import util
+from .util import is_abstract_socket_namespace  # noqa: F401  (used below, and a name here)
 from .context import AuthenticationError, BufferTooShort  # noqa: F401  (public names here)
 
 __all__ = ['Client', 'Listener', 'Pipe', 'wait']
@@ -53,17 +54,6 @@ reduction.register(Connection, reduce_connection)
 
 
 # ---- addresses ----
-
-def is_abstract_socket_namespace(address):
-    """True for a Linux abstract Unix socket address (a leading NUL)."""
-    if not address:
-        return False
-    if isinstance(address, bytes):
-        return address[0] == 0
-    if isinstance(address, str):
-        return address[0] == '\0'
-    raise TypeError('address type of %r unrecognized' % (address,))
-
 
 def arbitrary_address(family):
     """An arbitrary free address for the given family."""

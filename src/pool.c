@@ -326,14 +326,7 @@ static PyObject *func_bytes_of(PoolCore *c, cp_state *st, PyObject *func)
         PyErr_Format(PyExc_TypeError, "'%.200s' object is not callable", Py_TYPE(func)->tp_name);
         return NULL;
     }
-    uint32_t enc;
-    PyObject *proto = PyLong_FromLong(5);
-    if (!proto)
-        return NULL;
-    PyObject *args[2] = {func, proto};
-    PyObject *b = PyObject_Vectorcall(st->slot[CP_OBJ_PICKLE_DUMPS], args, 2, NULL);
-    Py_DECREF(proto);
-    (void)enc;
+    PyObject *b = pickle_dumps(st, func);
     if (!b)
         return NULL;
     if (PyFunction_Check(func) || PyCFunction_Check(func)) {

@@ -262,7 +262,6 @@ static PyObject *cp_fork(PyObject *module, PyObject *unused)
     return PyLong_FromLong(pid);
 }
 
-/* Everything from "become the Process" to _exit: the order of process.py's _bootstrap. */
 /* What the parent looks up before the fork, so the child only reads it: a lookup in the
    child would write the type's method cache (a page fault) in every child again. */
 typedef struct {
@@ -344,6 +343,7 @@ static int close_stdin_object(fork_refs *r, PyObject *stdin_obj)
     return -1;
 }
 
+/* Everything from "become the Process" to _exit: the order of process.py's _bootstrap. */
 static void _Py_NO_RETURN child_main(fork_refs *r, child_plan *plan)
 {
     PyObject *exc = NULL, *v, *obj = plan->obj;
