@@ -68,15 +68,19 @@ def open_fds():
 
 
 def sigint_after(delay, sent=None):
-    """SIGINT to this process after delay seconds, from a daemon thread (the main thread gets
-    KeyboardInterrupt); the moment it was sent is appended to `sent` if given. The thread."""
+    """SIGINT to this process's main thread after delay seconds, from a daemon thread (the main
+    thread gets KeyboardInterrupt); the moment it was sent is appended to `sent` if given. The
+    thread. Directed at the main thread: a process-wide kill() may be taken by another thread
+    (the sender itself when the main one has a signal pending), and then nothing interrupts the
+    main thread's blocking call, so KeyboardInterrupt surfaces late -- in a later test, once."""
     import threading
+    main = threading.main_thread().ident
 
     def fire():
         time.sleep(delay)
         if sent is not None:
             sent.append(time.monotonic())
-        os.kill(os.getpid(), signal.SIGINT)
+        signal.pthread_kill(main, signal.SIGINT)
     t = threading.Thread(target=fire, daemon=True)
     t.start()
     return t
