@@ -85,10 +85,19 @@ static int check_writable(ConnObject *self)
     return 0;
 }
 
+/* The next receive starts a new message. */
+static void rx_reset(ConnObject *self)
+{
+    Py_CLEAR(self->rx.payload);
+    memset(&self->rx, 0, sizeof self->rx);
+}
+
+/* Closing ends the message being read, if any. */
 static void close_fd(ConnObject *self)
 {
     int fd = self->fd;
     self->fd = -1;
+    rx_reset(self);
     if (fd >= 0)
         close(fd); /* never retried on EINTR: the fd is gone either way on Linux */
 }
@@ -97,6 +106,7 @@ static void close_fd(ConnObject *self)
    connection stops reading, a read-only one is closed, as the standard library does. */
 static PyObject *bad_message_length(ConnObject *self)
 {
+    rx_reset(self);
     if (self->writable)
         self->readable = 0;
     else
@@ -182,13 +192,6 @@ static int fd_has_input(void *fd)
     return poll(&p, 1, 0) != 0; /* ready, hung up, or an error the read will report */
 }
 
-/* The next receive starts a new message. */
-static void rx_reset(ConnObject *self)
-{
-    Py_CLEAR(self->rx.payload);
-    memset(&self->rx, 0, sizeof self->rx);
-}
-
 /* read_exact's end of file within a message: the message is gone, and so is the stream. */
 static int rx_eof(ConnObject *self, int in_message)
 {
@@ -234,11 +237,25 @@ static int rx_header(ConnObject *self, int fd, int64_t deadline)
             return -1;
         self->rx.len = cp_frame_header_long(h + 4);
     } else if (kind < 0) {
-        rx_reset(self);
         bad_message_length(self);
         return -1;
     }
     self->rx.have_len = 1;
+    return 0;
+}
+
+/* Start the current message's payload: a bytes object of its size up to GROW_START (of at least
+   `filled` bytes), holding the `filled` bytes already read at src. 0, or -1 with MemoryError. */
+static int rx_start_payload(ConnObject *self, const char *src, size_t filled)
+{
+    uint64_t len = self->rx.len;
+    size_t cap = len < GROW_START ? (size_t)len : filled > GROW_START ? filled : GROW_START;
+    if (!(self->rx.payload = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)cap)))
+        return -1;
+    if (filled)
+        memcpy(PyBytes_AS_STRING(self->rx.payload), src, filled);
+    self->rx.cap = cap;
+    self->rx.done = filled;
     return 0;
 }
 
@@ -249,12 +266,8 @@ static int rx_header(ConnObject *self, int fd, int64_t deadline)
 static PyObject *rx_payload(ConnObject *self, int fd, int64_t deadline)
 {
     uint64_t len = self->rx.len;
-    if (!self->rx.payload) {
-        self->rx.cap = len < GROW_START ? (size_t)len : GROW_START;
-        self->rx.done = 0;
-        if (!(self->rx.payload = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)self->rx.cap)))
-            return NULL;
-    }
+    if (!self->rx.payload && rx_start_payload(self, NULL, 0) < 0)
+        return NULL;
     for (;;) {
         int r = read_exact(self, fd, PyBytes_AS_STRING(self->rx.payload), self->rx.cap,
                            &self->rx.done, deadline);
@@ -284,7 +297,6 @@ static int rx_check_length(ConnObject *self, Py_ssize_t maxlength)
 {
     uint64_t len = self->rx.len;
     if ((maxlength >= 0 && len > (uint64_t)maxlength) || len > (uint64_t)PY_SSIZE_T_MAX) {
-        rx_reset(self);
         bad_message_length(self);
         return -1;
     }
@@ -368,7 +380,6 @@ static void conn_dealloc(PyObject *op)
     if (self->weakreflist)
         PyObject_ClearWeakRefs(op);
     close_fd(self);
-    rx_reset(self);
     tp->tp_free(op);
     Py_DECREF(tp);
 }
@@ -640,14 +651,7 @@ static PyObject *conn_recv_bytes_into(PyObject *op, PyTypeObject *cls, PyObject 
         else if (got > 0) {
             /* Stopped mid-message: what came so far is kept for the next receive, which
                need not be into this buffer. */
-            size_t cap = len < GROW_START ? (size_t)len : got > GROW_START ? got : GROW_START;
-            self->rx.payload = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)cap);
-            if (self->rx.payload) {
-                memcpy(PyBytes_AS_STRING(self->rx.payload), (char *)view.buf + off, got);
-                self->rx.cap = cap;
-                self->rx.done = got;
-            }
-            else
+            if (rx_start_payload(self, (char *)view.buf + off, got) < 0)
                 rx_reset(self);
         }
     } else {
@@ -718,7 +722,6 @@ static PyObject *conn_fileno(PyObject *op, PyObject *unused)
 static PyObject *conn_close(PyObject *op, PyObject *unused)
 {
     close_fd((ConnObject *)op);
-    rx_reset((ConnObject *)op);
     Py_RETURN_NONE;
 }
 

@@ -86,6 +86,24 @@ def sigint_after(delay, sent=None):
     return t
 
 
+def call_with_sigint(op, after):
+    """(result, latency): op() with SIGINT sent to the main thread `after` s into it. When it
+    landed inside op, latency is the time from SIGINT to KeyboardInterrupt and op() runs once
+    more, as a caller retrying after Ctrl-C; else latency is None."""
+    sent, got = [], []
+    t = sigint_after(after, sent)
+    try:
+        got.append(op())
+        t.join()
+        time.sleep(0.01)  # a signal that came after op() returned lands here, outside it
+    except KeyboardInterrupt:
+        latency = time.monotonic() - sent[0]
+        t.join()
+        if not got:
+            return op(), latency
+    return got[0], None
+
+
 def zombies():
     """Pids of this process's children that have exited and not been reaped."""
     me = os.getpid()

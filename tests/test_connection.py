@@ -16,7 +16,7 @@ import pytest
 import cpool
 from cpool import connection as cconn
 
-from conftest import open_fds
+from conftest import call_with_sigint, open_fds, sigint_after
 
 
 def conn_module(mpmod):
@@ -26,13 +26,6 @@ def conn_module(mpmod):
 
 def in_thread(fn, *args):
     t = threading.Thread(target=fn, args=args, daemon=True)
-    t.start()
-    return t
-
-
-def interrupt_after(delay):
-    t = threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT))
-    t.daemon = True
     t.start()
     return t
 
@@ -451,7 +444,7 @@ def test_sigint_interrupts_blocking_call(call):
     fn = {'recv': a.recv, 'recv_bytes': a.recv_bytes, 'poll': lambda: a.poll(None),
           'wait': lambda: cconn.wait([a]), 'recv_bytes_into': lambda: a.recv_bytes_into(
               bytearray(10))}[call]
-    interrupt_after(0.2)
+    sigint_after(0.2)
     t = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         fn()
@@ -462,7 +455,7 @@ def test_sigint_interrupts_blocking_call(call):
 
 def test_sigint_interrupts_blocked_send():
     a, b = cpool.Pipe()
-    interrupt_after(0.3)
+    sigint_after(0.3)
     with pytest.raises(KeyboardInterrupt):
         a.send_bytes(b'x' * (64 << 20))  # nobody reads: blocks once the socket is full
 
@@ -471,7 +464,7 @@ def test_signal_during_partial_message_is_seen():
     """A signal that ends a partly done read is handled at once, not after the rest comes."""
     s, c = raw_pair()
     s.sendall(struct.pack('!i', 100) + b'partial')
-    interrupt_after(0.2)
+    sigint_after(0.2)
     t = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
         c.recv_bytes()
@@ -492,7 +485,7 @@ def test_receive_stopped_mid_message_resumes(split, how):
              else struct.pack('!i', len(payload))) + payload
     s.sendall(frame[:split])
     if how == 'sigint':
-        interrupt_after(0.2)
+        sigint_after(0.2)
         with pytest.raises(KeyboardInterrupt):
             c.recv_bytes()
     else:
@@ -509,7 +502,7 @@ def test_recv_bytes_into_stopped_mid_message_resumes(resume_with):
     payload = b'p' * 1000 + b'q' * 1000
     s.sendall(struct.pack('!i', len(payload)) + payload[:1500])
     buf = bytearray(4000)
-    interrupt_after(0.2)
+    sigint_after(0.2)
     with pytest.raises(KeyboardInterrupt):
         c.recv_bytes_into(buf)
     s.sendall(payload[1500:])
@@ -545,26 +538,12 @@ def test_ctrl_c_in_large_recv_bytes_is_quick_and_loses_nothing():
         p = ctx.Process(target=_send_big, args=(w, size, rw))
         p.start()
         n = rr.recv()
-        sent = []
-        t = threading.Timer(after, lambda: (sent.append(time.monotonic()),
-                                            os.kill(os.getpid(), signal.SIGINT)))
         t0 = time.monotonic()
-        if after is not None:
-            t.start()
-        lat = None
-        got = []
-        try:
-            got.append(r.recv_bytes())
-            if after is not None:
-                t.join()
-            time.sleep(0.01)
-        except KeyboardInterrupt:
-            if after is not None:
-                t.join()
-            if not got:
-                lat = time.monotonic() - sent[0]
+        if after is None:
+            data, lat = r.recv_bytes(), None
+        else:
+            data, lat = call_with_sigint(r.recv_bytes, after)
         took = time.monotonic() - t0
-        data = got[0] if got else r.recv_bytes()
         assert len(data) == n and data[:251] == bytes(range(251)) and data[-251:] == data[:251]
         assert r.recv_bytes() == b'next'
         p.join(30)

@@ -76,8 +76,9 @@ def test_interrupt_caught_sets_own_exit_code(ctx, tmp_path):
     # Once (CI, 3.11 spawn, loaded machine) the child slept on as if SIGINT had not come: say
     # what the child's signal state was if that happens again, and leave no child to the tests
     # after this one.
-    state = _signal_state(p.pid) if p.exitcode is None else ''
+    state = ''
     if p.exitcode is None:
+        state = _signal_state(p.pid)
         p.kill()
         p.join(10)
     assert state == '' and p.exitcode == 7, state

@@ -13,7 +13,7 @@ import time
 import pytest
 
 import cpool
-from conftest import sigint_after
+from conftest import call_with_sigint, sigint_after
 
 # The standard library has no equivalent promise to compare with here: its put() hands the
 # item to a feeder thread (Ctrl-C never lands in the copy) and an interrupted get() leaves its
@@ -86,28 +86,13 @@ def test_retried_get_after_ctrl_c_returns_the_whole_message(kind):
     interrupted = 0
     for f in FRACTIONS:
         q.put(item)
-        got, stopped = _get_with_sigint(q, f * duration)
-        interrupted += stopped
+        got, latency = call_with_sigint(lambda: q.get(timeout=30), f * duration)
+        interrupted += latency is not None
         assert type(got) is type(item) and got == item
         other = item[: len(item) // 2]
         q.put(other)
         assert q.get(timeout=30) == other
     assert interrupted >= 2  # the signal did land inside get() (else the test proves nothing)
-
-
-def _get_with_sigint(q, after):
-    """(message, interrupted): q.get() with SIGINT sent `after` s into it, retried if it landed."""
-    t = sigint_after(after)
-    got = []
-    try:
-        got.append(q.get(timeout=30))
-        t.join()
-        time.sleep(0.01)  # a signal that came after get() returned lands here, outside it
-    except KeyboardInterrupt:
-        t.join()
-    if got:
-        return got[0], False
-    return q.get(timeout=30), True
 
 
 def test_interrupted_put_enqueues_nothing():

@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 
-from conftest import open_fds
+from conftest import open_fds, sigint_after
 
 
 # ---- run in children (module level, so spawn and forkserver can find them) ----
@@ -559,13 +559,7 @@ def _blocked_call(what):
 def test_sigint_interrupts_blocking_wait(what):
     call, check = _blocked_call(what)
     sent = []
-
-    def interrupt():
-        sent.append(time.monotonic())
-        os.kill(os.getpid(), signal.SIGINT)
-
-    timer = threading.Timer(0.2, interrupt)
-    timer.start()
+    timer = sigint_after(0.2, sent)
     with pytest.raises(KeyboardInterrupt):
         call()
     elapsed = time.monotonic() - sent[0]

@@ -87,11 +87,13 @@ def table(doc):
                      'of the limit min(workers, CPUs) = %d' % limit)
     lines.append('')
     shown = [m for m in modules if m != SERIAL] + ([SERIAL] if with_serial else [])
-    head = ['case', 'unit', base]
-    for m in shown[1:]:
-        head += [m] if m == SERIAL else [m, 'ratio'] + (['vs serial'] if with_serial else [])
-    if with_serial:
-        head.insert(3, 'vs serial')
+    head = ['case', 'unit']
+    for mod in shown:  # the same columns per module as each row below
+        head.append(mod)
+        if mod not in (base, SERIAL):
+            head.append('ratio')
+        if with_serial and mod != SERIAL:
+            head.append('vs serial')
     rows = []
     for name, case in results.items():
         row = [name, case['unit']]
