@@ -27,8 +27,10 @@ Beyond the standard library:
     back on its own and a worker that finds them slow gives back the ones it has not started.
 """
 import collections
+import io
 import itertools
 import os
+import pickle
 import queue
 import signal
 import sys
@@ -56,6 +58,18 @@ job_counter = itertools.count()
 
 TASK_RING_BYTES = 4 << 20
 RESULT_RING_BYTES = 4 << 20
+
+
+def _default_heap_bytes():
+    """Address space of a pool's buffer heap, where arguments and results exporting a large
+    buffer (numpy arrays...) are placed once and read in place: 1 GiB, of which only what
+    passes through is ever touched; a sixteenth of an address-space limit (ulimit -v) if one
+    is set."""
+    import resource
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 30
+    return max(16 << 20, min(1 << 30, soft // 16))
 
 
 def mapstar(args):
@@ -161,24 +175,49 @@ class _Channel(object):
 
     def __reduce__(self):
         context.assert_spawning(self)
+        heap = self.core.heap
         return _rebuild_channel, (reduction.DupFd(self.core.fd), self.core.size,
-                                  reduction.DupFd(self.core.wake_fd))
+                                  reduction.DupFd(self.core.wake_fd),
+                                  heap and (reduction.DupFd(heap[0]), heap[1]))
 
 
-def _rebuild_channel(dfd, size, wake_dfd):
+def _rebuild_channel(dfd, size, wake_dfd, heap=None):
     fd, wake_fd = dfd.detach(), wake_dfd.detach()
+    heap_fd, heap_size = (heap[0].detach(), heap[1]) if heap else (-1, 0)
     try:
-        core = _core.PoolCore._attach(fd, size, wake_fd)
+        core = _core.PoolCore._attach(fd, size, wake_fd, heap_fd, heap_size)
     finally:
         os.close(fd)
         os.close(wake_fd)
+        if heap_fd >= 0:
+            os.close(heap_fd)
     _set_helpers(core)
     return _Channel(core)
 
 
+class _PayloadPickler(pickle.Pickler):
+    """The pickler of task arguments and results that may hold buffers (protocol 5, large
+    buffers out of band in the pool's heap). A read-only numpy array goes as a writable copy:
+    with the standard library's protocol 4 every array arrives writable, and tasks that write
+    to their argument rely on it."""
+
+    def reducer_override(self, obj):
+        np = sys.modules.get('numpy')
+        if np is not None and isinstance(obj, np.ndarray) and not obj.flags.writeable:
+            f = obj.flags
+            return obj.copy(order='K' if f.c_contiguous or f.f_contiguous else 'C').__reduce_ex__(5)
+        return NotImplemented
+
+
+def _dumps_collecting(obj, buffer_callback):
+    f = io.BytesIO()
+    _PayloadPickler(f, 5, buffer_callback=buffer_callback).dump(obj)
+    return f.getvalue()
+
+
 def _set_helpers(core):
     core._set_helpers(_wrap_exception, _encoding_error, ApplyResult, MapResult,
-                      IMapIterator, IMapUnorderedIterator)
+                      IMapIterator, IMapUnorderedIterator, _dumps_collecting)
 
 
 def worker(channel, index, initializer=None, initargs=(), maxtasks=None, parent_pid=None):
@@ -336,7 +375,9 @@ class Pool(object):
     """A pool of worker processes, as multiprocessing.Pool.
 
     Extra keyword arguments (cpool's own): task_timeout=seconds for every task (a task may
-    also pass its own), task_ring_bytes / result_ring_bytes for the shared rings."""
+    also pass its own), task_ring_bytes / result_ring_bytes for the shared rings,
+    buffer_heap_bytes for the shared heap of large buffers (0: none, every buffer is pickled
+    in band; None: the default)."""
 
     _wrap_exception = True
 
@@ -346,7 +387,8 @@ class Pool(object):
 
     def __init__(self, processes=None, initializer=None, initargs=(),
                  maxtasksperchild=None, context=None, *, task_timeout=None,
-                 task_ring_bytes=TASK_RING_BYTES, result_ring_bytes=RESULT_RING_BYTES):
+                 task_ring_bytes=TASK_RING_BYTES, result_ring_bytes=RESULT_RING_BYTES,
+                 buffer_heap_bytes=None):
         self._pool = []
         self._state = INIT
         self._ctx = context or _default_context()
@@ -361,8 +403,11 @@ class Pool(object):
         self._initializer = initializer
         self._initargs = initargs
         self._maxtasksperchild = maxtasksperchild
+        if buffer_heap_bytes is None:
+            buffer_heap_bytes = _default_heap_bytes()
         self._core = core = _core.PoolCore(processes, task_ring_bytes, result_ring_bytes,
-                                           maxtasksperchild or 0, task_timeout)
+                                           maxtasksperchild or 0, task_timeout,
+                                           buffer_heap_bytes)
         _set_helpers(core)
         core._set_owner(weakref.ref(self))
         self._lock = threading.Lock()

@@ -84,6 +84,8 @@ static int cp_exec(PyObject *m)
         return -1;
     if (cp_exec_process(m) < 0)
         return -1;
+    if (cp_exec_pool_payload(m) < 0)
+        return -1;
     if (cp_exec_pool(m) < 0)
         return -1;
     if (cp_exec_queue(m) < 0)

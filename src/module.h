@@ -19,6 +19,7 @@ enum {
     CP_TYPE_QUEUE,
     CP_TYPE_POOL,
     CP_TYPE_POOLJOB,
+    CP_TYPE_BUFHEAP, CP_TYPE_HEAPBLOCK, CP_TYPE_HEAPCOLLECTOR, /* pool_payload.c */
     CP_TYPE_FORK_POPEN,
     CP_TYPE_EVENT, CP_TYPE_SHAREDBLOCK, CP_WARN_OWNER_DIED, CP_TYPE_CONDWAITERS, /* synchronize.c */
     CP_OBJ_PICKLE_DUMPS,   /* pickle.dumps / loads cached for the hot paths */
@@ -87,6 +88,7 @@ int cp_add_type(PyObject *module, int slot, PyType_Spec *spec, PyObject *base);
 /* Part initialisers, called from the module's exec slot; each returns 0 or -1. */
 int cp_exec_process(PyObject *module);
 int cp_exec_pool(PyObject *module);
+int cp_exec_pool_payload(PyObject *module);
 int cp_exec_connection(PyObject *module);
 int cp_exec_synchronize(PyObject *module);
 int cp_exec_queue(PyObject *module);

@@ -25,7 +25,7 @@
 
 #include "deadline.h"
 #include "futex.h"
-#include "pool_codec.h"
+#include "pool_payload.h"
 #include "shm.h"
 #include "spawn.h"
 #include "taskring.h"
@@ -86,7 +86,9 @@ typedef struct PoolCore {
     uint32_t *last_chunk;      /* per worker: chunk index of its last result */
     PyObject *batches;         /* dict: task_seq -> (args, enc, kind, first, n) of messages of
                                   several chunks in flight, so chunks a dead worker never
-                                  started can be sent again */
+                                  started can be sent again (args: the encoded bytes, or the
+                                  chunks themselves when their buffers went to the heap) */
+    PyObject *heap;            /* BufferHeap of large buffers, or NULL */
     uint64_t *timed_out;       /* per worker: task_seq killed for overrunning its timeout */
     int *pidfds;
     pid_t *pids;
@@ -147,48 +149,16 @@ static PyObject *module_of(PyObject *self)
     return PyType_GetModuleByDef(Py_TYPE(self), &cp_moduledef);
 }
 
-/* ---- encoding: our compact form for plain values, pickle (protocol 5) for the rest ---- */
+/* ---- payloads (pool_payload.c): plain form, pickle with buffers in the heap, pickle ---- */
 
-static PyObject *pickle_dumps(cp_state *st, PyObject *o)
+static int encode_to(PoolCore *c, cp_state *st, bytebuf *b, PyObject *o, uint32_t *enc)
 {
-    PyObject *proto = PyLong_FromLong(5);
-    if (!proto)
-        return NULL;
-    PyObject *args[2] = {o, proto};
-    PyObject *r = PyObject_Vectorcall(st->slot[CP_OBJ_PICKLE_DUMPS], args, 2, NULL);
-    Py_DECREF(proto);
-    return r;
+    return cp_payload_encode(st, c->heap, b, o, enc);
 }
 
-/* Append the encoding of o to b (straight into the message being built). 0 or -1. */
-static int encode_to(cp_state *st, bytebuf *b, PyObject *o, uint32_t *enc)
+static PyObject *decode(PoolCore *c, cp_state *st, const uint8_t *buf, uint64_t len, uint32_t enc)
 {
-    int r = cp_plain_encode_to(b, o);
-    if (r <= 0) {
-        *enc = CP_ENC_PLAIN;
-        return r;
-    }
-    *enc = CP_ENC_PICKLE;
-    PyObject *pk = pickle_dumps(st, o);
-    if (!pk)
-        return -1;
-    r = buf_append(b, PyBytes_AS_STRING(pk), (size_t)PyBytes_GET_SIZE(pk));
-    Py_DECREF(pk);
-    if (r < 0)
-        PyErr_NoMemory();
-    return r;
-}
-
-static PyObject *decode(cp_state *st, const uint8_t *buf, uint64_t len, uint32_t enc)
-{
-    if (enc == CP_ENC_PLAIN)
-        return cp_plain_decode(buf, len);
-    PyObject *mv = PyMemoryView_FromMemory((char *)buf, (Py_ssize_t)len, PyBUF_READ);
-    if (!mv)
-        return NULL;
-    PyObject *r = PyObject_CallOneArg(st->slot[CP_OBJ_PICKLE_LOADS], mv);
-    Py_DECREF(mv);
-    return r;
+    return cp_payload_decode(st, c->heap, buf, len, enc);
 }
 
 static int64_t timeout_arg(PyObject *o, int *err)
@@ -290,7 +260,7 @@ static int build_task(PoolCore *c, cp_state *st, PoolJob *job, int kind, uint32_
     b->len = sizeof h;
     buf_append(b, PyBytes_AS_STRING(func_bytes), h.func_len);
     size_t args_at = b->len;
-    if (encode_to(st, b, chunks, &h.flags) < 0)
+    if (encode_to(c, st, b, chunks, &h.flags) < 0)
         goto done;
     if (b->len - args_at > UINT32_MAX - 4096) {
         PyErr_SetString(PyExc_OverflowError, "task arguments larger than 4 GiB");
@@ -301,8 +271,13 @@ static int build_task(PoolCore *c, cp_state *st, PoolJob *job, int kind, uint32_
     memcpy(b->buf, &h, sizeof h);
     if (n > 1) {
         PyObject *key = PyLong_FromUnsignedLongLong(h.task_seq);
-        PyObject *v = key ? Py_BuildValue("(y#IiII)", (const char *)b->buf + args_at,
-                                          (Py_ssize_t)h.args_len, h.flags, kind, first, n) : NULL;
+        /* Arguments with blocks in the heap are kept as objects: the blocks are the
+           worker's to free once it has read them, so a resend encodes them afresh. */
+        PyObject *v = !key ? NULL
+                      : h.flags == CP_ENC_PICKLE5
+                          ? Py_BuildValue("(OIiII)", chunks, h.flags, kind, first, n)
+                          : Py_BuildValue("(y#IiII)", (const char *)b->buf + args_at,
+                                          (Py_ssize_t)h.args_len, h.flags, kind, first, n);
         int r = v ? PyDict_SetItem(c->batches, key, v) : -1;
         Py_XDECREF(key);
         Py_XDECREF(v);
@@ -326,7 +301,7 @@ static PyObject *func_bytes_of(PoolCore *c, cp_state *st, PyObject *func)
         PyErr_Format(PyExc_TypeError, "'%.200s' object is not callable", Py_TYPE(func)->tp_name);
         return NULL;
     }
-    PyObject *b = pickle_dumps(st, func);
+    PyObject *b = cp_pickle_dumps(st, func);
     if (!b)
         return NULL;
     if (PyFunction_Check(func) || PyCFunction_Check(func)) {
@@ -831,13 +806,15 @@ static PoolJob *lookup_job(PoolCore *c, uint64_t id)
 static int resend_rest(PoolCore *c, cp_state *st, PoolJob *j, PyObject *batch, uint32_t from,
                        int split)
 {
-    PyObject *args_bytes;
+    PyObject *args;
     unsigned int enc, first, n;
     int kind;
-    if (!PyArg_ParseTuple(batch, "OIiII", &args_bytes, &enc, &kind, &first, &n))
+    if (!PyArg_ParseTuple(batch, "OIiII", &args, &enc, &kind, &first, &n))
         return -1;
-    PyObject *chunks = decode(st, (const uint8_t *)PyBytes_AS_STRING(args_bytes),
-                              (uint64_t)PyBytes_GET_SIZE(args_bytes), enc);
+    PyObject *chunks = enc == CP_ENC_PICKLE5
+                           ? Py_NewRef(args)
+                           : decode(c, st, (const uint8_t *)PyBytes_AS_STRING(args),
+                                    (uint64_t)PyBytes_GET_SIZE(args), enc);
     if (!chunks)
         return -1;
     int r = 0;
@@ -890,8 +867,11 @@ static int process_result(PoolCore *c, cp_state *st, uint32_t w, const uint8_t *
     }
     h.status &= CP_RES_STATUS;
     PoolJob *j = lookup_job(c, h.job_id);
-    if (!j)
-        return PyErr_Occurred() ? -1 : 0; /* the job already failed: late chunks are dropped */
+    if (!j) {
+        /* The job already failed: late chunks are dropped, their heap blocks with them. */
+        cp_payload_drop(c->heap, msg + sizeof h, len - sizeof h, h.flags);
+        return PyErr_Occurred() ? -1 : 0;
+    }
     Py_INCREF(j);
     int rc = -1;
     if (j->kind == JOB_MAP && !j->complete && h.status == CP_RES_OK && h.nchunks == 1 &&
@@ -911,7 +891,7 @@ static int process_result(PoolCore *c, cp_state *st, uint32_t w, const uint8_t *
             return -1;
         }
     }
-    PyObject *out = decode(st, msg + sizeof h, len - sizeof h, h.flags);
+    PyObject *out = decode(c, st, msg + sizeof h, len - sizeof h, h.flags);
     if (!out) {
         /* Cannot unpickle the result here: that is the task's outcome. */
         PyObject *exc = cp_fetch_exc();
@@ -1277,6 +1257,8 @@ static PyObject *core_worker_lost(PoolCore *c, PyObject *const *args, Py_ssize_t
         }
         Py_XDECREF(batch);
     }
+    /* The blocks of the arguments it had read are freed with it. */
+    cp_bufheap_reclaim(c->heap, (int32_t)w);
     atomic_store(&s->task_seq, 0);
     atomic_store(&s->busy, 0);
     atomic_store(&s->leaving, 0);
@@ -1623,7 +1605,7 @@ static PyObject *worker_func(cp_state *st, func_cache_entry *cache, const uint8_
             memcmp(PyBytes_AS_STRING(cache[i].bytes), b, n) == 0)
             return cache[i].func;
     }
-    PyObject *f = decode(st, b, n, CP_ENC_PICKLE);
+    PyObject *f = cp_payload_decode(st, NULL, b, n, CP_ENC_PICKLE);
     if (!f)
         return NULL;
     PyObject *key = PyBytes_FromStringAndSize((const char *)b, n);
@@ -1726,7 +1708,7 @@ static int encode_outcome(PoolCore *c, cp_state *st, bytebuf *out, PyObject *val
                 PyTuple_SET_ITEM(payload, i, pair);
             }
         }
-        int r = encode_to(st, out, payload, enc);
+        int r = encode_to(c, st, out, payload, enc);
         Py_DECREF(payload);
         if (r == 0 || attempt)
             return r;
@@ -1738,8 +1720,10 @@ static int encode_outcome(PoolCore *c, cp_state *st, bytebuf *out, PyObject *val
             uint32_t e;
             PyObject *v = PyTuple_GET_ITEM(vals, i);
             probe.len = 0;
-            if (encode_to(st, &probe, v, &e) == 0)
+            if (encode_to(c, st, &probe, v, &e) == 0) {
+                cp_payload_drop(c->heap, probe.buf, probe.len, e);
                 continue;
+            }
             PyObject *exc = cp_fetch_exc();
             PyObject *err = c->encoding_error ? PyObject_CallFunctionObjArgs(c->encoding_error, exc, v, NULL)
                                               : NULL;
@@ -1806,6 +1790,7 @@ static PyObject *core_worker_loop(PoolCore *c, PyObject *const *args, Py_ssize_t
     cp_state *st = cp_get_state(module_of((PyObject *)c));
     cp_tr_slot_t *slot = cp_pool_slot(c->p, (uint32_t)w);
     atomic_store(&slot->pid, (int32_t)getpid());
+    cp_bufheap_set_holder(c->heap, (int32_t)w); /* blocks it reads are its own to free */
     parent_watch pw = {(pid_t)ppid, cp_pidfd_open((pid_t)ppid), 0};
     if (pw.pidfd == -ESRCH)
         Py_RETURN_NONE; /* the pool is gone already */
@@ -1825,7 +1810,7 @@ static PyObject *core_worker_loop(PoolCore *c, PyObject *const *args, Py_ssize_t
         memcpy(&h, in.buf, sizeof h);
         const uint8_t *fb = in.buf + sizeof h, *ab = fb + h.func_len;
         PyObject *func = worker_func(st, cache, fb, h.func_len);
-        PyObject *chunks = func ? decode(st, ab, h.args_len, h.flags) : NULL;
+        PyObject *chunks = func ? decode(c, st, ab, h.args_len, h.flags) : NULL;
         if (chunks && (!PyTuple_Check(chunks) || PyTuple_GET_SIZE(chunks) != h.nchunks)) {
             Py_CLEAR(chunks);
             PyErr_SetString(PyExc_RuntimeError, "malformed task");
@@ -1882,6 +1867,10 @@ static PyObject *core_worker_loop(PoolCore *c, PyObject *const *args, Py_ssize_t
                               (h.nchunks > 1 ? CP_RES_BATCH : 0);
             cp_res_hdr_t rh = {h.job_id, h.task_seq, h.first_chunk + i, 1, status, enc};
             memcpy(out.buf, &rh, sizeof rh);
+            /* The result's blocks are the parent's from here: were this worker to die before
+               publishing, they would leak rather than be freed under the parent's feet. */
+            cp_payload_hand_over(c->heap, out.buf + sizeof rh, out.len - sizeof rh, enc,
+                                 CP_HEAP_PARENT);
             if (worker_publish(c, (uint32_t)w, &out, &pw) < 0) {
                 Py_XDECREF(chunks);
                 Py_XDECREF(setup_err);
@@ -1949,14 +1938,16 @@ static int core_alloc_arrays(PoolCore *c, uint32_t n)
     return 0;
 }
 
-/* PoolCore(nworkers, task_ring_bytes, result_ring_bytes, maxtasks, task_timeout) */
+/* PoolCore(nworkers, task_ring_bytes, result_ring_bytes, maxtasks, task_timeout, heap_bytes):
+   heap_bytes 0 means no heap (every buffer in band). */
 static PyObject *core_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
 {
     unsigned int n;
-    unsigned long long tcap, rcap;
+    unsigned long long tcap, rcap, heap_bytes = 0;
     unsigned int maxtasks;
     PyObject *tmo = Py_None;
-    if (!PyArg_ParseTuple(args, "IKKI|O:PoolCore", &n, &tcap, &rcap, &maxtasks, &tmo))
+    if (!PyArg_ParseTuple(args, "IKKI|OK:PoolCore", &n, &tcap, &rcap, &maxtasks, &tmo,
+                          &heap_bytes))
         return NULL;
     if (n < 1 || n > 4096) {
         PyErr_SetString(PyExc_ValueError, "Number of processes must be at least 1");
@@ -2000,23 +1991,31 @@ static PyObject *core_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
         PyErr_SetFromErrnoWithFilename(PyExc_OSError, "eventfd");
         goto fail;
     }
+    if (heap_bytes) {
+        c->heap = cp_bufheap_create(module_of((PyObject *)c), heap_bytes);
+        if (!c->heap)
+            goto fail;
+    }
     return (PyObject *)c;
 fail:
     Py_DECREF(c);
     return NULL;
 }
 
-/* _attach(fd, size, wake_fd): the worker's view of a pool handed over by fd (spawn,
-   forkserver). Both fds stay the caller's: the segment is mapped, the eventfd duplicated. */
+/* _attach(fd, size, wake_fd, heap_fd, heap_size): the worker's view of a pool handed over by
+   fd (spawn, forkserver); heap_fd -1 when the pool has no heap. The fds stay the caller's:
+   the segments are mapped, the eventfd duplicated. */
 static PyObject *core_attach(PyObject *cls, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "_attach(fd, size, wake_fd)");
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "_attach(fd, size, wake_fd, heap_fd, heap_size)");
         return NULL;
     }
     long fd = PyLong_AsLong(args[0]);
     unsigned long long size = PyLong_AsUnsignedLongLong(args[1]);
     long wfd = PyLong_AsLong(args[2]);
+    long hfd = PyLong_AsLong(args[3]);
+    unsigned long long hsize = PyLong_AsUnsignedLongLong(args[4]);
     if (PyErr_Occurred())
         return NULL;
     PyTypeObject *tp = (PyTypeObject *)cls;
@@ -2049,6 +2048,10 @@ static PyObject *core_attach(PyObject *cls, PyObject *const *args, Py_ssize_t na
         Py_DECREF(c);
         return NULL;
     }
+    if (hfd >= 0 && !(c->heap = cp_bufheap_attach(module_of((PyObject *)c), (int)hfd, hsize))) {
+        Py_DECREF(c);
+        return NULL;
+    }
     return (PyObject *)c;
 }
 
@@ -2063,13 +2066,16 @@ static PyObject *core_set_owner(PoolCore *c, PyObject *ref)
     Py_RETURN_NONE;
 }
 
-/* _set_helpers(wrap_exc, encoding_error, ApplyResult, MapResult, IMapIterator, IMapUnorderedIterator) */
+/* _set_helpers(wrap_exc, encoding_error, ApplyResult, MapResult, IMapIterator,
+                 IMapUnorderedIterator, dumps_collecting) */
 static PyObject *core_set_helpers(PoolCore *c, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "_set_helpers(wrap_exc, encoding_error, 4 classes)");
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError,
+                        "_set_helpers(wrap_exc, encoding_error, 4 classes, dumps_collecting)");
         return NULL;
     }
+    cp_bufheap_set_dumps(c->heap, args[6]);
     Py_XSETREF(c->wrap_exc, Py_NewRef(args[0]));
     Py_XSETREF(c->encoding_error, Py_NewRef(args[1]));
     for (int i = 0; i < 4; i++) {
@@ -2092,6 +2098,7 @@ static int core_traverse(PoolCore *c, visitproc visit, void *arg)
     Py_VISIT(c->wrap_exc);
     Py_VISIT(c->encoding_error);
     Py_VISIT(c->owner);
+    Py_VISIT(c->heap);
     for (int i = 0; i < 4; i++)
         Py_VISIT(c->cls[i]);
     return 0;
@@ -2106,6 +2113,7 @@ static int core_clear(PoolCore *c)
     Py_CLEAR(c->wrap_exc);
     Py_CLEAR(c->encoding_error);
     Py_CLEAR(c->owner);
+    Py_CLEAR(c->heap);
     for (int i = 0; i < 4; i++)
         Py_CLEAR(c->cls[i]);
     return 0;
@@ -2171,6 +2179,20 @@ static PyObject *core_get_njobs(PoolCore *c, void *closure)
     return PyLong_FromSsize_t(c->jobs ? PyDict_GET_SIZE(c->jobs) : 0);
 }
 
+/* The buffer heap: (fd, size) for handing it to a spawned worker, or None. */
+static PyObject *core_get_heap(PoolCore *c, void *closure)
+{
+    if (!c->heap)
+        Py_RETURN_NONE;
+    return Py_BuildValue("(iK)", cp_bufheap_fd(c->heap),
+                         (unsigned long long)cp_bufheap_size(c->heap));
+}
+
+static PyObject *core_get_heap_used(PoolCore *c, void *closure)
+{
+    return PyLong_FromUnsignedLongLong(c->heap ? cp_bufheap_used(c->heap) : 0);
+}
+
 static PyObject *core_get_busy(PoolCore *c, void *closure)
 {
     /* Slots of workers running a task (introspection and tests). */
@@ -2194,6 +2216,8 @@ static PyGetSetDef core_getset[] = {
     {"state", (getter)core_get_state, NULL, "0 running, 1 closed, 2 terminated", NULL},
     {"busy", (getter)core_get_busy, NULL, "slots of workers running a task", NULL},
     {"njobs", (getter)core_get_njobs, NULL, "jobs whose results are still expected", NULL},
+    {"heap", (getter)core_get_heap, NULL, "(fd, size) of the buffer heap, or None", NULL},
+    {"heap_used", (getter)core_get_heap_used, NULL, "bytes of the buffer heap in blocks", NULL},
     {NULL},
 };
 

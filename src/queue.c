@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "deadline.h"
+#include "pool_payload.h"
 #include "ring.h"
 
 /* Record kinds. Exact builtin types skip pickle altogether (subclasses are pickled). */
@@ -106,48 +107,13 @@ static void set_single(encoded *e, uint32_t kind, const void *base, size_t len)
     e->msg.len = len;
 }
 
-/* Could pickling obj produce out-of-band buffers? Only objects exporting a buffer do (numpy
-   arrays, PickleBuffer...; bytes and bytearray pickle in band anyway). Plain containers of
-   plain values are checked two levels deep; anything else is assumed to, which costs only the
-   callback. Skipping the callback saves a third of the time of pickling a small tuple. */
-static int may_have_buffers(PyObject *obj, int depth)
-{
-    PyTypeObject *tp = Py_TYPE(obj);
-    if (obj == Py_None || tp == &PyLong_Type || tp == &PyFloat_Type || tp == &PyUnicode_Type ||
-        tp == &PyBytes_Type || tp == &PyByteArray_Type || tp == &PyBool_Type ||
-        tp == &PyComplex_Type)
-        return 0;
-    if (depth >= 2)
-        return 1;
-    if (tp == &PyTuple_Type || tp == &PyList_Type) {
-        Py_ssize_t n = PySequence_Fast_GET_SIZE(obj);
-        if (n > 64)
-            return 1;
-        for (Py_ssize_t i = 0; i < n; i++)
-            if (may_have_buffers(PySequence_Fast_GET_ITEM(obj, i), depth + 1))
-                return 1;
-        return 0;
-    }
-    if (tp == &PyDict_Type) {
-        if (PyDict_GET_SIZE(obj) > 64)
-            return 1;
-        Py_ssize_t pos = 0;
-        PyObject *k, *v;
-        while (PyDict_Next(obj, &pos, &k, &v))
-            if (may_have_buffers(k, depth + 1) || may_have_buffers(v, depth + 1))
-                return 1;
-        return 0;
-    }
-    return 1;
-}
-
 /* Pickle; with out-of-band buffers when obj may have some: the pickle, then each buffer copied
    straight from the object (e.g. a numpy array's data) into the ring. Falls back to in-band for
    non-contiguous buffers. Returns 0 or -1 with an exception (the put raises, nothing written). */
 static int encode_pickle(QueueObject *q, PyObject *obj, encoded *e)
 {
     PyObject *data;
-    if (!may_have_buffers(obj, 0)) {
+    if (!cp_may_have_buffers(obj, 0)) {
         PyObject *args[2] = {obj, q->protocol};
         if (!(data = PyObject_Vectorcall(q->dumps, args, 2, NULL)))
             return -1;

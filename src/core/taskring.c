@@ -10,6 +10,7 @@
 #include "deadline.h"
 #include "futex.h"
 #include "relax.h"
+#include "robust.h"
 
 static uint64_t pow2_at_least(uint64_t n)
 {
@@ -32,19 +33,6 @@ size_t cp_pool_shm_size(uint32_t nslots, uint64_t task_cap, uint64_t res_cap)
     return n;
 }
 
-static int init_lock(pthread_mutex_t *m)
-{
-    pthread_mutexattr_t a;
-    int r = pthread_mutexattr_init(&a);
-    if (r)
-        return -r;
-    if ((r = pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED)) == 0 &&
-        (r = pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST)) == 0)
-        r = pthread_mutex_init(m, &a);
-    pthread_mutexattr_destroy(&a);
-    return -r;
-}
-
 int cp_pool_shm_init(void *mem, size_t size, uint32_t nslots, uint64_t task_cap, uint64_t res_cap)
 {
     if (size < cp_pool_shm_size(nslots, task_cap, res_cap))
@@ -63,9 +51,9 @@ int cp_pool_shm_init(void *mem, size_t size, uint32_t nslots, uint64_t task_cap,
     off += p->tasks.cap;
     p->results.cap = pow2_at_least(res_cap);
     p->results.data_off = off;
-    int r = init_lock(&p->tasks.lock);
+    int r = cp_robust_init(&p->tasks.lock);
     if (r == 0)
-        r = init_lock(&p->results.lock);
+        r = cp_robust_init(&p->results.lock);
     return r;
 }
 
@@ -80,14 +68,9 @@ int cp_pool_shm_check(const void *mem, size_t size)
 
 int cp_tr_lock(cp_tr_t *r)
 {
-    int e = pthread_mutex_lock(&r->lock);
-    if (e == EOWNERDEAD) {
-        /* The holder was killed. Everything it changed is either published (head/tail moved)
-           or invisible, so the ring is consistent as it stands. */
-        pthread_mutex_consistent(&r->lock);
-        return 1;
-    }
-    return -e;
+    /* A holder killed mid-operation changed nothing visible: everything it did is either
+       published (head/tail moved) or invisible, so the ring is consistent as it stands. */
+    return cp_robust_lock(&r->lock);
 }
 
 void cp_tr_unlock(cp_tr_t *r)

@@ -97,8 +97,6 @@ enum { CP_RES_OK = 0, CP_RES_ERR = 1, CP_RES_STATUS = 0xff,
        CP_RES_LAST = 0x100,   /* the last result of its task message */
        CP_RES_BATCH = 0x200,  /* ... of a message of several chunks */
        CP_RES_RETURN = 0x400 };/* no result: chunks [first, first+n) given back unstarted */
-/* Encoding of a payload: a compact form for plain builtin values (much cheaper), else pickle. */
-enum { CP_ENC_PICKLE = 0, CP_ENC_PLAIN = 1 };
 
 /* Bytes of shared memory for nslots workers and the two rings (capacities rounded up to
    powers of two). */

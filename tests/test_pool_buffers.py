@@ -1,0 +1,269 @@
+"""Pool arguments and results that export large buffers (numpy arrays): placed once in the
+pool's shared heap and read there in place. Differential against multiprocessing (the same
+values, dtypes, shapes, memory order, writability), then what can go wrong: a full heap, a
+killed worker, results outliving the pool, a forked child holding them."""
+import gc
+import hashlib
+import os
+import pickle
+import signal
+import time
+
+import pytest
+
+np = pytest.importorskip('numpy')
+
+import cpool  # noqa: E402
+
+MB = 1 << 20
+
+
+# ---- task functions (module level: they travel by name) ----
+
+def describe(a):
+    """What a receiver can tell about an array, as plain values."""
+    if not isinstance(a, np.ndarray):
+        return (type(a).__name__, a if not isinstance(a, (bytes, bytearray)) else
+                hashlib.sha1(a).hexdigest())
+    f = a.flags
+    return ('ndarray', a.dtype.str, a.shape, a.strides if a.size else None, bool(f.writeable),
+            bool(f.c_contiguous), bool(f.f_contiguous),
+            hashlib.sha1(a.tobytes() if a.dtype != object else pickle.dumps(a.tolist())).hexdigest())
+
+
+def standardize(a):
+    return (a - a.mean()) / a.std()
+
+
+def identity(x):
+    return x
+
+
+def scale_in_place(a):
+    a *= 2  # the worker's copy is its own: writable, as in the standard library
+    return a
+
+
+def make_array(spec):
+    return build(spec)
+
+
+def pid_and_sum(a):
+    return os.getpid(), float(a.sum())
+
+
+def sum_then_die(a):
+    if a[0] < 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return float(a.sum())
+
+
+def keep_forever(a, _kept=[]):
+    _kept.append(a)  # held by the worker until it exits
+    return float(a.sum())
+
+
+def sleep_then_sum(a):
+    time.sleep(0.2)
+    return float(a.sum())
+
+
+# ---- the arrays ----
+
+def build(spec):
+    rng = np.random.default_rng(7)
+    big = rng.random(MB // 8 * 3)  # 3 MB, above the heap's unit
+    if spec == 'c_big':
+        return big
+    if spec == 'small':
+        return rng.random(100)
+    if spec == 'fortran':
+        return np.asfortranarray(big.reshape(768, 512))
+    if spec == 'strided':
+        return big[::3]
+    if spec == 'readonly':
+        b = big.copy()
+        b.flags.writeable = False
+        return b
+    if spec == 'readonly_fortran':
+        b = np.asfortranarray(big.reshape(768, 512))
+        b.flags.writeable = False
+        return b
+    if spec == 'readonly_strided':
+        b = big.reshape(768, 512)[::2, ::3]
+        b.flags.writeable = False
+        return b
+    if spec == 'empty':
+        return np.zeros((0, 5))
+    if spec == 'int8_2d':
+        return rng.integers(-100, 100, size=(1024, 2048), dtype=np.int8)
+    if spec == 'record':
+        r = np.zeros(200_000, dtype=[('id', '<i4'), ('score', '<f8'), ('tag', 'S3')])
+        r['id'] = np.arange(r.size)
+        r['score'] = rng.random(r.size)
+        return r
+    if spec == 'objects':
+        return np.array(['read%d' % i for i in range(20_000)], dtype=object)
+    if spec == 'bytes':
+        return bytes(rng.integers(0, 256, 2 * MB, dtype=np.uint8))
+    if spec == 'bytearray':
+        return bytearray(rng.integers(0, 256, 2 * MB, dtype=np.uint8))
+    raise ValueError(spec)
+
+
+SPECS = ['c_big', 'small', 'fortran', 'strided', 'readonly', 'readonly_fortran',
+         'readonly_strided', 'empty', 'int8_2d', 'record',
+         'objects', 'bytes', 'bytearray']
+
+
+def run_both(fn):
+    """fn(module) for multiprocessing and cpool; both outcomes."""
+    import multiprocessing
+    return fn(multiprocessing), fn(cpool)
+
+
+@pytest.mark.parametrize('spec', SPECS)
+def test_argument_arrives_as_sent(spec):
+    def case(mp):
+        with mp.get_context('fork').Pool(2) as p:
+            return p.map(describe, [build(spec)] * 3)
+    std, ours = run_both(case)
+    assert ours == std
+    assert ours[0][-1] == describe(build(spec))[-1]  # the same content
+
+
+@pytest.mark.parametrize('spec', SPECS)
+def test_result_arrives_as_made(spec):
+    def case(mp):
+        with mp.get_context('fork').Pool(2) as p:
+            return [describe(r) for r in p.map(make_array, [spec] * 3)]
+    std, ours = run_both(case)
+    assert ours == std
+
+
+def test_worker_may_write_its_argument_and_the_caller_its_result():
+    a = build('c_big')
+    def case(mp):
+        with mp.get_context('fork').Pool(2) as p:
+            out = p.apply(scale_in_place, (a,))
+            out += 1  # results are writable too
+            return describe(out)
+    std, ours = run_both(case)
+    assert ours == std
+    assert np.array_equal(a, build('c_big'))  # the caller's array is not touched
+
+
+def test_memoryview_argument_fails_as_in_the_standard_library():
+    mv = memoryview(bytearray(2 * MB))
+    def case(mp):
+        with mp.get_context('fork').Pool(1) as p:
+            with pytest.raises(TypeError) as ei:
+                p.apply(identity, (mv,))
+            return type(ei.value)
+    std, ours = run_both(case)
+    assert ours is std
+
+
+def test_large_results_in_order_with_callbacks(start_method):
+    arrays = [np.full(MB // 8 * 2, float(i)) for i in range(12)]
+    def case(mp):
+        with mp.get_context(start_method).Pool(2) as p:
+            got = []
+            rs = [p.apply_async(standardize, (a + np.arange(a.size),),
+                                callback=lambda r: got.append(float(r[0])))
+                  for a in arrays]
+            applied = [describe(r.get(60)) for r in rs]
+            mapped = [describe(r) for r in p.imap(standardize, arrays[:4])]
+            unordered = sorted(describe(r) for r in p.imap_unordered(identity, arrays[:4]))
+            return applied, mapped, unordered, sorted(got)
+    std, ours = run_both(case)
+    assert ours == std
+
+
+def test_results_read_in_place_free_their_blocks():
+    with cpool.Pool(2) as p:
+        p.map(abs, range(4))
+        out = p.map(standardize, [np.ones(MB) + i for i in range(6)], chunksize=1)
+        assert p._core.heap_used >= 6 * 8 * MB  # the results live in the heap
+        del out
+        gc.collect()
+        deadline = time.monotonic() + 10
+        while p._core.heap_used and time.monotonic() < deadline:
+            time.sleep(0.02)  # the workers free their arguments after the task
+        assert p._core.heap_used == 0
+
+
+def test_results_outlive_the_pool():
+    p = cpool.Pool(2)
+    out = p.map(make_array, ['c_big', 'int8_2d'])
+    p.terminate()
+    p.join()
+    del p
+    gc.collect()
+    assert describe(out[0]) == describe(build('c_big'))
+    assert describe(out[1]) == describe(build('int8_2d'))
+    out[0][:] = 0  # still writable memory
+    assert not out[0].any()
+
+
+def test_a_full_heap_falls_back_to_the_pickle():
+    arrays = [np.arange(MB, dtype=np.float64) + i for i in range(10)]  # 80 MB > the heap
+    with cpool.Pool(2, buffer_heap_bytes=16 * MB) as p:
+        out = p.map(standardize, arrays, chunksize=1)
+        assert p._core.heap is not None
+    for a, o in zip(arrays, out):
+        assert np.allclose(o, standardize(a))
+
+
+def test_no_heap_at_all_still_works():
+    with cpool.Pool(2, buffer_heap_bytes=0) as p:
+        assert p._core.heap is None
+        out = p.map(standardize, [build('c_big')])
+    assert np.allclose(out[0], standardize(build('c_big')))
+
+
+def test_killed_worker_gives_back_the_blocks_it_read():
+    with cpool.Pool(2) as p:
+        p.map(abs, range(4))
+        bad = -np.ones(MB // 8 * 4)
+        with pytest.raises(cpool.WorkerLostError):
+            p.apply(sum_then_die, (bad,))
+        # The pool keeps serving, and the dead worker's argument is freed with it.
+        assert p.apply(sum_then_die, (np.ones(MB),)) == float(MB)
+        deadline = time.monotonic() + 10
+        while p._core.heap_used and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert p._core.heap_used == 0
+
+
+def test_blocks_a_worker_keeps_are_freed_when_it_leaves():
+    with cpool.Pool(1, maxtasksperchild=2) as p:
+        sums = p.map(keep_forever, [np.ones(MB) * i for i in range(4)], chunksize=1)
+        assert sums == [float(MB * i) for i in range(4)]
+        deadline = time.monotonic() + 10
+        while p._core.heap_used and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert p._core.heap_used == 0
+
+
+def test_forked_child_dropping_inherited_results_frees_nothing():
+    with cpool.Pool(2) as p:
+        out = p.map(make_array, ['c_big'] * 2)
+        used = p._core.heap_used
+        child = cpool.get_context('fork').Process(target=out.clear)
+        child.start()
+        child.join(30)
+        assert child.exitcode == 0
+        assert p._core.heap_used == used
+        assert describe(out[0]) == describe(build('c_big'))
+
+
+def test_arguments_of_a_terminated_pool_do_not_break_the_next():
+    p = cpool.Pool(2)
+    rs = [p.apply_async(sleep_then_sum, (np.ones(MB) * i,)) for i in range(8)]
+    time.sleep(0.1)
+    p.terminate()
+    p.join()
+    assert not all(r.ready() and r.successful() for r in rs)
+    with cpool.Pool(2) as q:
+        assert q.map(pid_and_sum, [np.ones(MB)])[0][1] == float(MB)
