@@ -515,8 +515,45 @@ void cp_payload_hand_over(PyObject *heap, const uint8_t *buf, uint64_t len, uint
     each_block(heap, buf, len, enc, cp_heap_set_holder, holder);
 }
 
+/* ---- module functions (tests and benchmarks of the codec) ---- */
+
+static PyObject *payload_encode(PyObject *module, PyObject *o)
+{
+    cp_buf b = {0};
+    uint32_t enc;
+    if (cp_payload_encode(cp_get_state(module), NULL, &b, o, &enc) < 0) {
+        PyMem_RawFree(b.buf);
+        return NULL;
+    }
+    PyObject *r = Py_BuildValue("(Iy#)", enc, (const char *)b.buf, (Py_ssize_t)b.len);
+    PyMem_RawFree(b.buf);
+    return r;
+}
+
+static PyObject *payload_decode(PyObject *module, PyObject *args)
+{
+    unsigned int enc;
+    Py_buffer v;
+    if (!PyArg_ParseTuple(args, "Iy*:_payload_decode", &enc, &v))
+        return NULL;
+    PyObject *r = enc == CP_ENC_PICKLE5 ? corrupt()
+                  : cp_payload_decode(cp_get_state(module), NULL, v.buf, (uint64_t)v.len, enc);
+    PyBuffer_Release(&v);
+    return r;
+}
+
+static PyMethodDef payload_functions[] = {
+    {"_payload_encode", payload_encode, METH_O,
+     "_payload_encode(obj) -> (encoding, bytes): a pool payload as a worker would get it "
+     "(no heap: every buffer in band). 1 is the plain form, 0 pickle."},
+    {"_payload_decode", payload_decode, METH_VARARGS, "_payload_decode(encoding, bytes) -> obj"},
+    {NULL},
+};
+
 int cp_exec_pool_payload(PyObject *module)
 {
+    if (PyModule_AddFunctions(module, payload_functions) < 0)
+        return -1;
     if (cp_add_type(module, CP_TYPE_BUFHEAP, &bufheap_spec, NULL) < 0 ||
         cp_add_type(module, CP_TYPE_HEAPBLOCK, &block_spec, NULL) < 0 ||
         cp_add_type(module, CP_TYPE_HEAPCOLLECTOR, &collector_spec, NULL) < 0)
