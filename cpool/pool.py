@@ -43,6 +43,7 @@ from functools import partial
 
 from . import _core, _cpus, context, reduction, util
 from .context import ProcessError, TimeoutError, WorkerLostError  # noqa: F401
+from ._pool_stats import PoolStats
 from .connection import wait  # noqa: F401  (names the stdlib module has)
 get_context = context._default_context.get_context  # a name the stdlib module has
 
@@ -377,7 +378,7 @@ class Pool(object):
     Extra keyword arguments (cpool's own): task_timeout=seconds for every task (a task may
     also pass its own), task_ring_bytes / result_ring_bytes for the shared rings,
     buffer_heap_bytes for the shared heap of large buffers (0: none, every buffer is pickled
-    in band; None: the default)."""
+    in band; None: the default), stats=True to keep the time counters of stats()."""
 
     _wrap_exception = True
 
@@ -388,7 +389,7 @@ class Pool(object):
     def __init__(self, processes=None, initializer=None, initargs=(),
                  maxtasksperchild=None, context=None, *, task_timeout=None,
                  task_ring_bytes=TASK_RING_BYTES, result_ring_bytes=RESULT_RING_BYTES,
-                 buffer_heap_bytes=None):
+                 buffer_heap_bytes=None, stats=False):
         self._pool = []
         self._state = INIT
         self._ctx = context or _default_context()
@@ -407,7 +408,7 @@ class Pool(object):
             buffer_heap_bytes = _default_heap_bytes()
         self._core = core = _core.PoolCore(processes, task_ring_bytes, result_ring_bytes,
                                            maxtasksperchild or 0, task_timeout,
-                                           buffer_heap_bytes)
+                                           buffer_heap_bytes, stats)
         _set_helpers(core)
         core._set_owner(weakref.ref(self))
         self._lock = threading.Lock()
@@ -444,6 +445,14 @@ class Pool(object):
         cls = self.__class__
         return (f'<{cls.__module__}.{cls.__qualname__} state={self._state} '
                 f'pool_size={len(self._pool)}>')
+
+    def stats(self):
+        """Where the pool's time went since it started (a PoolStats; print it for a report,
+        subtract two for a span). Needs Pool(..., stats=True)."""
+        d = self._core.stats()
+        if not d['enabled']:
+            raise ValueError('this pool keeps no stats: create it with Pool(..., stats=True)')
+        return PoolStats._from_core(d)
 
     def _check_running(self):
         if self._state != RUN:

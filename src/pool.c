@@ -89,6 +89,9 @@ typedef struct PoolCore {
                                   started can be sent again (args: the encoded bytes, or the
                                   chunks themselves when their buffers went to the heap) */
     PyObject *heap;            /* BufferHeap of large buffers, or NULL */
+    int64_t created_ns;
+    int64_t st_encode_ns;      /* Pool(stats=True): building task messages, */
+    int64_t st_decode_ns;      /* ... taking results (decoding, storing, not callbacks) */
     uint64_t *timed_out;       /* per worker: task_seq killed for overrunning its timeout */
     int *pidfds;
     pid_t *pids;
@@ -247,6 +250,7 @@ static int build_task(PoolCore *c, cp_state *st, PoolJob *job, int kind, uint32_
     bytebuf local = {0}, *b = c->scratch_busy ? &local : &c->scratch;
     c->scratch_busy++;
     int rc = -1;
+    int64_t t0 = c->p->stats ? cp_now_ns() : 0;
     cp_task_hdr_t h = {0};
     h.job_id = job->id;
     h.timeout_ns = job->timeout_ns;
@@ -286,6 +290,8 @@ static int build_task(PoolCore *c, cp_state *st, PoolJob *job, int kind, uint32_
     }
     rc = send_msg(c, b);
 done:
+    if (t0)
+        c->st_encode_ns += cp_now_ns() - t0;
     c->scratch_busy--;
     PyMem_RawFree(local.buf);
     return rc;
@@ -833,8 +839,8 @@ static int resend_rest(PoolCore *c, cp_state *st, PoolJob *j, PyObject *batch, u
     return r;
 }
 
-static int process_result(PoolCore *c, cp_state *st, uint32_t w, const uint8_t *msg, uint64_t len,
-                          PyObject **finished)
+static int take_result(PoolCore *c, cp_state *st, uint32_t w, const uint8_t *msg, uint64_t len,
+                       PyObject **finished)
 {
     cp_res_hdr_t h;
     if (len < sizeof h)
@@ -925,6 +931,17 @@ static int process_result(PoolCore *c, cp_state *st, uint32_t w, const uint8_t *
 done:
     Py_DECREF(out);
     Py_DECREF(j);
+    return rc;
+}
+
+static int process_result(PoolCore *c, cp_state *st, uint32_t w, const uint8_t *msg, uint64_t len,
+                          PyObject **finished)
+{
+    if (!c->p->stats)
+        return take_result(c, st, w, msg, len, finished);
+    int64_t t0 = cp_now_ns();
+    int rc = take_result(c, st, w, msg, len, finished);
+    c->st_decode_ns += cp_now_ns() - t0;
     return rc;
 }
 
@@ -1502,6 +1519,16 @@ static int parent_gone_lately(parent_watch *pw)
 }
 
 /* Take the next task into buf. 1: got one; 0: time to leave; -1: exception. */
+/* Pool(stats=True): add the time since *mark to counter; *mark moves to now. */
+static inline void stat_add(int on, _Atomic uint64_t *counter, int64_t *mark)
+{
+    if (!on)
+        return;
+    int64_t now = cp_now_ns();
+    atomic_fetch_add_explicit(counter, (uint64_t)(now - *mark), memory_order_relaxed);
+    *mark = now;
+}
+
 static int worker_take(PoolCore *c, cp_tr_slot_t *slot, bytebuf *buf, parent_watch *pw)
 {
     cp_pool_shm_t *p = c->p;
@@ -1798,6 +1825,8 @@ static PyObject *core_worker_loop(PoolCore *c, PyObject *const *args, Py_ssize_t
     bytebuf in = {0}, out = {0};
     long ntasks = 0;
     PyObject *result = NULL;
+    int stats = c->p->stats;
+    int64_t mark = stats ? cp_now_ns() : 0;
     for (;;) {
         if (maxtasks > 0 && ntasks >= maxtasks)
             break;
@@ -1806,11 +1835,13 @@ static PyObject *core_worker_loop(PoolCore *c, PyObject *const *args, Py_ssize_t
             goto done;
         if (rc == 0)
             break;
+        stat_add(stats, &slot->st_wait_ns, &mark);
         cp_task_hdr_t h;
         memcpy(&h, in.buf, sizeof h);
         const uint8_t *fb = in.buf + sizeof h, *ab = fb + h.func_len;
         PyObject *func = worker_func(st, cache, fb, h.func_len);
         PyObject *chunks = func ? decode(c, st, ab, h.args_len, h.flags) : NULL;
+        stat_add(stats, &slot->st_decode_ns, &mark);
         if (chunks && (!PyTuple_Check(chunks) || PyTuple_GET_SIZE(chunks) != h.nchunks)) {
             Py_CLEAR(chunks);
             PyErr_SetString(PyExc_RuntimeError, "malformed task");
@@ -1842,6 +1873,9 @@ static PyObject *core_worker_loop(PoolCore *c, PyObject *const *args, Py_ssize_t
                 ok = r != NULL;
                 if (!r)
                     r = wrapped_exc(c);
+                stat_add(stats, &slot->st_run_ns, &mark);
+                if (stats)
+                    atomic_fetch_add_explicit(&slot->st_chunks, 1, memory_order_relaxed);
             }
             PyObject *vals = PyTuple_New(1);
             if (!vals) {
@@ -1876,6 +1910,7 @@ static PyObject *core_worker_loop(PoolCore *c, PyObject *const *args, Py_ssize_t
                 Py_XDECREF(setup_err);
                 goto done;
             }
+            stat_add(stats, &slot->st_encode_ns, &mark);
             if (i + 1 < h.nchunks && !setup_err && cp_tr_empty(&c->p->tasks) &&
                 cp_now_ns() - chunk_start > RETURN_AFTER_NS) {
                 /* Slow chunks and an empty ring: other workers may be idle. Give the chunks
@@ -1938,16 +1973,18 @@ static int core_alloc_arrays(PoolCore *c, uint32_t n)
     return 0;
 }
 
-/* PoolCore(nworkers, task_ring_bytes, result_ring_bytes, maxtasks, task_timeout, heap_bytes):
-   heap_bytes 0 means no heap (every buffer in band). */
+/* PoolCore(nworkers, task_ring_bytes, result_ring_bytes, maxtasks, task_timeout, heap_bytes,
+            stats): heap_bytes 0 means no heap (every buffer in band); stats: keep the time
+   counters of stats(). */
 static PyObject *core_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
 {
     unsigned int n;
     unsigned long long tcap, rcap, heap_bytes = 0;
     unsigned int maxtasks;
     PyObject *tmo = Py_None;
-    if (!PyArg_ParseTuple(args, "IKKI|OK:PoolCore", &n, &tcap, &rcap, &maxtasks, &tmo,
-                          &heap_bytes))
+    int stats = 0;
+    if (!PyArg_ParseTuple(args, "IKKI|OKp:PoolCore", &n, &tcap, &rcap, &maxtasks, &tmo,
+                          &heap_bytes, &stats))
         return NULL;
     if (n < 1 || n > 4096) {
         PyErr_SetString(PyExc_ValueError, "Number of processes must be at least 1");
@@ -1985,6 +2022,8 @@ static PyObject *core_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
         cp_err_errno(r, "pthread_mutex_init");
         goto fail;
     }
+    c->p->stats = (uint32_t)stats;
+    c->created_ns = cp_now_ns();
     /* Non-blocking: a worker's wake never blocks, the collector's reset never waits. */
     c->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (c->wake_fd < 0) {
@@ -2193,6 +2232,30 @@ static PyObject *core_get_heap_used(PoolCore *c, void *closure)
     return PyLong_FromUnsignedLongLong(c->heap ? cp_bufheap_used(c->heap) : 0);
 }
 
+/* stats() -> dict of the time counters (ns): the pool's age, the parent's encoding and result
+   taking, and per slot (chunks, run, decode, encode, wait). */
+static PyObject *core_stats(PoolCore *c, PyObject *unused)
+{
+    PyObject *slots = PyList_New(c->nworkers);
+    for (uint32_t w = 0; slots && w < c->nworkers; w++) {
+        cp_tr_slot_t *s = cp_pool_slot(c->p, w);
+        PyObject *t = Py_BuildValue("(KKKKK)", (unsigned long long)atomic_load(&s->st_chunks),
+                                    (unsigned long long)atomic_load(&s->st_run_ns),
+                                    (unsigned long long)atomic_load(&s->st_decode_ns),
+                                    (unsigned long long)atomic_load(&s->st_encode_ns),
+                                    (unsigned long long)atomic_load(&s->st_wait_ns));
+        if (!t)
+            Py_CLEAR(slots);
+        else
+            PyList_SET_ITEM(slots, w, t);
+    }
+    if (!slots)
+        return NULL;
+    return Py_BuildValue("{sLsLsLsNsi}", "age_ns", (long long)(cp_now_ns() - c->created_ns),
+                         "encode_ns", (long long)c->st_encode_ns, "decode_ns",
+                         (long long)c->st_decode_ns, "slots", slots, "enabled", (int)c->p->stats);
+}
+
 static PyObject *core_get_busy(PoolCore *c, void *closure)
 {
     /* Slots of workers running a task (introspection and tests). */
@@ -2234,11 +2297,12 @@ static PyMethodDef core_methods[] = {
     {"terminate", (PyCFunction)core_terminate, METH_NOARGS, "workers leave now"},
     {"fail_all", (PyCFunction)core_fail_all, METH_O, "fail_all(exc): fail every job in flight"},
     {"idle", (PyCFunction)core_idle, METH_NOARGS, "whether no task is in flight"},
+    {"stats", (PyCFunction)core_stats, METH_NOARGS, "stats() -> dict of time counters (ns)"},
     FASTM("worker_loop", core_worker_loop, "worker_loop(index, maxtasks, parent_pid)"),
     FASTM("_set_helpers", core_set_helpers, "_set_helpers(wrap_exc, encoding_error, classes...)"),
     {"_set_owner", (PyCFunction)core_set_owner, METH_O, "_set_owner(weakref to the Pool)"},
     {"_attach", (PyCFunction)(void (*)(void))core_attach, METH_FASTCALL | METH_CLASS,
-     "_attach(fd, size, wake_fd) -> PoolCore of a worker"},
+     "_attach(fd, size, wake_fd, heap_fd, heap_size) -> PoolCore of a worker"},
     {NULL},
 };
 

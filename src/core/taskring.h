@@ -10,7 +10,7 @@
 #include <stdint.h>
 
 #define CP_TR_MAGIC 0x31726b7374706300ULL /* "\0cptskr1" */
-#define CP_TR_VERSION 2
+#define CP_TR_VERSION 3
 
 /* Piece flags. A message is one or more pieces; pieces carry the writer's index so the
    parent can reassemble results of several workers and a consumer can skip the rest of a
@@ -53,6 +53,10 @@ typedef struct {
     _Atomic int32_t pid;
     _Atomic uint32_t busy;        /* 1 between taking a task and handing its result back */
     _Atomic uint32_t leaving;     /* the worker is exiting on its own (maxtasksperchild, close) */
+    /* Where the slot's workers spent their time (Pool(stats=True); summed over the workers
+       that ran in the slot): chunks run, ns in the task functions, unpickling tasks, encoding
+       and handing back results, waiting for and taking tasks. */
+    _Atomic uint64_t st_chunks, st_run_ns, st_decode_ns, st_encode_ns, st_wait_ns;
 } cp_tr_slot_t;
 
 typedef struct {
@@ -62,6 +66,7 @@ typedef struct {
     uint64_t size;
     _Atomic uint32_t closing;  /* no more tasks: workers leave once the task ring is empty */
     _Atomic uint32_t stop;     /* leave now */
+    uint32_t stats;            /* workers keep the st_* counters of their slots */
     cp_tr_t tasks;
     cp_tr_t results;
     uint64_t slots_off;
