@@ -2233,7 +2233,8 @@ static PyObject *core_get_heap_used(PoolCore *c, void *closure)
 }
 
 /* stats() -> dict of the time counters (ns): the pool's age, the parent's encoding and result
-   taking, and per slot (chunks, run, decode, encode, wait). */
+   taking, and per slot (chunks, run, decode, encode, wait); the bytes that went through each
+   ring (kept whether or not stats are on). */
 static PyObject *core_stats(PoolCore *c, PyObject *unused)
 {
     PyObject *slots = PyList_New(c->nworkers);
@@ -2251,9 +2252,12 @@ static PyObject *core_stats(PoolCore *c, PyObject *unused)
     }
     if (!slots)
         return NULL;
-    return Py_BuildValue("{sLsLsLsNsi}", "age_ns", (long long)(cp_now_ns() - c->created_ns),
+    return Py_BuildValue("{sLsLsLsNsisKsK}", "age_ns", (long long)(cp_now_ns() - c->created_ns),
                          "encode_ns", (long long)c->st_encode_ns, "decode_ns",
-                         (long long)c->st_decode_ns, "slots", slots, "enabled", (int)c->p->stats);
+                         (long long)c->st_decode_ns, "slots", slots, "enabled", (int)c->p->stats,
+                         "task_ring_bytes", (unsigned long long)atomic_load(&c->p->tasks.head),
+                         "result_ring_bytes",
+                         (unsigned long long)atomic_load(&c->p->results.head));
 }
 
 static PyObject *core_get_busy(PoolCore *c, void *closure)

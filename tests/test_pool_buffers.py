@@ -164,6 +164,20 @@ def test_memoryview_argument_fails_as_in_the_standard_library():
     assert ours is std
 
 
+def memoryview_of(n):
+    return memoryview(bytearray(n))[1:]
+
+
+def test_memoryview_result_fails_as_in_the_standard_library():
+    def case(mp):
+        with mp.get_context('fork').Pool(1) as p:
+            with pytest.raises(Exception) as ei:
+                p.apply(memoryview_of, (2 * MB,))
+            return type(ei.value).__name__, p.apply(len, (b'still serving',))
+    std, ours = run_both(case)
+    assert ours == std
+
+
 def test_large_results_in_order_with_callbacks(start_method):
     arrays = [np.full(MB // 8 * 2, float(i)) for i in range(12)]
     def case(mp):
@@ -183,8 +197,13 @@ def test_large_results_in_order_with_callbacks(start_method):
 def test_results_read_in_place_free_their_blocks():
     with cpool.Pool(2) as p:
         p.map(abs, range(4))
+        before = p._core.stats()
         out = p.map(standardize, [np.ones(MB) + i for i in range(6)], chunksize=1)
+        after = p._core.stats()
         assert p._core.heap_used >= 6 * 8 * MB  # the results live in the heap
+        # ... and 96 MB of arguments and results did not go through the rings.
+        for ring in ('task_ring_bytes', 'result_ring_bytes'):
+            assert after[ring] - before[ring] < 64 * 1024
         del out
         gc.collect()
         deadline = time.monotonic() + 10
@@ -226,6 +245,13 @@ def test_killed_worker_gives_back_the_blocks_it_read():
     with cpool.Pool(2) as p:
         p.map(abs, range(4))
         bad = -np.ones(MB // 8 * 4)
+        rs = [p.apply_async(sum_then_die, (bad if i == 3 else np.ones(MB) * i,)) for i in range(8)]
+        for i, r in enumerate(rs):  # only the task that killed its worker fails
+            if i == 3:
+                with pytest.raises(cpool.WorkerLostError):
+                    r.get(60)
+            else:
+                assert r.get(60) == float(MB * i)
         with pytest.raises(cpool.WorkerLostError):
             p.apply(sum_then_die, (bad,))
         # The pool keeps serving, and the dead worker's argument is freed with it.
