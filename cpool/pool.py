@@ -62,7 +62,7 @@ RESULT_RING_BYTES = 4 << 20
 
 
 def _default_heap_bytes():
-    """Address space of a pool's buffer heap, where arguments and results exporting a large
+    """Address space of the process's buffer heap, where arguments and results exporting a large
     buffer (numpy arrays...) are placed once and read in place: 1 GiB, of which only what
     passes through is ever touched; a sixteenth of an address-space limit (ulimit -v) if one
     is set."""
@@ -71,6 +71,54 @@ def _default_heap_bytes():
     if soft == resource.RLIM_INFINITY:
         return 1 << 30
     return max(16 << 20, min(1 << 30, soft // 16))
+
+
+_heap = None
+HEAP_IDLE_MS = 5000  # freed heap pages unused this long go back to the kernel
+_heaps = weakref.WeakSet()  # every heap mapped in this process
+_forking = threading.local()
+
+
+def _privatize_heaps():
+    """Before a fork: arrays read in place from a heap move to private memory at the same
+    address (one copy each, once), so the child gets them copy-on-write, as it gets any other
+    memory, instead of sharing them with this process. Pool workers' forks skip it."""
+    if getattr(_forking, 'worker', False):
+        return
+    for heap in list(_heaps):
+        try:
+            heap.privatize()
+        except OSError:
+            util.debug('could not privatize a buffer heap before fork', exc_info=True)
+
+
+os.register_at_fork(before=_privatize_heaps)
+
+
+def _buffer_heap(nbytes):
+    """The heap for a new pool: the process's one, shared by its pools and kept between them
+    so its pages stay resident (fresh shared memory costs four times a copy to touch), or a
+    heap of nbytes of the pool's own; None for nbytes == 0."""
+    global _heap
+    if nbytes is not None:
+        heap = _core._buffer_heap(nbytes) if nbytes else None
+        if heap is not None:
+            _heaps.add(heap)
+        return heap
+    if _heap is None or _heap.pid != os.getpid():  # a forked child makes its own
+        _heap = _core._buffer_heap(_default_heap_bytes())
+        _heaps.add(_heap)
+        threading.Thread(target=_trim_heap, args=(_heap,), daemon=True,
+                         name='cpool-heap-trim').start()
+    return _heap
+
+
+def _trim_heap(heap, period=HEAP_IDLE_MS / 5000):
+    """The process heap's decay: pages of freed blocks stay for the next pool or task, and go
+    back to the kernel once unused for HEAP_IDLE_MS (as jemalloc's dirty pages do)."""
+    while _heap is heap:
+        time.sleep(period)
+        heap.trim(HEAP_IDLE_MS)
 
 
 def mapstar(args):
@@ -179,14 +227,14 @@ class _Channel(object):
         heap = self.core.heap
         return _rebuild_channel, (reduction.DupFd(self.core.fd), self.core.size,
                                   reduction.DupFd(self.core.wake_fd),
-                                  heap and (reduction.DupFd(heap[0]), heap[1]))
+                                  heap and (reduction.DupFd(heap[0]), heap[1], heap[2]))
 
 
 def _rebuild_channel(dfd, size, wake_dfd, heap=None):
     fd, wake_fd = dfd.detach(), wake_dfd.detach()
-    heap_fd, heap_size = (heap[0].detach(), heap[1]) if heap else (-1, 0)
+    heap_fd, heap_size, tag = (heap[0].detach(), heap[1], heap[2]) if heap else (-1, 0, 0)
     try:
-        core = _core.PoolCore._attach(fd, size, wake_fd, heap_fd, heap_size)
+        core = _core.PoolCore._attach(fd, size, wake_fd, heap_fd, heap_size, tag)
     finally:
         os.close(fd)
         os.close(wake_fd)
@@ -235,7 +283,11 @@ def _start_worker(ctx, channel, initializer, initargs, maxtasks, workers, core, 
                     args=(channel, index, initializer, initargs, maxtasks, os.getpid()))
     w.name = w.name.replace('Process', 'PoolWorker')
     w.daemon = True
-    w.start()
+    _forking.worker = True  # a pool worker never touches the parent's arrays: no privatizing
+    try:
+        w.start()
+    finally:
+        _forking.worker = False
     workers[index] = w
     # A context's stand-in Process without pid/sentinel (CPython's tests use one) is started
     # and stopped like the others, but not watched for its death (pid 0, no pidfd).
@@ -377,8 +429,8 @@ class Pool(object):
 
     Extra keyword arguments (cpool's own): task_timeout=seconds for every task (a task may
     also pass its own), task_ring_bytes / result_ring_bytes for the shared rings,
-    buffer_heap_bytes for the shared heap of large buffers (0: none, every buffer is pickled
-    in band; None: the default), stats=True to keep the time counters of stats()."""
+    buffer_heap_bytes for a heap of large buffers of the pool's own (0: none, every buffer is
+    pickled in band; None: the process's heap, shared by its pools), stats=True to keep the time counters of stats()."""
 
     _wrap_exception = True
 
@@ -404,11 +456,9 @@ class Pool(object):
         self._initializer = initializer
         self._initargs = initargs
         self._maxtasksperchild = maxtasksperchild
-        if buffer_heap_bytes is None:
-            buffer_heap_bytes = _default_heap_bytes()
         self._core = core = _core.PoolCore(processes, task_ring_bytes, result_ring_bytes,
                                            maxtasksperchild or 0, task_timeout,
-                                           buffer_heap_bytes, stats)
+                                           _buffer_heap(buffer_heap_bytes), stats)
         _set_helpers(core)
         core._set_owner(weakref.ref(self))
         self._lock = threading.Lock()

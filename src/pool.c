@@ -40,6 +40,12 @@
 #define RETURN_AFTER_NS 1000000   /* a batched chunk this slow: give the rest back if others idle */
 
 enum { POOL_RUN = 0, POOL_CLOSE = 1, POOL_TERMINATE = 2 };
+
+/* Holders of heap blocks: a pool's worker slot, or its parent's messages not yet read (blocks
+   read by the parent are CP_HEAP_PARENT's: freed by their objects, never swept). */
+#define HOLDER(tag, idx) ((int32_t)(((uint32_t)(tag) << 16) | (uint32_t)(idx)))
+#define IN_FLIGHT 0xffffu
+#define MAX_TAG 0x7fffu
 enum { JOB_APPLY = 0, JOB_MAP = 1, JOB_IMAP = 2 };
 
 typedef cp_buf bytebuf;
@@ -88,7 +94,11 @@ typedef struct PoolCore {
                                   several chunks in flight, so chunks a dead worker never
                                   started can be sent again (args: the encoded bytes, or the
                                   chunks themselves when their buffers went to the heap) */
-    PyObject *heap;            /* BufferHeap of large buffers, or NULL */
+    PyObject *heap;            /* BufferHeap of large buffers (shared by the process's pools), or
+                                  NULL */
+    uint32_t tag;              /* this pool's number among the heap's users: names its holders */
+    int32_t send_holder;       /* holder of the blocks this process allocates for a message */
+    int32_t read_holder;       /* ... and of the blocks it reads */
     int64_t created_ns;
     int64_t st_encode_ns;      /* Pool(stats=True): building task messages, */
     int64_t st_decode_ns;      /* ... taking results (decoding, storing, not callbacks) */
@@ -156,12 +166,12 @@ static PyObject *module_of(PyObject *self)
 
 static int encode_to(PoolCore *c, cp_state *st, bytebuf *b, PyObject *o, uint32_t *enc)
 {
-    return cp_payload_encode(st, c->heap, b, o, enc);
+    return cp_payload_encode(st, c->heap, c->send_holder, b, o, enc);
 }
 
 static PyObject *decode(PoolCore *c, cp_state *st, const uint8_t *buf, uint64_t len, uint32_t enc)
 {
-    return cp_payload_decode(st, c->heap, buf, len, enc);
+    return cp_payload_decode(st, c->heap, c->read_holder, buf, len, enc);
 }
 
 static int64_t timeout_arg(PyObject *o, int *err)
@@ -1275,7 +1285,7 @@ static PyObject *core_worker_lost(PoolCore *c, PyObject *const *args, Py_ssize_t
         Py_XDECREF(batch);
     }
     /* The blocks of the arguments it had read are freed with it. */
-    cp_bufheap_reclaim(c->heap, (int32_t)w);
+    cp_bufheap_reclaim(c->heap, HOLDER(c->tag, w));
     atomic_store(&s->task_seq, 0);
     atomic_store(&s->busy, 0);
     atomic_store(&s->leaving, 0);
@@ -1632,7 +1642,7 @@ static PyObject *worker_func(cp_state *st, func_cache_entry *cache, const uint8_
             memcmp(PyBytes_AS_STRING(cache[i].bytes), b, n) == 0)
             return cache[i].func;
     }
-    PyObject *f = cp_payload_decode(st, NULL, b, n, CP_ENC_PICKLE);
+    PyObject *f = cp_payload_decode(st, NULL, 0, b, n, CP_ENC_PICKLE);
     if (!f)
         return NULL;
     PyObject *key = PyBytes_FromStringAndSize((const char *)b, n);
@@ -1817,7 +1827,8 @@ static PyObject *core_worker_loop(PoolCore *c, PyObject *const *args, Py_ssize_t
     cp_state *st = cp_get_state(module_of((PyObject *)c));
     cp_tr_slot_t *slot = cp_pool_slot(c->p, (uint32_t)w);
     atomic_store(&slot->pid, (int32_t)getpid());
-    cp_bufheap_set_holder(c->heap, (int32_t)w); /* blocks it reads are its own to free */
+    /* Blocks it allocates or reads are its slot's: freed with it if it dies. */
+    c->send_holder = c->read_holder = HOLDER(c->tag, w);
     parent_watch pw = {(pid_t)ppid, cp_pidfd_open((pid_t)ppid), 0};
     if (pw.pidfd == -ESRCH)
         Py_RETURN_NONE; /* the pool is gone already */
@@ -1885,6 +1896,11 @@ static PyObject *core_worker_loop(PoolCore *c, PyObject *const *args, Py_ssize_t
                 goto done;
             }
             PyTuple_SET_ITEM(vals, 0, r);
+            if (i + 1 == h.nchunks) {
+                /* Done with the arguments: their heap blocks are freed before the result
+                   takes one, which then reuses their pages (resident, and mapped here). */
+                Py_CLEAR(chunks);
+            }
             int all_ok = ok;
             uint32_t enc = 0;
             out.len = sizeof(cp_res_hdr_t);
@@ -1973,19 +1989,26 @@ static int core_alloc_arrays(PoolCore *c, uint32_t n)
     return 0;
 }
 
-/* PoolCore(nworkers, task_ring_bytes, result_ring_bytes, maxtasks, task_timeout, heap_bytes,
-            stats): heap_bytes 0 means no heap (every buffer in band); stats: keep the time
-   counters of stats(). */
+/* PoolCore(nworkers, task_ring_bytes, result_ring_bytes, maxtasks, task_timeout, heap, stats):
+   heap a BufferHeap (_buffer_heap) for large buffers, None for none (every buffer in band);
+   stats: keep the time counters of stats(). */
 static PyObject *core_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
 {
     unsigned int n;
-    unsigned long long tcap, rcap, heap_bytes = 0;
+    unsigned long long tcap, rcap;
     unsigned int maxtasks;
-    PyObject *tmo = Py_None;
+    PyObject *tmo = Py_None, *heap = Py_None;
     int stats = 0;
-    if (!PyArg_ParseTuple(args, "IKKI|OKp:PoolCore", &n, &tcap, &rcap, &maxtasks, &tmo,
-                          &heap_bytes, &stats))
+    if (!PyArg_ParseTuple(args, "IKKI|OOp:PoolCore", &n, &tcap, &rcap, &maxtasks, &tmo,
+                          &heap, &stats))
         return NULL;
+    cp_state *st = cp_state_from_type(tp);
+    if (!st)
+        return NULL;
+    if (heap != Py_None && !PyObject_TypeCheck(heap, (PyTypeObject *)st->slot[CP_TYPE_BUFHEAP])) {
+        PyErr_SetString(PyExc_TypeError, "heap must be a BufferHeap or None");
+        return NULL;
+    }
     if (n < 1 || n > 4096) {
         PyErr_SetString(PyExc_ValueError, "Number of processes must be at least 1");
         return NULL;
@@ -2030,10 +2053,12 @@ static PyObject *core_new(PyTypeObject *tp, PyObject *args, PyObject *kw)
         PyErr_SetFromErrnoWithFilename(PyExc_OSError, "eventfd");
         goto fail;
     }
-    if (heap_bytes) {
-        c->heap = cp_bufheap_create(module_of((PyObject *)c), heap_bytes);
-        if (!c->heap)
-            goto fail;
+    if (heap != Py_None) {
+        static uint32_t pools;
+        c->heap = Py_NewRef(heap);
+        c->tag = pools++ % MAX_TAG + 1;
+        c->send_holder = HOLDER(c->tag, IN_FLIGHT);
+        c->read_holder = CP_HEAP_PARENT;
     }
     return (PyObject *)c;
 fail:
@@ -2041,13 +2066,13 @@ fail:
     return NULL;
 }
 
-/* _attach(fd, size, wake_fd, heap_fd, heap_size): the worker's view of a pool handed over by
-   fd (spawn, forkserver); heap_fd -1 when the pool has no heap. The fds stay the caller's:
+/* _attach(fd, size, wake_fd, heap_fd, heap_size, tag): the worker's view of a pool handed over
+   by fd (spawn, forkserver); heap_fd -1 when the pool has no heap. The fds stay the caller's:
    the segments are mapped, the eventfd duplicated. */
 static PyObject *core_attach(PyObject *cls, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "_attach(fd, size, wake_fd, heap_fd, heap_size)");
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "_attach(fd, size, wake_fd, heap_fd, heap_size, tag)");
         return NULL;
     }
     long fd = PyLong_AsLong(args[0]);
@@ -2055,6 +2080,7 @@ static PyObject *core_attach(PyObject *cls, PyObject *const *args, Py_ssize_t na
     long wfd = PyLong_AsLong(args[2]);
     long hfd = PyLong_AsLong(args[3]);
     unsigned long long hsize = PyLong_AsUnsignedLongLong(args[4]);
+    unsigned long tag = PyLong_AsUnsignedLong(args[5]);
     if (PyErr_Occurred())
         return NULL;
     PyTypeObject *tp = (PyTypeObject *)cls;
@@ -2091,6 +2117,7 @@ static PyObject *core_attach(PyObject *cls, PyObject *const *args, Py_ssize_t na
         Py_DECREF(c);
         return NULL;
     }
+    c->tag = (uint32_t)tag;
     return (PyObject *)c;
 }
 
@@ -2152,6 +2179,13 @@ static int core_clear(PoolCore *c)
     Py_CLEAR(c->wrap_exc);
     Py_CLEAR(c->encoding_error);
     Py_CLEAR(c->owner);
+    if (c->heap && c->is_parent && !foreign(c)) {
+        /* The pool is gone (its workers with it): the heap, which outlives it, gets back
+           what its workers held and the messages they never read. */
+        for (uint32_t w = 0; w < c->nworkers; w++)
+            cp_bufheap_reclaim(c->heap, HOLDER(c->tag, w));
+        cp_bufheap_reclaim(c->heap, HOLDER(c->tag, IN_FLIGHT));
+    }
     Py_CLEAR(c->heap);
     for (int i = 0; i < 4; i++)
         Py_CLEAR(c->cls[i]);
@@ -2218,13 +2252,13 @@ static PyObject *core_get_njobs(PoolCore *c, void *closure)
     return PyLong_FromSsize_t(c->jobs ? PyDict_GET_SIZE(c->jobs) : 0);
 }
 
-/* The buffer heap: (fd, size) for handing it to a spawned worker, or None. */
+/* The buffer heap: (fd, size, tag) for handing it to a spawned worker, or None. */
 static PyObject *core_get_heap(PoolCore *c, void *closure)
 {
     if (!c->heap)
         Py_RETURN_NONE;
-    return Py_BuildValue("(iK)", cp_bufheap_fd(c->heap),
-                         (unsigned long long)cp_bufheap_size(c->heap));
+    return Py_BuildValue("(iKI)", cp_bufheap_fd(c->heap),
+                         (unsigned long long)cp_bufheap_size(c->heap), c->tag);
 }
 
 static PyObject *core_get_heap_used(PoolCore *c, void *closure)
@@ -2283,7 +2317,7 @@ static PyGetSetDef core_getset[] = {
     {"state", (getter)core_get_state, NULL, "0 running, 1 closed, 2 terminated", NULL},
     {"busy", (getter)core_get_busy, NULL, "slots of workers running a task", NULL},
     {"njobs", (getter)core_get_njobs, NULL, "jobs whose results are still expected", NULL},
-    {"heap", (getter)core_get_heap, NULL, "(fd, size) of the buffer heap, or None", NULL},
+    {"heap", (getter)core_get_heap, NULL, "(fd, size, tag) of the buffer heap, or None", NULL},
     {"heap_used", (getter)core_get_heap_used, NULL, "bytes of the buffer heap in blocks", NULL},
     {NULL},
 };
@@ -2306,7 +2340,7 @@ static PyMethodDef core_methods[] = {
     FASTM("_set_helpers", core_set_helpers, "_set_helpers(wrap_exc, encoding_error, classes...)"),
     {"_set_owner", (PyCFunction)core_set_owner, METH_O, "_set_owner(weakref to the Pool)"},
     {"_attach", (PyCFunction)(void (*)(void))core_attach, METH_FASTCALL | METH_CLASS,
-     "_attach(fd, size, wake_fd, heap_fd, heap_size) -> PoolCore of a worker"},
+     "_attach(fd, size, wake_fd, heap_fd, heap_size, tag) -> PoolCore of a worker"},
     {NULL},
 };
 

@@ -3,37 +3,49 @@
 #include "pool_payload.h"
 
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
+
+#include "structmember.h"
 
 #include "bufheap.h"
 #include "shm.h"
 
 #define BIG_COPY (1u << 20) /* copies this large run without the GIL */
 
+typedef struct HeapBlock HeapBlock;
+
 struct BufferHeap {
     PyObject_HEAD
     cp_shm_t shm;
     cp_heap_t *h;
-    int32_t holder;          /* this process's holder id */
+    HeapBlock *live;         /* blocks read in place in this process (a list) */
+    PyObject *weakreflist;
+    pid_t pid;               /* the process that created or attached it */
     PyObject *kw_callback;   /* ("buffer_callback",) */
     PyObject *kw_buffers;    /* ("buffers",) */
     PyObject *dumps;         /* dumps(obj, buffer_callback), or NULL: pickle.dumps */
 };
 
 /* One block read in place: its buffer is the block's bytes; the block is freed when the
-   last view goes (only in the process that read it: a forked copy leaves it alone). */
-typedef struct {
+   last view goes (only in the process that read it: a forked copy leaves it alone).
+   Before a fork its bytes move to private memory at the same address (privatize), so the
+   child gets them copy-on-write as it would any other memory, not shared. */
+struct HeapBlock {
     PyObject_HEAD
     BufferHeap *heap;
     uint64_t off, len;
     pid_t pid;
-} HeapBlock;
+    HeapBlock *prev, *next;  /* in heap->live while pid is this process */
+    int private_;            /* its address holds a private copy, not the heap's pages */
+};
 
 /* pickle's buffer_callback while encoding one payload: copies each large contiguous buffer
    into a new block and records it; anything else stays in band. */
 typedef struct {
     PyObject_HEAD
     BufferHeap *heap;
+    int32_t holder;          /* of the blocks it allocates */
     uint64_t *desc;          /* off, len pairs */
     Py_ssize_t n, cap;
 } Collector;
@@ -41,6 +53,12 @@ typedef struct {
 static BufferHeap *as_heap(PyObject *o)
 {
     return (BufferHeap *)o;
+}
+
+static size_t page_round(uint64_t n)
+{
+    size_t pg = (size_t)sysconf(_SC_PAGESIZE);
+    return ((size_t)n + pg - 1) & ~(pg - 1);
 }
 
 /* ---- BufferHeap ---- */
@@ -53,7 +71,7 @@ static PyObject *heap_alloc_obj(PyObject *module)
     if (!bh)
         return NULL;
     bh->shm.fd = -1;
-    bh->holder = CP_HEAP_PARENT;
+    bh->pid = getpid();
     bh->kw_callback = Py_BuildValue("(s)", "buffer_callback");
     bh->kw_buffers = Py_BuildValue("(s)", "buffers");
     if (!bh->kw_callback || !bh->kw_buffers) {
@@ -99,12 +117,6 @@ PyObject *cp_bufheap_attach(PyObject *module, int fd, uint64_t size)
     return (PyObject *)bh;
 }
 
-void cp_bufheap_set_holder(PyObject *heap, int32_t holder)
-{
-    if (heap)
-        as_heap(heap)->holder = holder;
-}
-
 void cp_bufheap_set_dumps(PyObject *heap, PyObject *dumps)
 {
     if (heap)
@@ -135,6 +147,8 @@ uint64_t cp_bufheap_used(PyObject *heap)
 static void bufheap_dealloc(BufferHeap *bh)
 {
     PyTypeObject *tp = Py_TYPE(bh);
+    if (bh->weakreflist)
+        PyObject_ClearWeakRefs((PyObject *)bh);
     Py_XDECREF(bh->kw_callback);
     Py_XDECREF(bh->kw_buffers);
     Py_XDECREF(bh->dumps);
@@ -143,8 +157,80 @@ static void bufheap_dealloc(BufferHeap *bh)
     Py_DECREF(tp);
 }
 
+static PyObject *heap_get_used(PyObject *self, void *closure)
+{
+    return PyLong_FromUnsignedLongLong(cp_bufheap_used(self));
+}
+
+static PyObject *heap_get_pid(PyObject *self, void *closure)
+{
+    return PyLong_FromLong((long)as_heap(self)->pid);
+}
+
+static PyObject *heap_trim(PyObject *self, PyObject *arg)
+{
+    unsigned long ms = PyLong_AsUnsignedLong(arg);
+    if (ms == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    uint64_t resident;
+    Py_BEGIN_ALLOW_THREADS
+    resident = cp_heap_trim(as_heap(self)->h, (uint32_t)ms);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromUnsignedLongLong(resident);
+}
+
+/* Move the bytes of every block read in place here into private memory at the same address
+   (one copy, then mremap over the heap's pages): called before a fork. */
+static PyObject *heap_privatize(PyObject *self, PyObject *unused)
+{
+    BufferHeap *bh = as_heap(self);
+    pid_t me = getpid();
+    unsigned long long moved = 0;
+    for (HeapBlock *b = bh->live; b; b = b->next) {
+        if (b->private_ || b->pid != me || !b->len)
+            continue;
+        size_t n = page_round(b->len);
+        void *at = cp_heap_ptr(bh->h, b->off);
+        void *tmp = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (tmp == MAP_FAILED)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        memcpy(tmp, at, n);
+        if (mremap(tmp, n, n, MREMAP_MAYMOVE | MREMAP_FIXED, at) != at) {
+            munmap(tmp, n);
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        b->private_ = 1;
+        moved += n;
+    }
+    return PyLong_FromUnsignedLongLong(moved);
+}
+
+static PyMethodDef bufheap_methods[] = {
+    {"privatize", heap_privatize, METH_NOARGS,
+     "privatize() -> bytes: before a fork, move the blocks read in place here to private "
+     "memory at the same addresses, so a child gets them copy-on-write"},
+    {"trim", heap_trim, METH_O,
+     "trim(idle_ms) -> bytes: give back the pages of free blocks unused for idle_ms; the bytes "
+     "of free blocks still resident"},
+    {NULL},
+};
+
+static PyGetSetDef bufheap_getset[] = {
+    {"used", heap_get_used, NULL, "bytes in blocks", NULL},
+    {"pid", heap_get_pid, NULL, "the process this view of the heap belongs to", NULL},
+    {NULL},
+};
+
+static PyMemberDef bufheap_members[] = {
+    {"__weaklistoffset__", T_PYSSIZET, offsetof(BufferHeap, weakreflist), READONLY},
+    {NULL},
+};
+
 static PyType_Slot bufheap_slots[] = {
+    {Py_tp_members, bufheap_members},
     {Py_tp_dealloc, bufheap_dealloc},
+    {Py_tp_getset, bufheap_getset},
+    {Py_tp_methods, bufheap_methods},
     {Py_tp_doc, "A pool's shared heap of large buffers (internal)."},
     {0, NULL},
 };
@@ -164,13 +250,35 @@ static int block_getbuffer(HeapBlock *b, Py_buffer *view, int flags)
                              (Py_ssize_t)b->len, 0, flags);
 }
 
+static void block_unlink(HeapBlock *b)
+{
+    if (b->prev)
+        b->prev->next = b->next;
+    else if (b->heap->live == b)
+        b->heap->live = b->next;
+    if (b->next)
+        b->next->prev = b->prev;
+    b->prev = b->next = NULL;
+}
+
 static void block_dealloc(HeapBlock *b)
 {
     PyTypeObject *tp = Py_TYPE(b);
     if (b->heap) {
-        if (b->pid == getpid())
-            cp_heap_free(b->heap->h, b->off);
-        Py_DECREF(b->heap);
+        BufferHeap *bh = b->heap;
+        if (b->pid == getpid()) {
+            block_unlink(b);
+            int mapped = 1;
+            if (b->private_ && b->len) {
+                /* The heap's pages go back under the address before the block is reused. */
+                void *at = cp_heap_ptr(bh->h, b->off);
+                mapped = mmap(at, page_round(b->len), PROT_READ | PROT_WRITE,
+                              MAP_SHARED | MAP_FIXED, bh->shm.fd, (off_t)b->off) == at;
+            }
+            if (mapped)
+                cp_heap_free(bh->h, b->off); /* else leaked: never reused under a stale view */
+        }
+        Py_DECREF(bh);
     }
     tp->tp_free(b);
     Py_DECREF(tp);
@@ -217,7 +325,7 @@ static PyObject *collector_call(Collector *c, PyObject *args, PyObject *kw)
         c->cap = cap;
     }
     cp_heap_t *h = c->heap->h;
-    int64_t off = cp_heap_alloc(h, (uint64_t)v.len, c->heap->holder);
+    int64_t off = cp_heap_alloc(h, (uint64_t)v.len, c->holder);
     if (off < 0) {
         PyBuffer_Release(&v);
         Py_RETURN_TRUE; /* the heap is full: in band, as without one */
@@ -310,13 +418,15 @@ static void free_blocks(BufferHeap *bh, const uint64_t *desc, Py_ssize_t n)
 }
 
 /* pickle.dumps(o, protocol=5, buffer_callback=collector): the pickle, its blocks in c. */
-static PyObject *dumps_collecting(cp_state *st, BufferHeap *bh, PyObject *o, Collector **out)
+static PyObject *dumps_collecting(cp_state *st, BufferHeap *bh, int32_t holder, PyObject *o,
+                                  Collector **out)
 {
     PyTypeObject *tp = (PyTypeObject *)st->slot[CP_TYPE_HEAPCOLLECTOR];
     Collector *c = (Collector *)tp->tp_alloc(tp, 0);
     if (!c)
         return NULL;
     c->heap = (BufferHeap *)Py_NewRef((PyObject *)bh);
+    c->holder = holder;
     PyObject *pk = NULL;
     if (bh->dumps) {
         PyObject *args[2] = {o, (PyObject *)c};
@@ -343,7 +453,8 @@ static PyObject *dumps_collecting(cp_state *st, BufferHeap *bh, PyObject *o, Col
     return pk;
 }
 
-int cp_payload_encode(cp_state *st, PyObject *heap, cp_buf *b, PyObject *o, uint32_t *enc)
+int cp_payload_encode(cp_state *st, PyObject *heap, int32_t holder, cp_buf *b, PyObject *o,
+                      uint32_t *enc)
 {
     int r = cp_plain_encode_to(b, o);
     if (r <= 0) {
@@ -352,7 +463,7 @@ int cp_payload_encode(cp_state *st, PyObject *heap, cp_buf *b, PyObject *o, uint
     }
     Collector *c = NULL;
     PyObject *pk = heap && cp_may_have_buffers(o, 0)
-                       ? dumps_collecting(st, as_heap(heap), o, &c)
+                       ? dumps_collecting(st, as_heap(heap), holder, o, &c)
                        : cp_pickle_dumps(st, o);
     if (!pk)
         return -1;
@@ -422,7 +533,8 @@ static PyObject *corrupt(void)
     return NULL;
 }
 
-static PyObject *decode_pickle5(cp_state *st, BufferHeap *bh, const uint8_t *buf, uint64_t len)
+static PyObject *decode_pickle5(cp_state *st, BufferHeap *bh, int32_t holder, const uint8_t *buf,
+                                uint64_t len)
 {
     uint64_t n, plen;
     const uint8_t *desc, *pickle;
@@ -451,7 +563,11 @@ static PyObject *decode_pickle5(cp_state *st, BufferHeap *bh, const uint8_t *buf
         b->heap = (BufferHeap *)Py_NewRef((PyObject *)bh);
         block_at(desc, i, &b->off, &b->len);
         b->pid = me;
-        cp_heap_set_holder(bh->h, b->off, bh->holder);
+        b->next = bh->live;
+        if (bh->live)
+            bh->live->prev = b;
+        bh->live = b;
+        cp_heap_set_holder(bh->h, b->off, holder);
         PyList_SET_ITEM(blocks, (Py_ssize_t)i, (PyObject *)b);
     }
     PyObject *mv = PyMemoryView_FromMemory((char *)pickle, (Py_ssize_t)plen, PyBUF_READ);
@@ -466,13 +582,13 @@ static PyObject *decode_pickle5(cp_state *st, BufferHeap *bh, const uint8_t *buf
     return r;
 }
 
-PyObject *cp_payload_decode(cp_state *st, PyObject *heap, const uint8_t *buf, uint64_t len,
-                            uint32_t enc)
+PyObject *cp_payload_decode(cp_state *st, PyObject *heap, int32_t holder, const uint8_t *buf,
+                            uint64_t len, uint32_t enc)
 {
     if (enc == CP_ENC_PLAIN)
         return cp_plain_decode(buf, len);
     if (enc == CP_ENC_PICKLE5)
-        return decode_pickle5(st, heap ? as_heap(heap) : NULL, buf, len);
+        return decode_pickle5(st, heap ? as_heap(heap) : NULL, holder, buf, len);
     PyObject *mv = PyMemoryView_FromMemory((char *)buf, (Py_ssize_t)len, PyBUF_READ);
     if (!mv)
         return NULL;
@@ -521,7 +637,7 @@ static PyObject *payload_encode(PyObject *module, PyObject *o)
 {
     cp_buf b = {0};
     uint32_t enc;
-    if (cp_payload_encode(cp_get_state(module), NULL, &b, o, &enc) < 0) {
+    if (cp_payload_encode(cp_get_state(module), NULL, 0, &b, o, &enc) < 0) {
         PyMem_RawFree(b.buf);
         return NULL;
     }
@@ -537,12 +653,23 @@ static PyObject *payload_decode(PyObject *module, PyObject *args)
     if (!PyArg_ParseTuple(args, "Iy*:_payload_decode", &enc, &v))
         return NULL;
     PyObject *r = enc == CP_ENC_PICKLE5 ? corrupt()
-                  : cp_payload_decode(cp_get_state(module), NULL, v.buf, (uint64_t)v.len, enc);
+                  : cp_payload_decode(cp_get_state(module), NULL, 0, v.buf, (uint64_t)v.len, enc);
     PyBuffer_Release(&v);
     return r;
 }
 
+static PyObject *buffer_heap(PyObject *module, PyObject *arg)
+{
+    unsigned long long size = PyLong_AsUnsignedLongLong(arg);
+    if (size == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    return cp_bufheap_create(module, size);
+}
+
 static PyMethodDef payload_functions[] = {
+    {"_buffer_heap", buffer_heap, METH_O,
+     "_buffer_heap(bytes) -> BufferHeap: shared memory for pools' large buffers, about bytes "
+     "of it (address space: pages are used only as buffers pass through)"},
     {"_payload_encode", payload_encode, METH_O,
      "_payload_encode(obj) -> (encoding, bytes): a pool payload as a worker would get it "
      "(no heap: every buffer in band). 1 is the plain form, 0 pickle."},

@@ -21,10 +21,6 @@ typedef struct BufferHeap BufferHeap;
 PyObject *cp_bufheap_create(PyObject *module, uint64_t data);
 PyObject *cp_bufheap_attach(PyObject *module, int fd, uint64_t size);
 
-/* This process frees the blocks it reads as holder (a worker's index; the parent's default is
-   CP_HEAP_PARENT). */
-void cp_bufheap_set_holder(PyObject *heap, int32_t holder);
-
 /* dumps(obj, buffer_callback) -> bytes: the pickler of payloads that may have buffers (it
    sends read-only arrays as writable copies, as the standard library's protocol 4 does);
    pickle.dumps(obj, protocol=5, buffer_callback=...) until set. */
@@ -47,14 +43,15 @@ int cp_may_have_buffers(PyObject *obj, int depth);
 /* pickle.dumps(o, protocol=5) */
 PyObject *cp_pickle_dumps(cp_state *st, PyObject *o);
 
-/* Append the encoding of o to b (heap may be NULL); *enc says which. 0, or -1 with an
-   exception (b's length as before). */
-int cp_payload_encode(cp_state *st, PyObject *heap, cp_buf *b, PyObject *o, uint32_t *enc);
+/* Append the encoding of o to b (heap may be NULL; its new blocks are held by holder); *enc
+   says which. 0, or -1 with an exception (b's length as before). */
+int cp_payload_encode(cp_state *st, PyObject *heap, int32_t holder, cp_buf *b, PyObject *o,
+                      uint32_t *enc);
 
-/* The value of a payload, or NULL with an exception. Heap blocks become this process's: freed
-   when the objects reading them go. */
-PyObject *cp_payload_decode(cp_state *st, PyObject *heap, const uint8_t *buf, uint64_t len,
-                            uint32_t enc);
+/* The value of a payload, or NULL with an exception. Its heap blocks become this process's, held
+   by holder: freed when the objects reading them go. */
+PyObject *cp_payload_decode(cp_state *st, PyObject *heap, int32_t holder, const uint8_t *buf,
+                            uint64_t len, uint32_t enc);
 
 /* A payload that will not be decoded: free its heap blocks. */
 void cp_payload_drop(PyObject *heap, const uint8_t *buf, uint64_t len, uint32_t enc);

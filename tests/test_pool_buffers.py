@@ -194,22 +194,32 @@ def test_large_results_in_order_with_callbacks(start_method):
     assert ours == std
 
 
+def heap_used():
+    """Bytes in blocks of the process's heap (shared by every pool of this process)."""
+    gc.collect()
+    return cpool.pool._buffer_heap(None).used
+
+
+def wait_heap_back_to(base):
+    deadline = time.monotonic() + 10
+    while heap_used() != base and time.monotonic() < deadline:
+        time.sleep(0.02)  # workers free their arguments after the task
+    return heap_used()
+
+
 def test_results_read_in_place_free_their_blocks():
+    base = heap_used()
     with cpool.Pool(2) as p:
         p.map(abs, range(4))
         before = p._core.stats()
         out = p.map(standardize, [np.ones(MB) + i for i in range(6)], chunksize=1)
         after = p._core.stats()
-        assert p._core.heap_used >= 6 * 8 * MB  # the results live in the heap
+        assert p._core.heap_used >= base + 6 * 8 * MB  # the results live in the heap
         # ... and 96 MB of arguments and results did not go through the rings.
         for ring in ('task_ring_bytes', 'result_ring_bytes'):
             assert after[ring] - before[ring] < 64 * 1024
         del out
-        gc.collect()
-        deadline = time.monotonic() + 10
-        while p._core.heap_used and time.monotonic() < deadline:
-            time.sleep(0.02)  # the workers free their arguments after the task
-        assert p._core.heap_used == 0
+        assert wait_heap_back_to(base) == base
 
 
 def test_results_outlive_the_pool():
@@ -242,6 +252,7 @@ def test_no_heap_at_all_still_works():
 
 
 def test_killed_worker_gives_back_the_blocks_it_read():
+    base = heap_used()
     with cpool.Pool(2) as p:
         p.map(abs, range(4))
         bad = -np.ones(MB // 8 * 4)
@@ -256,20 +267,15 @@ def test_killed_worker_gives_back_the_blocks_it_read():
             p.apply(sum_then_die, (bad,))
         # The pool keeps serving, and the dead worker's argument is freed with it.
         assert p.apply(sum_then_die, (np.ones(MB),)) == float(MB)
-        deadline = time.monotonic() + 10
-        while p._core.heap_used and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert p._core.heap_used == 0
+        assert wait_heap_back_to(base) == base
 
 
 def test_blocks_a_worker_keeps_are_freed_when_it_leaves():
+    base = heap_used()
     with cpool.Pool(1, maxtasksperchild=2) as p:
         sums = p.map(keep_forever, [np.ones(MB) * i for i in range(4)], chunksize=1)
         assert sums == [float(MB * i) for i in range(4)]
-        deadline = time.monotonic() + 10
-        while p._core.heap_used and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert p._core.heap_used == 0
+        assert wait_heap_back_to(base) == base
 
 
 def test_forked_child_dropping_inherited_results_frees_nothing():
@@ -282,6 +288,73 @@ def test_forked_child_dropping_inherited_results_frees_nothing():
         assert child.exitcode == 0
         assert p._core.heap_used == used
         assert describe(out[0]) == describe(build('c_big'))
+
+
+def test_pools_share_the_process_heap_and_give_back_what_they_held():
+    base = heap_used()
+    p = cpool.Pool(2)
+    q = cpool.Pool(1)
+    assert p._core.heap[0] == q._core.heap[0] and p._core.heap[2] != q._core.heap[2]
+    # Arguments never read (the pool is terminated under them) come back with the pool.
+    rs = [p.apply_async(sleep_then_sum, (np.ones(MB) * i,)) for i in range(8)]
+    assert q.apply(sleep_then_sum, (np.ones(MB),)) == float(MB)
+    time.sleep(0.1)
+    p.terminate()
+    p.join()
+    q.close()
+    q.join()
+    del p, q, rs
+    assert wait_heap_back_to(base) == base
+
+
+def child_sees(out, conn, go):
+    """In a forked child: write to the inherited results, wait, report what they hold."""
+    out[0][:] = -1.0
+    go.recv()  # the parent has changed its copy and reused the heap meanwhile
+    conn.send((float(out[0][0]), float(out[1].sum())))
+
+
+def test_results_are_copy_on_write_in_a_forked_child():
+    """As with any memory: a child forked after the results came gets its own copy, not the
+    heap's pages shared with the parent."""
+    ones = np.ones(MB)
+    def case(mp):
+        ctx = mp.get_context('fork')
+        with ctx.Pool(2) as p:
+            out = p.map(identity, [ones, ones * 2])
+            r, w = ctx.Pipe(duplex=False)
+            go_r, go_w = ctx.Pipe(duplex=False)
+            child = ctx.Process(target=child_sees, args=(out, w, go_r))
+            child.start()
+            time.sleep(0.3)
+            parent_view = float(out[0][0])  # the child's write is not seen here
+            out[1][:] = 7.0                 # nor this write there
+            del out
+            gc.collect()
+            p.map(identity, [ones * 5] * 4)  # blocks freed by the parent are reused
+            go_w.send(None)
+            seen = r.recv()
+            child.join(30)
+            return parent_view, seen, child.exitcode
+    std, ours = run_both(case)
+    assert ours == std == (1.0, (-1.0, 2.0 * MB), 0)
+
+
+def make_pool_in_child(conn):
+    with cpool.Pool(1) as p:
+        conn.send((cpool.pool._buffer_heap(None).pid, float(p.apply(pid_and_sum, (np.ones(MB),))[1])))
+
+
+def test_a_forked_child_makes_a_heap_of_its_own():
+    with cpool.Pool(1) as p:
+        p.apply(identity, (np.ones(MB),))
+    r, w = cpool.Pipe(duplex=False)
+    child = cpool.get_context('fork').Process(target=make_pool_in_child, args=(w,))
+    child.start()
+    heap_pid, total = r.recv()
+    child.join(30)
+    assert heap_pid == child.pid and total == float(MB)
+    assert cpool.pool._buffer_heap(None).pid == os.getpid()
 
 
 def test_arguments_of_a_terminated_pool_do_not_break_the_next():

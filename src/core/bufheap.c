@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 
 #include "robust.h"
 
@@ -14,12 +15,25 @@ static uint64_t align_up(uint64_t n, uint64_t a)
 
 static uint64_t meta_bytes(uint64_t nunits)
 {
-    return sizeof(cp_heap_t) + nunits * (sizeof(uint32_t) + sizeof(int32_t));
+    return sizeof(cp_heap_t) + nunits * (2 * sizeof(uint32_t) + sizeof(int32_t));
 }
 
 static _Atomic int32_t *holders(cp_heap_t *h)
 {
     return (_Atomic int32_t *)(h->run + h->nunits);
+}
+
+static _Atomic uint32_t *freed_at(cp_heap_t *h)
+{
+    return (_Atomic uint32_t *)(h->run + 2 * h->nunits);
+}
+
+/* Now in 100 ms ticks (never 0); CLOCK_MONOTONIC is one clock for every process. */
+static uint32_t tick(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint32_t)((uint64_t)t.tv_sec * 10 + (uint64_t)t.tv_nsec / 100000000) | 1u;
 }
 
 size_t cp_heap_size(uint64_t data)
@@ -93,6 +107,8 @@ int64_t cp_heap_alloc(cp_heap_t *h, uint64_t len, int32_t holder)
     }
     int64_t off = -ENOMEM;
     if (found == want) {
+        for (uint64_t k = start; k < start + want; k++)
+            atomic_store_explicit(&freed_at(h)[k], 0, memory_order_relaxed);
         atomic_store_explicit(&holders(h)[start], holder, memory_order_relaxed);
         atomic_store_explicit(&h->run[start], (uint32_t)want, memory_order_release);
         atomic_fetch_add_explicit(&h->used, want, memory_order_relaxed);
@@ -126,21 +142,11 @@ void cp_heap_set_holder(cp_heap_t *h, uint64_t off, int32_t holder)
         atomic_store_explicit(&holders(h)[u], holder, memory_order_relaxed);
 }
 
-/* Give the pages of units [u, u+n) above the warm part back to the kernel. Done before the
-   units are marked free, so no new owner's data can be zeroed by it. */
-static void release_pages(cp_heap_t *h, uint64_t u, uint64_t n)
-{
-    uint64_t lo = unit_off(h, u), hi = unit_off(h, u + n);
-    if (hi <= h->data_off + CP_HEAP_WARM)
-        return;
-    if (lo < h->data_off + CP_HEAP_WARM)
-        lo = h->data_off + CP_HEAP_WARM;
-    madvise(cp_heap_ptr(h, lo), hi - lo, MADV_REMOVE);
-}
-
 static void free_unit_locked(cp_heap_t *h, uint64_t u)
 {
-    uint32_t n = atomic_load_explicit(&h->run[u], memory_order_relaxed);
+    uint32_t n = atomic_load_explicit(&h->run[u], memory_order_relaxed), now = tick();
+    for (uint64_t k = u; k < u + n; k++)
+        atomic_store_explicit(&freed_at(h)[k], now, memory_order_relaxed);
     atomic_store_explicit(&h->run[u], 0, memory_order_release);
     atomic_fetch_sub_explicit(&h->used, n, memory_order_relaxed);
 }
@@ -150,7 +156,6 @@ void cp_heap_free(cp_heap_t *h, uint64_t off)
     int64_t u = block_unit(h, off);
     if (u < 0)
         return;
-    release_pages(h, (uint64_t)u, atomic_load(&h->run[u]));
     if (lock(h) < 0)
         return;
     if (atomic_load_explicit(&h->run[u], memory_order_relaxed))
@@ -170,7 +175,6 @@ uint64_t cp_heap_free_held_by(cp_heap_t *h, int32_t holder)
             continue;
         }
         if (atomic_load_explicit(&holders(h)[u], memory_order_relaxed) == holder) {
-            release_pages(h, u, n);
             free_unit_locked(h, u);
             freed++;
         }
@@ -178,4 +182,38 @@ uint64_t cp_heap_free_held_by(cp_heap_t *h, int32_t holder)
     }
     unlock(h);
     return freed;
+}
+
+uint64_t cp_heap_trim(cp_heap_t *h, uint32_t idle_ms)
+{
+    uint32_t now = tick(), idle = (idle_ms + 99) / 100;
+    uint64_t resident = 0;
+    if (lock(h) < 0)
+        return 0;
+    /* Runs of free units idle long enough are punched out together; the lock keeps a new
+       block from being cut from them meanwhile. */
+    uint64_t u = 0, from = 0, len = 0;
+    while (u <= h->nunits) {
+        uint32_t n = u < h->nunits ? atomic_load_explicit(&h->run[u], memory_order_relaxed) : 0;
+        uint32_t f = u < h->nunits && !n ? atomic_load_explicit(&freed_at(h)[u], memory_order_relaxed)
+                                         : 0;
+        int stale = f && now - f >= idle;
+        if (stale) {
+            if (!len)
+                from = u;
+            len++;
+            atomic_store_explicit(&freed_at(h)[u], 0, memory_order_relaxed);
+        }
+        if ((!stale || u == h->nunits) && len) {
+            madvise(cp_heap_ptr(h, unit_off(h, from)), len * CP_HEAP_UNIT, MADV_REMOVE);
+            len = 0;
+        }
+        if (f && !stale)
+            resident += CP_HEAP_UNIT;
+        if (u == h->nunits)
+            break;
+        u += n ? n : 1;
+    }
+    unlock(h);
+    return resident;
 }

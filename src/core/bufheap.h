@@ -9,8 +9,10 @@
    Each block names its holder: the process slot (a worker's index, or CP_HEAP_PARENT) that
    frees it when done. A block handed to another process changes holder when it is read, so
    the blocks of a dead worker can be reclaimed without touching those in flight.
-   Allocation is first fit from the bottom, so the low units are the ones reused and stay
-   resident; freed blocks above CP_HEAP_WARM get their pages back to the kernel. */
+   Allocation is first fit from the bottom, so the low units are the ones reused. Freed units
+   keep their pages (touching fresh shared memory costs about four times the copy into it) until
+   cp_heap_trim finds them unused for a while and gives the pages back to the kernel: the
+   decay of jemalloc's dirty pages, for the same reason. */
 #ifndef CPOOL_BUFHEAP_H
 #define CPOOL_BUFHEAP_H
 
@@ -21,7 +23,6 @@
 
 #define CP_HEAP_MAGIC 0x3170616568706300ULL /* "\0cpheap1" */
 #define CP_HEAP_UNIT (64u << 10)            /* smaller buffers stay in the pickle */
-#define CP_HEAP_WARM (256ull << 20)         /* freed pages below this stay mapped and resident */
 #define CP_HEAP_PARENT (-1)
 
 typedef struct {
@@ -31,7 +32,10 @@ typedef struct {
     uint64_t data_off;      /* from the start of the segment, page aligned */
     _Alignas(64) pthread_mutex_t lock;
     _Atomic uint64_t used;  /* units in blocks (statistics) */
-    _Atomic uint32_t run[]; /* nunits entries, then int32 holder[nunits] */
+    _Atomic uint32_t run[]; /* nunits entries, then int32 holder[nunits], then uint32
+                               freed[nunits]: when a free unit's pages were last used (in
+                               100 ms ticks of CLOCK_MONOTONIC), 0 when they are not resident
+                               or the unit is in a block */
 } cp_heap_t;
 
 /* Bytes of a segment with room for data bytes of blocks. */
@@ -56,6 +60,10 @@ int cp_heap_is_block(cp_heap_t *h, uint64_t off, uint64_t len);
 
 /* The block at off is now held by holder. */
 void cp_heap_set_holder(cp_heap_t *h, uint64_t off, int32_t holder);
+
+/* Give back the pages of free units unused for at least idle_ms. Returns the bytes still
+   resident in free units. */
+uint64_t cp_heap_trim(cp_heap_t *h, uint32_t idle_ms);
 
 /* Free every block held by holder (a dead worker's). Returns how many. */
 uint64_t cp_heap_free_held_by(cp_heap_t *h, int32_t holder);
