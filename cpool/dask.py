@@ -19,24 +19,35 @@ the standard library's Pool, and what Dask does not give by default is given her
   - a worker that dies mid-task fails that task with cpool.WorkerLostError and the pool keeps
     serving (the LocalCluster made here is configured with allowed-failures=0; a scheduler of
     your own retries a task on `distributed.scheduler.allowed-failures` workers first);
-  - the scheduler going away fails the pending tasks with SchedulerLostError within seconds.
-maxtasksperchild is refused (NotImplementedError): Dask replaces workers by their lifetime.
+  - the scheduler going away fails the pending tasks with SchedulerLostError within seconds;
+  - maxtasksperchild=n: a worker process runs at most n tasks of this pool, then its nanny
+    replaces it by a fresh process (the initializer runs again there). The worker stops taking
+    tasks when it starts its n-th, waits until the results it holds have been fetched, and
+    retires (the scheduler moves any other data it holds and reschedules what was queued on
+    it, none of it counted as a failure). Workers without a nanny cannot be replaced: the pool
+    refuses them (ValueError), or fails the task given to one that joined later. On a cluster
+    shared with other work the restart also restarts that work's tasks on the worker.
 
 Functions and arguments travel with Dask's pickling (cloudpickle: lambdas work too); results
 travel pickled by the standard pickle, so what the standard library cannot return fails here
 as there (MaybeEncodingError). This module imports distributed; `import cpool` does not.
 """
+import asyncio
 import itertools
+import logging
 import os
 import pickle
 import queue
 import threading
+import time
 import uuid
 import warnings
 from functools import partial
 
 import dask
 import distributed
+from distributed.comm import CommClosedError
+from distributed.core import Status
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from .context import ProcessError, TimeoutError, WorkerLostError  # noqa: F401
@@ -87,6 +98,76 @@ class _Initializer(WorkerPlugin):
         _initialize(self.pool_id, self.initializer, self.initargs)
 
 
+# maxtasksperchild: what this worker process has run, for the pools that set it.
+_tasks_run = {}          # pool id -> tasks of that pool started in this process
+_quota_keys = []         # keys of those tasks: their results must be fetched before retiring
+_retiring = False        # a quota was reached: this process takes no more tasks
+
+
+def _take_quota(pool_id, maxtasks):
+    """Counts a task of the pool in this worker process, before it runs. Its n-th sets the
+    worker on its way out: the process is replaced once that task's result has been fetched."""
+    global _retiring
+    worker = distributed.get_worker()
+    if worker.nanny is None:
+        raise RuntimeError('maxtasksperchild: the Dask worker %s has no nanny to start a fresh '
+                           'process (start workers without --no-nanny)' % worker.address)
+    with _worker_lock:
+        if _retiring:
+            # Only if the task reached the worker before the scheduler heard it is leaving:
+            # back to the scheduler, for another worker (not a failure, not a retry: it did
+            # not run).
+            raise distributed.Reschedule()
+        n = _tasks_run[pool_id] = _tasks_run.get(pool_id, 0) + 1
+        _quota_keys.append(worker.get_current_task())
+        if n < maxtasks:
+            return
+        _retiring = True
+        keys = list(_quota_keys)
+    asyncio.run_coroutine_threadsafe(_replace_worker(worker, keys), worker.loop.asyncio_loop)
+
+
+async def _replace_worker(worker, keys):
+    """On the worker's event loop: no more tasks, and once the results of `keys` are fetched,
+    retire from the scheduler and close the process, which the nanny then starts afresh."""
+    try:
+        if worker.status not in (Status.running, Status.paused):
+            return  # already closing for another reason
+        # Not paused: the memory monitor resumes paused workers. closing_gracefully is what
+        # Scheduler.retire_workers sets, and keeps the scheduler from assigning new tasks here.
+        worker.status = Status.closing_gracefully
+        # Tasks running here (of any pool) finish rather than be rescheduled and run twice.
+        while worker.status == Status.closing_gracefully and (
+                worker.state.executing or any(k in worker.state.tasks for k in keys)):
+            await asyncio.sleep(0.01)
+        if worker.status != Status.closing_gracefully:
+            return
+        # An expected removal: what was queued here is rescheduled, not failed as lost, and
+        # data of others held only here is copied to another worker first. It tells this
+        # worker closing_gracefully over the scheduler's stream, which can come after its
+        # answer, and once this process is closing Dask logs that as an invalid transition.
+        # From paused (no tasks given here either) the message's arrival can be seen.
+        worker.status = Status.paused
+        retired = await worker.scheduler.retire_workers(
+            workers=[worker.address], close_workers=False, remove=True,
+            stimulus_id='cpool-maxtasksperchild')
+        if worker.address in retired:
+            deadline = time.monotonic() + 10
+            while worker.status != Status.closing_gracefully and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        # The nanny stops this process as Client.restart_workers has it do (through its stop
+        # queue: a process that closes itself leaves the nanny's reader thread to fail), and
+        # starts a fresh one. Stopping closes this end of the connection: no answer comes.
+        try:
+            async with worker.rpc(worker.nanny) as nanny:
+                await nanny.kill(reason='cpool-maxtasksperchild')
+        except (CommClosedError, OSError):
+            pass
+    except Exception:
+        logging.getLogger(__name__).exception('could not replace worker %s after '
+                                              'maxtasksperchild tasks', worker.address)
+
+
 def _encode(result):
     # Pickled here rather than by Dask so that a result the standard library could not send
     # fails the same way (MaybeEncodingError), and the client gets exactly what pickle gives.
@@ -96,8 +177,11 @@ def _encode(result):
         return pickle.dumps((False, MaybeEncodingError(e, result[1])), pickle.HIGHEST_PROTOCOL)
 
 
-def _run(kind, func, args):
-    """One task in a worker: an apply (args = (args, kwds)) or one chunk of a map/starmap."""
+def _run(kind, func, args, quota=None):
+    """One task in a worker: an apply (args = (args, kwds)) or one chunk of a map/starmap;
+    quota is (pool id, maxtasksperchild) for a pool that set it."""
+    if quota is not None:
+        _take_quota(*quota)
     try:
         if kind == _APPLY:
             value = func(*args[0], **args[1])
@@ -163,6 +247,29 @@ class IMapIterator(_ThreadIMapIterator):
 IMapUnorderedIterator = IMapIterator
 
 
+class _LocalCluster(distributed.LocalCluster):
+    """The LocalCluster a pool makes: its workers all run under nannies that restart them.
+
+    A SpecCluster closes a worker's nanny for good when, lost-worker-timeout (15 s) after any
+    removal of a worker, no worker of that name is registered: which is the case when that
+    moment falls inside a restart (maxtasksperchild restarts often), and the cluster then
+    shrinks to nothing. Here a removal only updates the cluster's view, as Cluster's does."""
+
+    def _update_worker_status(self, op, msg):
+        distributed.deploy.Cluster._update_worker_status(self, op, msg)
+
+
+def _check_nannies(client):
+    """maxtasksperchild replaces a worker's process through its nanny: every worker needs one."""
+    workers = client.scheduler_info(n_workers=-1)['workers']
+    without = sorted(addr for addr, info in workers.items() if not info.get('nanny'))
+    if without:
+        raise ValueError('maxtasksperchild needs Dask workers started by a nanny, which starts '
+                         'a fresh process in place of one that retires; these have none: %s '
+                         '(started with --no-nanny, or LocalCluster(processes=False))'
+                         % ', '.join(without))
+
+
 class Pool(object):
     """A pool of Dask workers with multiprocessing.Pool's API (see the module's docstring)."""
 
@@ -178,19 +285,13 @@ class Pool(object):
         if maxtasksperchild is not None:
             if not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0:
                 raise ValueError("maxtasksperchild must be a positive int or None")
-            # A worker closing itself after n tasks races with the scheduler handing it the
-            # next one, which then fails as lost: Dask's own way is the worker's lifetime.
-            raise NotImplementedError(
-                'maxtasksperchild is not available on Dask: start the workers with '
-                '--lifetime (distributed.worker.lifetime.duration) and --lifetime-restart '
-                'to have them replaced regularly')
         self._cluster = None
         self._own_client = client is None
         if address == 'local':  # what a `--dask local` command-line option gives
             address = None
         if client is None and address is None:
             with dask.config.set(LOCAL_CONFIG):
-                self._cluster = distributed.LocalCluster(
+                self._cluster = _LocalCluster(
                     n_workers=processes or os.cpu_count() or 1, threads_per_worker=1,
                     processes=True, host='127.0.0.1', dashboard_address=':0')
             client = distributed.Client(self._cluster, set_as_default=False)
@@ -203,8 +304,11 @@ class Pool(object):
             processes = sum(client.nthreads().values()) or os.cpu_count() or 1
         self._processes = processes
         self._id = 'cpool-%s' % uuid.uuid4().hex
+        self._quota = None if maxtasksperchild is None else (self._id, maxtasksperchild)
         self._plugin = None
         try:
+            if maxtasksperchild is not None:
+                _check_nannies(client)
             if initializer is not None:
                 client.register_plugin(_Initializer(self._id, initializer, initargs),
                                        name=self._id)
@@ -396,7 +500,7 @@ class Pool(object):
 
     def _submit(self, job, i, kind, func, args):
         try:
-            fut = self._client.submit(_run, kind, func, args,
+            fut = self._client.submit(_run, kind, func, args, self._quota,
                                       pure=False, retries=0)
         except BaseException as e:
             self._slots.release()

@@ -4,12 +4,19 @@
     python examples/fastq_quality.py                  # generated reads (seeded, 5000 reads)
     python examples/fastq_quality.py reads.fq.gz --workers 4 --phred 33
     python examples/fastq_quality.py --module multiprocessing
+    python examples/fastq_quality.py --dask local     # on a Dask LocalCluster (or --dask tcp://host:8786)
 
 The parent reads the file and puts batches of reads on a task Queue; each worker Process takes
 batches until it gets the end marker, adds up its statistics and puts them on a result Queue
 once; the parent merges them. Only integer sums cross between processes, so the report is the
 same whatever the number of workers and the order in which they finish.
+
+With --dask the same work takes the Pool's shape, as Queues between Processes do not reach the
+machines of a cluster: cpool.dask.Pool(--workers).imap_unordered gives each batch to a worker,
+which sends back that batch's sums, at most 4 x --workers batches ahead of the merge (what the
+bounded task Queue does here), and the parent merges them: the same report.
 """
+import functools
 import argparse
 import gzip
 import importlib
@@ -100,26 +107,20 @@ def worker(tasks, results, phred):
     results.put(stats)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    ap.add_argument('fastq', nargs='?', help='FASTQ file (.gz allowed); default: generated reads')
-    ap.add_argument('--reads', type=int, default=5000, help='reads to generate (default 5000)')
-    ap.add_argument('--seed', type=int, default=1)
-    ap.add_argument('--phred', type=int, default=33, help='quality offset (default 33)')
-    ap.add_argument('--batch', type=int, default=500, help='reads per queue message (default 500)')
-    ap.add_argument('--workers', type=int, default=2, help='worker processes (default 2)')
-    ap.add_argument('--module', default='cpool', choices=('cpool', 'multiprocessing'),
-                    help='the multiprocessing implementation (default cpool)')
-    ap.add_argument('--start-method', default=None, choices=('fork', 'spawn', 'forkserver'))
-    args = ap.parse_args()
+def batch_stats(batch, phred):
+    """Runs in a Dask worker (--dask): the statistics of one batch."""
+    stats = new_stats()
+    add_batch(stats, batch, phred)
+    return stats
 
-    mp = importlib.import_module(args.module).get_context(args.start_method)
+
+def stats_on_processes(mp, records, args):
+    """Worker Processes fed through a bounded Queue; their statistics merged here."""
     # a bounded task queue: the reader waits when the workers fall behind, memory stays flat
     tasks, results = mp.Queue(maxsize=4 * args.workers), mp.Queue()
     procs = [mp.Process(target=worker, args=(tasks, results, args.phred)) for _ in range(args.workers)]
     for p in procs:
         p.start()
-    records = read_fastq(args.fastq) if args.fastq else generated_reads(args.reads, args.seed)
     for batch in batches(records, args.batch):
         tasks.put(batch)
     for _ in procs:
@@ -131,8 +132,42 @@ def main():
         p.join()
         if p.exitcode != 0:
             raise SystemExit('a worker failed with exit code %s' % p.exitcode)
+    return total
 
-    s = total
+
+def stats_on_dask(address, records, args):
+    """The same on a Dask cluster: a batch per task, each batch's sums merged here."""
+    from cpool.dask import Pool
+    total = new_stats()
+    with Pool(args.workers, address=address) as pool:
+        for part in pool.imap_unordered(functools.partial(batch_stats, phred=args.phred),
+                                        batches(records, args.batch), buffersize=4 * args.workers):
+            merge(total, part)
+    return total
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    ap.add_argument('fastq', nargs='?', help='FASTQ file (.gz allowed); default: generated reads')
+    ap.add_argument('--reads', type=int, default=5000, help='reads to generate (default 5000)')
+    ap.add_argument('--seed', type=int, default=1)
+    ap.add_argument('--phred', type=int, default=33, help='quality offset (default 33)')
+    ap.add_argument('--batch', type=int, default=500, help='reads per queue message (default 500)')
+    ap.add_argument('--workers', type=int, default=2, help='worker processes (default 2)')
+    ap.add_argument('--module', default='cpool', choices=('cpool', 'multiprocessing'),
+                    help='the multiprocessing implementation (default cpool)')
+    ap.add_argument('--start-method', default=None, choices=('fork', 'spawn', 'forkserver'))
+    ap.add_argument('--dask', metavar='ADDRESS',
+                    help="run on a Dask cluster (its scheduler's address, or 'local') as Pool "
+                         "tasks, a batch each, instead of Processes and Queues")
+    args = ap.parse_args()
+
+    records = read_fastq(args.fastq) if args.fastq else generated_reads(args.reads, args.seed)
+    if args.dask:
+        s = stats_on_dask(args.dask, records, args)
+    else:
+        s = stats_on_processes(importlib.import_module(args.module).get_context(args.start_method),
+                               records, args)
     print('reads\t%d' % s['reads'])
     print('bases\t%d' % s['bases'])
     print('mean_quality\t%.3f' % (s['qsum'] / max(1, s['bases'])))

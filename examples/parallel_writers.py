@@ -5,6 +5,7 @@ bounds how many processes work at once.
     python examples/parallel_writers.py                     # 8 generated samples, at most 3 at once
     python examples/parallel_writers.py --samples 20 --max-active 4 --out results.tsv
     python examples/parallel_writers.py --module multiprocessing
+    python examples/parallel_writers.py --dask local     # on a Dask LocalCluster (or --dask tcp://host:8786)
 
 One Process per sample (as when each sample is a large file and only a few fit in memory or the
 disk's bandwidth at a time): it waits on the Semaphore, computes per-read lines for its sample
@@ -12,6 +13,12 @@ and appends them to the shared file in blocks, each block written and flushed un
 no two blocks interleave (a buffered write of a large block can take several system calls).
 Start and end of each sample's work are logged in the same file under the same Lock, so the
 file itself proves the bound was kept. The parent then checks the file and prints a summary.
+
+With --dask each sample is a task of cpool.dask.Pool instead of a Process. A Lock and a
+Semaphore of cpool live in this machine's shared memory and do not reach the machines of a
+cluster, so there the two are Dask's own (distributed.Lock, distributed.Semaphore), held
+through the scheduler; the code of a sample is the same. The file must be one that every
+worker can open: on a scheduler of other machines, give --out a path on a filesystem they share.
 """
 import argparse
 import importlib
@@ -19,6 +26,7 @@ import os
 import random
 import sys
 import tempfile
+import uuid
 import zlib
 
 COMPLEMENT = str.maketrans('ACGT', 'TGCA')
@@ -52,6 +60,39 @@ def process_sample(sample, path, lock, slots, reads, block, seed):
         if lines:
             append(path, lock, '#block\t%d\t%d\n%s' % (sample, len(lines), ''.join(lines)))
         append(path, lock, '#end\t%d\n' % sample)
+
+
+def run_on_processes(mp, path, args):
+    """A Process per sample; the exit codes of those that failed."""
+    lock, slots = mp.Lock(), mp.Semaphore(args.max_active)
+    procs = [mp.Process(target=process_sample,
+                        args=(s, path, lock, slots, args.reads, args.block, args.seed))
+             for s in range(args.samples)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    return ['exit code %s' % p.exitcode for p in procs if p.exitcode != 0]
+
+
+def run_on_dask(address, path, args):
+    """A Pool task per sample on a Dask cluster, with Dask's Lock and Semaphore; the errors."""
+    import distributed
+    from cpool.dask import Pool
+    tag = uuid.uuid4().hex  # names of this run's lock and semaphore on the scheduler
+    lock = distributed.Lock('parallel_writers-lock-' + tag)
+    slots = distributed.Semaphore(args.max_active, 'parallel_writers-slots-' + tag)
+    with Pool(address=address) as pool:  # the cluster's threads; the Semaphore bounds the rest
+        results = [pool.apply_async(process_sample,
+                                    (s, path, lock, slots, args.reads, args.block, args.seed))
+                   for s in range(args.samples)]
+        failed = []
+        for r in results:
+            try:
+                r.get()
+            except Exception as e:
+                failed.append(repr(e))
+    return failed
 
 
 def check(path, samples):
@@ -94,9 +135,11 @@ def main():
     ap.add_argument('--module', default='cpool', choices=('cpool', 'multiprocessing'),
                     help='the multiprocessing implementation (default cpool)')
     ap.add_argument('--start-method', default=None, choices=('fork', 'spawn', 'forkserver'))
+    ap.add_argument('--dask', metavar='ADDRESS',
+                    help="run the samples as Pool tasks on a Dask cluster (its scheduler's "
+                         "address, or 'local'), with Dask's Lock and Semaphore")
     args = ap.parse_args()
 
-    mp = importlib.import_module(args.module).get_context(args.start_method)
     if args.out:
         path = args.out
         open(path, 'w').close()
@@ -104,15 +147,11 @@ def main():
         fd, path = tempfile.mkstemp(prefix='parallel_writers_', suffix='.tsv')
         os.close(fd)
     try:
-        lock, slots = mp.Lock(), mp.Semaphore(args.max_active)
-        procs = [mp.Process(target=process_sample,
-                            args=(s, path, lock, slots, args.reads, args.block, args.seed))
-                 for s in range(args.samples)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join()
-        failed = [p.exitcode for p in procs if p.exitcode != 0]
+        if args.dask:
+            failed = run_on_dask(args.dask, path, args)
+        else:
+            failed = run_on_processes(
+                importlib.import_module(args.module).get_context(args.start_method), path, args)
         per_sample, max_active, whole = check(path, args.samples)
     finally:
         if not args.out:
@@ -123,7 +162,7 @@ def main():
     print('blocks whole: %s' % ('yes' if whole else 'NO'))
     print('at most %d samples at once: %s' % (args.max_active, 'yes' if max_active <= args.max_active else 'NO'))
     if failed or not whole or max_active > args.max_active:
-        print('error: exit codes %s' % failed if failed else 'error: the file is not as expected', file=sys.stderr)
+        print('error: %s' % ', '.join(failed) if failed else 'error: the file is not as expected', file=sys.stderr)
         return 1
     return 0
 

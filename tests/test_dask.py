@@ -1,5 +1,6 @@
 """cpool.dask.Pool on a real distributed.LocalCluster: differential with cpool.Pool, and the faults
 (a worker SIGKILLed mid-task, the scheduler going away, Ctrl-C) that must not hang."""
+import collections
 import functools
 import glob
 import itertools
@@ -107,7 +108,9 @@ def client():
     """One LocalCluster for the module: starting one costs a second or two."""
     import dask
     with dask.config.set(cpool.dask.LOCAL_CONFIG):
-        cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+        # The pool's own kind: a plain LocalCluster may close a nanny for good if a check for
+        # lost workers falls inside a restart (maxtasksperchild's, a SIGKILLed worker's).
+        cluster = cpool.dask._LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                            host='127.0.0.1', dashboard_address=':0')
     c = distributed.Client(cluster, set_as_default=False)
     yield c
@@ -434,9 +437,62 @@ def test_initializer_runs_in_a_worker_that_joins_later(two_workers, tmp_path):
     assert {v for _, v in got} == {'ready'}
 
 
-def test_maxtasksperchild_is_refused_with_the_dask_way_named(two_workers):
-    with pytest.raises(NotImplementedError, match='lifetime'):
-        cpool.dask.Pool(2, maxtasksperchild=2, client=two_workers)
+def square_pid_init(x):
+    return x * x, os.getpid(), _init_value
+
+
+@pytest.mark.timeout(150)
+def test_maxtasksperchild_replaces_the_worker_process(make_pool, tmp_path):
+    # On Dask the nanny starts each replacement: about 2 s a generation, three generations.
+    log = str(tmp_path / 'init')
+    with make_pool(2, init, (log, 'ready'), 2) as p:
+        got = p.map(square_pid_init, range(8), chunksize=1)
+        got += [r.get(60) for r in [p.apply_async(square_pid_init, (i,)) for i in range(8, 12)]]
+    assert [x for x, _, _ in got] == [x * x for x in range(12)]
+    per_pid = collections.Counter(pid for _, pid, _ in got)
+    assert max(per_pid.values()) <= 2 and len(per_pid) >= 6, per_pid
+    assert {v for _, _, v in got} == {'ready'}  # the initializer ran in every new process
+    with open(log) as f:
+        pids = [int(x) for x in f.read().split()]
+    assert len(pids) == len(set(pids)) and set(per_pid) <= set(pids)
+
+
+@pytest.mark.stress  # a cluster of its own, four generations of workers: 10-20 s
+@pytest.mark.timeout(150)
+def test_maxtasksperchild_keeps_the_pools_own_cluster_whole():
+    # A SpecCluster closes a worker's nanny when, lost-worker-timeout after a removal, no
+    # worker of its name is there: at 1 s that falls inside one of these restarts.
+    import dask
+    with dask.config.set({'distributed.deploy.lost-worker-timeout': '1s'}):
+        with cpool.dask.Pool(2, maxtasksperchild=1) as p:
+            got = p.map(getpid, range(8), chunksize=1)
+            time.sleep(1.5)  # the last removals' checks too
+            assert len(p.client.nthreads()) == 2 or p.client.wait_for_workers(2, timeout=30)
+            assert len(p._cluster.workers) == 2
+    assert len(set(got)) == 8
+
+
+@pytest.fixture(scope='module')
+def nannyless_client():
+    """Workers in this process (LocalCluster(processes=False)): no nanny to replace them."""
+    cluster = distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                       dashboard_address=':0')
+    c = distributed.Client(cluster, set_as_default=False)
+    yield c
+    c.close()
+    cluster.close()
+
+
+def test_maxtasksperchild_needs_workers_with_a_nanny(nannyless_client):
+    with pytest.raises(ValueError, match='nanny'):
+        cpool.dask.Pool(1, maxtasksperchild=2, client=nannyless_client)
+    with cpool.dask.Pool(1, client=nannyless_client) as p:  # without it the pool serves
+        assert p.map(sq, range(4)) == [0, 1, 4, 9]
+    # A worker without a nanny that joins after the pool started fails the task given to it.
+    fut = nannyless_client.submit(cpool.dask._run, cpool.dask._APPLY, sq, ((3,), {}),
+                                  ('pool-id', 2), pure=False)
+    with pytest.raises(RuntimeError, match='has no nanny'):
+        fut.result(timeout=30)
 
 
 SCHEDULER_GONE = r'''

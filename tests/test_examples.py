@@ -99,18 +99,34 @@ def test_shared_matrix_writes_every_gene_computed_on_the_shared_buffer(tmp_path)
     assert lines[1].startswith('GENE00001\t') and lines[-1].startswith('GENE01200\t')
 
 
-# The Pool examples once more on a Dask LocalCluster started by the example (cpool.dask).
-DASK_CASES = [('gc_content', ['--records', '300']), ('gene_stats', ['--genes', '500']),
-              ('kmer_count', ['--canonical', '--top', '30'])]
+# Every example once more on a Dask LocalCluster started by the example (cpool.dask): the same
+# arguments, then those that size the cluster (2 workers).
+DASK_CASES = {
+    'gc_content': (['--records', '300'], ['--processes', '2']),
+    'gene_stats': (['--genes', '500'], ['--processes', '2']),
+    'kmer_count': (['--canonical', '--top', '30'], ['--processes', '2']),
+    'fastq_quality': (['--reads', '1500'], ['--workers', '2']),  # Pool tasks, not Processes
+    # Dask's Lock and Semaphore; --max-active 1 below the cluster's 2 threads, so it bounds
+    'parallel_writers': (['--samples', '5', '--max-active', '1', '--reads', '400'], []),
+    'shared_matrix': (['--genes', '2000', '--samples', '300', '--chunk', '150'],
+                      ['--processes', '2']),  # the matrix sent once to each worker
+}
+
+
+def test_every_example_runs_on_dask():
+    assert sorted(DASK_CASES) == sorted(CASES)
 
 
 @pytest.mark.stress  # a cluster started per run: 10-20 s on a loaded machine
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize('name, args', DASK_CASES)
-def test_example_on_dask_same_output(name, args):
+@pytest.mark.parametrize('name', sorted(DASK_CASES))
+def test_example_on_dask_same_output(name):
     pytest.importorskip('distributed')
+    args, cluster_args = DASK_CASES[name]
     std = run(name, 'multiprocessing', *args)
     assert std.returncode == 0, std.stderr
-    ours = run(name, 'cpool', *args, '--dask', 'local', '--processes', '2', timeout=150)
-    assert ours.returncode == 0, ours.stderr[-3000:]
-    assert ours.stdout == std.stdout and ours.stdout.strip()
+    ours = run(name, 'cpool', *args)
+    assert ours.returncode == 0, ours.stderr
+    on_dask = run(name, 'cpool', *args, '--dask', 'local', *cluster_args, timeout=150)
+    assert on_dask.returncode == 0, on_dask.stderr[-3000:]
+    assert on_dask.stdout == ours.stdout == std.stdout and on_dask.stdout.strip()
