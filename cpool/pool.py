@@ -1228,6 +1228,8 @@ class _QueueCore(object):
         self.taskqueue.put((taskseq, set_length))
 
     def apply(self, func, args, kwds, callback, error_callback, task_timeout):
+        if self.state != 0:
+            raise ValueError("Pool not running")
         _no_task_timeout(task_timeout)
         result = _ThreadResult(self.pool_ref(), callback, error_callback)
         self.submit([(result._job, 0, func, args, kwds)])
