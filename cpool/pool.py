@@ -994,11 +994,28 @@ class _QueueCache(dict):
         return value
 
 
+def _exit_with(pid):
+    # A pipe's reader sees EOF when the pool's process dies; a cpool queue's does not, so the
+    # worker watches that process itself (through a pidfd: under forkserver it is not the parent).
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        os._exit(1)
+    import select
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    while not poller.poll():
+        pass
+    os._exit(1)
+
+
 def _queue_worker(inqueue, outqueue, slots, index, initializer=None, initargs=(), maxtasks=None,
-                  wrap_exception=False):
+                  wrap_exception=False, pool_pid=None):
     """Body of a worker of a _QueueCore pool: the standard library's worker loop, which also
     records the (job, i) it runs in its slot of `slots`, so that its death fails that task."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if pool_pid is not None:
+        threading.Thread(target=_exit_with, args=(pool_pid,), daemon=True).start()
     put = outqueue.put
     get = inqueue.get
     if hasattr(inqueue, '_writer'):
@@ -1072,7 +1089,7 @@ class _QueueCore(object):
         self.Process = pool.Process
         self.processes = pool._processes
         self.worker_args = (pool._initializer, pool._initargs, pool._maxtasksperchild,
-                            pool._wrap_exception)
+                            pool._wrap_exception, os.getpid())
         self.inqueue, self.outqueue = pool._inqueue, pool._outqueue
         self.put, self.get = pool._quick_put, pool._quick_get
         self.workers = pool._pool

@@ -80,6 +80,37 @@ def test_joblib_multiprocessing_backend_under_alias():
     assert '[0.0, 600000.0, 1200000.0, 1800000.0]' in out
 
 
+@pytest.mark.timeout(240)
+def test_joblib_sends_large_arrays_as_memmaps_under_alias():
+    pytest.importorskip('joblib')
+    pytest.importorskip('numpy')
+    # joblib's MemmappingPool overrides Pool._setup_queues with queues whose pickler dumps arrays
+    # above max_nbytes to a file: the workers get read-only np.memmap views of it (and results
+    # above it come back the same way), as with the standard library.
+    src = WHICH + """
+    import multiprocessing
+    import numpy as np
+    from joblib import Parallel, delayed
+    def kind(a):
+        return type(a).__name__, float(a.sum()), a.flags.writeable
+    def big(i):
+        return np.full(100_000, i, dtype=np.float64)
+    if __name__ == '__main__':
+        for method in ('fork', 'spawn'):
+            multiprocessing.set_start_method(method, force=True)
+            arrays = [np.arange(20_000, dtype=np.float64) * i for i in range(4)]
+            print(method, Parallel(n_jobs=2, backend='multiprocessing', max_nbytes='1K')(
+                delayed(kind)(a) for a in arrays + [np.arange(5.0)]))
+            out = Parallel(n_jobs=2, backend='multiprocessing', max_nbytes='1K')(
+                delayed(big)(i) for i in range(3))
+            print([(type(a).__name__, float(a.sum())) for a in out])
+    """
+    out = run_program(src, 'cpool', timeout=200)
+    assert out == run_program(src, 'stdlib', timeout=200)
+    assert out.count("('memmap', 199990000.0, False)") == 2
+    assert out.count("('ndarray', 10.0, True)") == 2
+
+
 EXECUTOR_PROGRAM = WHICH + """
     import concurrent.futures as cf
     import multiprocessing as mp

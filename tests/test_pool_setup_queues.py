@@ -296,3 +296,34 @@ def test_close_from_thread_with_pending_results_delivers_them():
     threading.Thread(target=p.close).start()
     p.join()
     assert [r.get(0) for r in rs] == [0.05] * 6 and len(got) == 6
+
+
+ORPHAN_PROGRAM = '''
+import os, signal, sys
+sys.path[:0] = [%r, %r]
+import cpool.pool
+from test_pool_setup_queues import queue_pool_class, sq
+if __name__ == '__main__':
+    p = queue_pool_class(cpool.pool.Pool)(2, context=cpool.get_context(sys.argv[1]))
+    p.map(sq, range(3))
+    print(' '.join(str(w.pid) for w in p._pool), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+
+def test_workers_leave_when_the_pool_process_is_killed(method, tmp_path):
+    # cpool's SimpleQueue gives its readers no EOF when the pool's process dies, as a pipe does.
+    import subprocess
+    import sys
+    from conftest import running
+    here = os.path.dirname(os.path.abspath(__file__))
+    script = tmp_path / 'orphan.py'
+    script.write_text(ORPHAN_PROGRAM % (here, os.path.dirname(here)))
+    proc = subprocess.run([sys.executable, str(script), method], capture_output=True, text=True,
+                          timeout=60)
+    pids = [int(x) for x in proc.stdout.split()]
+    assert len(pids) == 2, proc.stderr
+    deadline = time.monotonic() + 10
+    while any(running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(running(pid) for pid in pids)
