@@ -253,10 +253,16 @@ def test_killed_worker_fails_its_task_and_is_replaced(method, make):
         with pytest.raises(cpool.WorkerLostError):
             m.get(30)
         assert p.map(sq, range(10)) == [x * x for x in range(10)]
-        # Idle workers killed from outside (one may hold the inqueue's read lock): the others
-        # and the replacements still get the tasks.
-        for w in list(p._pool):
+        # Idle workers killed from outside (one holds the inqueue's read lock): the replacements
+        # still get the tasks. Gone before tasks are sent: a worker killed mid-read would leave
+        # half a message in the pipe (a pipe queue breaks so with the standard library too).
+        from conftest import running
+        killed = list(p._pool)
+        for w in killed:
             w.kill()
+        deadline = time.monotonic() + 10
+        while any(running(w.pid) for w in killed) and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert p.map(sq, range(4)) == [0, 1, 4, 9]
 
 
