@@ -333,3 +333,33 @@ def test_workers_leave_when_the_pool_process_is_killed(method, tmp_path):
     while any(running(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(running(pid) for pid in pids)
+
+
+def test_ctrl_c_interrupts_map_and_the_with_block_cleans_up():
+    from conftest import running, sigint_after
+    with pytest.raises(KeyboardInterrupt):
+        with new_pool(cpool, 'fork') as p:
+            workers = list(p._pool)
+            t = time.monotonic()
+            sigint_after(0.3)
+            p.map(sleep_then, [30, 30])
+    assert time.monotonic() - t < 5
+    assert not any(running(w.pid) for w in workers)
+
+
+def test_no_fd_left_behind():
+    import gc
+    from conftest import open_fds
+    for make in (reducing_pool_class, queue_pool_class):  # the first pool's imports open fds
+        with new_pool(cpool, 'fork', make=make) as p:
+            p.map(sq, range(3))
+    p = None
+    gc.collect()
+    before = open_fds()
+    for make in (reducing_pool_class, queue_pool_class) * 3:
+        with new_pool(cpool, 'fork', make=make) as p:
+            p.map(sq, range(3))
+        p.join()
+    p = None
+    gc.collect()
+    assert open_fds() <= before
