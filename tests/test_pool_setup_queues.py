@@ -163,7 +163,8 @@ def test_reducer_used_both_ways(mpmod, method):
     # results (the parent's Tagged comes back rebuilt by it).
     with new_pool(mpmod, method) as p:
         assert p.apply(seen, (Tagged(3),)) == (3, True)
-        assert p.map(seen, [Tagged(i) for i in range(6)], chunksize=2) == [(i, True) for i in range(6)]
+        assert (p.map(seen, [Tagged(i) for i in range(6)], chunksize=2)
+                == [(i, True) for i in range(6)])
         assert [t.via_reducer for t in p.imap(tag, range(4))] == [True] * 4
         back = p.apply_async(tag, (7,)).get(30)
         assert (back.value, back.via_reducer) == (7, True)
