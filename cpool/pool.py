@@ -456,6 +456,9 @@ class Pool(object):
         self._initializer = initializer
         self._initargs = initargs
         self._maxtasksperchild = maxtasksperchild
+        if type(self)._setup_queues is not Pool._setup_queues:
+            self._start_queue_pool(task_timeout)
+            return
         self._core = core = _core.PoolCore(processes, task_ring_bytes, result_ring_bytes,
                                            maxtasksperchild or 0, task_timeout,
                                            _buffer_heap(buffer_heap_bytes), stats)
@@ -507,6 +510,33 @@ class Pool(object):
     def _check_running(self):
         if self._state != RUN:
             raise ValueError("Pool not running")
+
+    def _setup_queues(self):
+        """The standard library's hook: the queues tasks and results travel through. cpool's
+        Pool does not call it (its tasks go through shared-memory rings in C); a subclass that
+        overrides it gets its queues used, as _QueueCore says."""
+        self._inqueue = self._ctx.SimpleQueue()
+        self._outqueue = self._ctx.SimpleQueue()
+        self._quick_put = self._inqueue._writer.send
+        self._quick_get = self._outqueue._reader.recv
+
+    def _start_queue_pool(self, task_timeout):
+        _no_task_timeout(task_timeout)
+        self._setup_queues()
+        self._pool = [None] * self._processes
+        self._core = core = _QueueCore(self)
+        self._taskqueue = core.taskqueue
+        try:
+            for i in range(self._processes):
+                core.start_worker(i)
+        except Exception:
+            core.stop_workers()
+            raise
+        core.start_threads()
+        self._worker_handler, self._task_handler, self._result_handler = core.threads
+        self._handler = core
+        self._state = RUN
+        self._terminate = util.Finalize(self, core.terminate, exitpriority=15)
 
     # ---- the standard library's API ----
 
@@ -696,15 +726,21 @@ class _ThreadResult(object):
 
     def _set(self, i, obj):
         self._success, self._value = obj
-        if self._callback and self._success:
-            self._callback(self._value)
-        if self._error_callback and not self._success:
-            self._error_callback(self._value)
+        _call_back(self._callback if self._success else self._error_callback, self._value)
         self._event.set()
         self._cache.pop(self._job, None)
         self._pool = None
 
     __class_getitem__ = classmethod(type(list[int]))
+
+
+def _call_back(callback, value):
+    # A failing callback is reported and the result still becomes ready (as cpool.Pool's).
+    if callback is not None:
+        try:
+            callback(value)
+        except Exception:
+            traceback.print_exc()
 
 
 class _ThreadMapResult(_ThreadResult):
@@ -737,11 +773,7 @@ class _ThreadMapResult(_ThreadResult):
                 self._value = result
         if not finished:
             return
-        if self._success:
-            if self._callback:
-                self._callback(self._value)
-        elif self._error_callback:
-            self._error_callback(self._value)
+        _call_back(self._callback if self._success else self._error_callback, self._value)
         self._event.set()
         self._cache.pop(self._job, None)
         self._pool = None
@@ -797,6 +829,18 @@ class _ThreadIMapIterator(object):
             if self._index == self._length:
                 self._cache.pop(self._job, None)
                 self._pool = None
+
+    def _abort(self, exc):
+        # next() yields what did arrive in order, then raises exc, then stops (as cpool.Pool's).
+        with self._cond:
+            if self._index == self._length:
+                return
+            self._items.append((False, exc))
+            self._index += 1
+            self._length = self._index
+            self._cond.notify_all()
+            self._cache.pop(self._job, None)
+            self._pool = None
 
     def _set_length(self, length):
         with self._cond:
@@ -1035,3 +1079,380 @@ class _Flatten(object):
                 return next(self._cur)
             except StopIteration:
                 self._cur = iter(self._chunks.next(timeout))
+
+
+# ============ Pools whose subclass overrides _setup_queues (joblib's MemmappingPool) ============
+
+class _QueueCache(dict):
+    """Pending results by job id; wakes the worker handler when the last one is done, so a
+    closed pool's workers are told to leave at once (the standard library's _PoolCache)."""
+
+    def __init__(self, wake):
+        super().__init__()
+        self._wake = wake
+
+    def pop(self, *args):
+        value = super().pop(*args)
+        if not self:
+            self._wake()
+        return value
+
+
+def _exit_with(pid):
+    # A pipe's reader sees EOF when the pool's process dies; a cpool queue's does not, so the
+    # worker watches that process itself (through a pidfd: under forkserver it is not the parent).
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        os._exit(1)
+    import select
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    while not poller.poll():
+        pass
+    os._exit(1)
+
+
+def _queue_worker(inqueue, outqueue, slots, index, initializer=None, initargs=(), maxtasks=None,
+                  wrap_exception=False, pool_pid=None):
+    """Body of a worker of a _QueueCore pool: the standard library's worker loop, which also
+    records the (job, i) it runs in its slot of `slots`, so that its death fails that task."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if pool_pid is not None:
+        threading.Thread(target=_exit_with, args=(pool_pid,), daemon=True).start()
+    put = outqueue.put
+    get = inqueue.get
+    if hasattr(inqueue, '_writer'):
+        inqueue._writer.close()
+        outqueue._reader.close()
+    if initializer is not None:
+        initializer(*initargs)
+    job_slot, i_slot = 2 * index, 2 * index + 1
+    completed = 0
+    while maxtasks is None or completed < maxtasks:
+        try:
+            task = get()
+        except (EOFError, OSError):
+            util.debug('worker got EOFError or OSError -- exiting')
+            break
+        if task is None:
+            util.debug('worker got sentinel -- exiting')
+            break
+        job, i, func, args, kwds = task
+        slots[i_slot] = i
+        slots[job_slot] = job + 1
+        try:
+            result = (True, func(*args, **kwds))
+        except BaseException as e:  # SystemExit too fails its task, as in cpool's C loop
+            if wrap_exception:
+                e = ExceptionWithTraceback(e, e.__traceback__)
+            result = (False, e)
+        try:
+            put((job, i, result))
+        except Exception as e:
+            wrapped = MaybeEncodingError(e, result[1])
+            util.debug("Possible encoding error while sending result: %s" % (wrapped,))
+            put((job, i, (False, wrapped)))
+        slots[job_slot] = 0
+        task = job = result = func = args = kwds = None
+        completed += 1
+    util.debug('worker exiting after %d tasks' % completed)
+
+
+def _worker_lost(pid, exitcode):
+    how = ''
+    if exitcode is not None and exitcode < 0:
+        try:
+            how = ' (%s)' % signal.Signals(-exitcode).name
+        except ValueError:
+            pass
+    exc = WorkerLostError('worker (pid %s) terminated abruptly with exit code %s%s while '
+                          'running the task' % (pid, exitcode, how))
+    exc.exitcode = exitcode
+    exc.pid = pid
+    return exc
+
+
+class _QueueCore(object):
+    """The task path of a Pool whose subclass overrides _setup_queues: tasks go through the
+    queues that hook made (pool._inqueue written with pool._quick_put, pool._outqueue read with
+    pool._quick_get), with the standard library's three threads: a task handler that sends the
+    queued tasks, a result handler that hands results to their AsyncResults (ThreadPool's
+    classes, keyed by job id in pool._cache), and a worker handler that replaces exited workers.
+
+    Beyond the standard library, as cpool's C path: a worker killed mid-task fails that task
+    with WorkerLostError (its slot in a shared array names the task; the failure goes through
+    the outqueue, behind any result the worker did send, and a task already answered is left
+    alone); imap reads its input lazily in a feeder thread; terminate() fails what is pending
+    with ProcessError. Same interface as cpool._core.PoolCore where Pool uses it."""
+
+    def __init__(self, pool):
+        self.state = 0  # PoolCore's numbering: 0 RUN, 1 CLOSE, 2 TERMINATE
+        self.pool_ref = weakref.ref(pool)
+        self.ctx = pool._ctx
+        self.Process = pool.Process
+        self.processes = pool._processes
+        self.worker_args = (pool._initializer, pool._initargs, pool._maxtasksperchild,
+                            pool._wrap_exception, os.getpid())
+        self.inqueue, self.outqueue = pool._inqueue, pool._outqueue
+        self.put, self.get = pool._quick_put, pool._quick_get
+        self.workers = pool._pool
+        from .sharedctypes import RawArray
+        self.slots = RawArray('q', 2 * self.processes)
+        self.wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.cache = pool._cache = _QueueCache(self.wake)
+        self.taskqueue = queue.SimpleQueue()
+        self.inflight = set()  # (job, i) sent and not answered
+        self.feeders = []
+        self.lock = threading.Lock()
+        self.threads = ()
+        self.terminated = False
+
+    def __del__(self):
+        # Not in terminate(): a result set after it still wakes this fd, never a reused number.
+        os.close(self.wake_fd)
+
+    def wake(self):
+        os.eventfd_write(self.wake_fd, 1)
+
+    # ---- workers ----
+
+    def start_worker(self, index):
+        w = self.Process(self.ctx, target=_queue_worker,
+                         args=(self.inqueue, self.outqueue, self.slots, index) + self.worker_args)
+        w.name = w.name.replace('Process', 'PoolWorker')
+        w.daemon = True
+        self.slots[2 * index] = 0
+        w.start()
+        self.workers[index] = w
+        util.debug('added worker')
+        return w
+
+    def stop_workers(self):
+        with self.lock:
+            procs = [p for p in self.workers if p is not None]
+        for p in procs:
+            if p.exitcode is None:
+                p.terminate()
+        deadline = time.monotonic() + 1.0
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.exitcode is None:
+                p.kill()
+                p.join()
+
+    def reap_workers(self):
+        """Join exited workers, fail the task a dead one was running, start replacements."""
+        for index, w in enumerate(self.workers):
+            if w is None or w.exitcode is None:
+                continue
+            w.join()
+            util.debug('cleaning up worker %d' % index)
+            job = self.slots[2 * index] - 1
+            if job >= 0:
+                self.slots[2 * index] = 0
+                lost = _worker_lost(w.pid, w.exitcode)
+                # Behind the worker's own result if it sent one: the result handler ignores a
+                # loss for a task already answered.
+                self.outqueue.put((job, self.slots[2 * index + 1], (False, lost), index))
+            with self.lock:
+                self.workers[index] = None
+                if self.state == 0 or (self.state == 1 and self.cache):
+                    self.start_worker(index)
+
+    # ---- the three threads ----
+
+    def start_threads(self):
+        self.threads = tuple(threading.Thread(target=f, name='cpool-pool-' + name, daemon=True)
+                             for f, name in ((self.handle_workers, 'workers'),
+                                             (self.handle_tasks, 'tasks'),
+                                             (self.handle_results, 'results')))
+        for t in self.threads:
+            t.start()
+
+    def handle_workers(self):
+        while self.state == 0 or (self.state == 1 and self.cache):
+            try:
+                self.reap_workers()
+            except Exception:
+                traceback.print_exc()  # fork failed...: try again shortly
+                time.sleep(0.1)
+            sentinels = [w.sentinel for w in self.workers
+                         if w is not None and hasattr(w, 'sentinel')]
+            wait(sentinels + [self.wake_fd])
+            try:
+                os.eventfd_read(self.wake_fd)
+            except BlockingIOError:
+                pass
+        self.taskqueue.put(None)  # the task handler tells the workers to leave
+        util.debug('worker handler exiting')
+
+    def handle_tasks(self):
+        put, inflight, cache = self.put, self.inflight, self.cache
+        for taskseq, set_length in iter(self.taskqueue.get, None):
+            task = None
+            try:
+                for task in taskseq:
+                    if self.state == 2:
+                        break
+                    key = task[:2]
+                    inflight.add(key)
+                    try:
+                        put(task)
+                    except Exception as e:
+                        inflight.discard(key)
+                        result = cache.get(key[0])
+                        if result is not None:
+                            result._set(key[1], (False, e))
+                else:
+                    if set_length:
+                        set_length()
+                    continue
+                break
+            finally:
+                task = taskseq = None
+        try:
+            self.outqueue.put(None)
+            for _ in self.workers:
+                put(None)
+        except OSError:
+            util.debug('task handler got OSError when sending sentinels')
+        util.debug('task handler exiting')
+
+    def handle_results(self):
+        get, inflight, cache = self.get, self.inflight, self.cache
+        while True:
+            try:
+                task = get()
+            except (OSError, EOFError):
+                util.debug('result handler got EOFError/OSError -- exiting')
+                return
+            if self.state == 2:
+                break
+            if task is None:
+                if not cache:
+                    break
+                continue  # the task handler's, while results are still owed: go on
+            key = task[:2]
+            if len(task) == 4 and key not in inflight:
+                continue  # a dead worker's task that it had answered
+            inflight.discard(key)
+            result = cache.get(key[0])
+            if result is not None:
+                result._set(key[1], task[2])
+            task = result = None
+        util.debug('result handler exiting')
+
+    # ---- what Pool calls ----
+
+    def submit(self, taskseq, set_length=None):
+        self.taskqueue.put((taskseq, set_length))
+
+    def apply(self, func, args, kwds, callback, error_callback, task_timeout):
+        if self.state != 0:
+            raise ValueError("Pool not running")
+        _no_task_timeout(task_timeout)
+        result = _ThreadResult(self.pool_ref(), callback, error_callback)
+        self.submit([(result._job, 0, func, args, kwds)])
+        return result
+
+    def map(self, func, iterable, chunksize, star, callback, error_callback, task_timeout):
+        _no_task_timeout(task_timeout)
+        n = len(iterable)
+        chunksize = chunksize if n else 0
+        result = _ThreadMapResult(self.pool_ref(), chunksize, n, callback, error_callback)
+        mapper = starmapstar if star else mapstar
+        if n:
+            job = result._job
+            self.submit((job, i, mapper, ((func, iterable[k:k + chunksize]),), {})
+                        for i, k in enumerate(range(0, n, chunksize)))
+        return result
+
+    def imap(self, func, iterable, chunksize, ordered, star, window, task_timeout):
+        _no_task_timeout(task_timeout)
+        result = _ThreadIMapIterator(self.pool_ref(), ordered, window)
+        direct = chunksize == 1 and not star
+        mapper = starmapstar if star else mapstar
+        job = result._job
+
+        def feed():
+            # A slot first, then the input: nothing is read beyond the window. Feeds on after
+            # close() and stops at terminate(); the iterator always learns its length.
+            n = 0
+            try:
+                it = iter(iterable)
+                while self.state != 2:
+                    if result._slots is not None:
+                        while not result._slots.acquire(timeout=0.1):
+                            if self.state == 2:
+                                return
+                    chunk = tuple(itertools.islice(it, chunksize))
+                    if not chunk:
+                        break
+                    if direct:
+                        self.submit([(job, n, func, chunk, {})])
+                    else:
+                        self.submit([(job, n, mapper, ((func, chunk),), {})])
+                    n += 1
+            except Exception as e:
+                result._set(n, (False, e))
+                n += 1
+            finally:
+                result._set_length(n)
+
+        t = threading.Thread(target=feed, name='cpool-pool-imap', daemon=True)
+        self.feeders.append(t)
+        t.start()
+        return result if direct else _Flatten(result)
+
+    def close(self):
+        if self.state == 0:
+            self.state = 1
+            self.wake()
+
+    def join(self):
+        for t in self.threads + tuple(self.feeders):
+            t.join()
+
+    def terminate(self):
+        """The Finalize of the pool: stop the threads and the workers, fail what is pending."""
+        if self.terminated:
+            return
+        self.terminated = True
+        util.debug('finalizing pool')
+        self.state = 2
+        self.wake()
+        me = threading.current_thread()
+        worker_handler, task_handler, result_handler = self.threads or (None,) * 3
+        if worker_handler is not None and worker_handler is not me:
+            worker_handler.join()
+        self.stop_workers()
+        # The task handler may be blocked sending to a full inqueue: nobody reads it now.
+        reader = getattr(self.inqueue, '_reader', None)
+        while task_handler is not None and task_handler.is_alive() and reader is not None:
+            try:
+                if reader.poll(0.01):
+                    reader.recv_bytes()
+            except (OSError, EOFError):
+                break
+        if result_handler is not None and result_handler.is_alive():
+            self.outqueue.put(None)
+        for t in (task_handler, result_handler):
+            if t is not None and t is not me:
+                t.join()
+        for t in self.feeders:
+            if t is not me:
+                t.join()
+        exc = ProcessError('the pool was terminated before the task finished')
+        for result in list(self.cache.values()):
+            if isinstance(result, _ThreadIMapIterator):
+                result._abort(exc)
+            else:
+                result._set(0, (False, exc))
+        self.cache.clear()
+
+
+def _no_task_timeout(task_timeout):
+    if task_timeout is not None:
+        raise ValueError('task_timeout is not supported by a Pool whose _setup_queues is '
+                         'overridden (its tasks go through its own queues)')

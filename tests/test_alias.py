@@ -56,28 +56,45 @@ def test_small_program_under_alias():
     assert run_program(src, 'cpool') == run_program(src, 'stdlib')
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 def test_joblib_multiprocessing_backend_under_alias():
     pytest.importorskip('joblib')
     pytest.importorskip('numpy')
-    # Arrays above joblib's 1 MB max_nbytes go through its memmapping path.
+    # Arrays above joblib's max_nbytes (1 MB by default) go through its memmapping path: its
+    # MemmappingPool overrides Pool._setup_queues with queues whose pickler dumps them to a file,
+    # so workers get read-only np.memmap views (and large results come back the same way).
     src = WHICH + """
+    import multiprocessing
     import numpy as np
     import joblib
     from joblib import Parallel, delayed
     def twice(a):
         return a * 2
+    def kind(a):
+        return type(a).__name__, float(a.sum()), a.flags.writeable
+    def big(i):
+        return np.full(100_000, i, dtype=np.float64)
     if __name__ == '__main__':
         small = Parallel(n_jobs=2, backend='multiprocessing')(
             delayed(twice)(np.arange(i)) for i in range(6))
         print([a.tolist() for a in small])
-        big = Parallel(n_jobs=2, backend='multiprocessing')(
+        large = Parallel(n_jobs=2, backend='multiprocessing')(
             delayed(twice)(np.full(300_000, i, dtype=np.float64)) for i in range(4))
-        print([float(a.sum()) for a in big])
+        print([float(a.sum()) for a in large])
+        for method in ('fork', 'spawn'):
+            multiprocessing.set_start_method(method, force=True)
+            arrays = [np.arange(20_000, dtype=np.float64) * i for i in range(4)]
+            print(method, Parallel(n_jobs=2, backend='multiprocessing', max_nbytes='1K')(
+                delayed(kind)(a) for a in arrays + [np.arange(5.0)]))
+            out = Parallel(n_jobs=2, backend='multiprocessing', max_nbytes='1K')(
+                delayed(big)(i) for i in range(3))
+            print([(type(a).__name__, float(a.sum())) for a in out])
     """
-    out = run_program(src, 'cpool', timeout=150)
-    assert out == run_program(src, 'stdlib', timeout=150)
+    out = run_program(src, 'cpool', timeout=200)
+    assert out == run_program(src, 'stdlib', timeout=200)
     assert '[0.0, 600000.0, 1200000.0, 1800000.0]' in out
+    assert out.count("('memmap', 199990000.0, False)") == 2
+    assert out.count("('ndarray', 10.0, True)") == 2
 
 
 EXECUTOR_PROGRAM = WHICH + """
