@@ -502,6 +502,8 @@ class Pool(object):
     def stats(self):
         """Where the pool's time went since it started (a PoolStats; print it for a report,
         subtract two for a span). Needs Pool(..., stats=True)."""
+        if not isinstance(self._core, _core.PoolCore):
+            raise ValueError('a Pool whose _setup_queues is overridden keeps no stats')
         d = self._core.stats()
         if not d['enabled']:
             raise ValueError('this pool keeps no stats: create it with Pool(..., stats=True)')
