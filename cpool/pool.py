@@ -74,7 +74,7 @@ def _default_heap_bytes():
 
 
 _heap = None
-HEAP_IDLE_MS = 5000  # freed heap pages unused this long go back to the kernel
+HEAP_IDLE_MS = 10000  # freed heap pages unused this long go back (jemalloc's dirty decay)
 _heaps = weakref.WeakSet()  # every heap mapped in this process
 _forking = threading.local()
 
