@@ -108,17 +108,9 @@ def _buffer_heap(nbytes):
     if _heap is None or _heap.pid != os.getpid():  # a forked child makes its own
         _heap = _core._buffer_heap(_default_heap_bytes())
         _heaps.add(_heap)
-        threading.Thread(target=_trim_heap, args=(_heap,), daemon=True,
-                         name='cpool-heap-trim').start()
+    else:
+        _heap.trim(HEAP_IDLE_MS)
     return _heap
-
-
-def _trim_heap(heap, period=HEAP_IDLE_MS / 5000):
-    """The process heap's decay: pages of freed blocks stay for the next pool or task, and go
-    back to the kernel once unused for HEAP_IDLE_MS (as jemalloc's dirty pages do)."""
-    while _heap is heap:
-        time.sleep(period)
-        heap.trim(HEAP_IDLE_MS)
 
 
 def mapstar(args):
@@ -297,13 +289,21 @@ def _start_worker(ctx, channel, initializer, initargs, maxtasks, workers, core, 
     return w
 
 
-def _serve(core, workers, respawn, lock):
+def _serve(core, workers, respawn, lock, heap=None):
     """The handler thread: collect results nobody waits for (callbacks), feed tasks that did
-    not fit, enforce task timeouts, reap and replace workers that exit."""
+    not fit, enforce task timeouts, reap and replace workers that exit; and the heap's decay:
+    pages of freed blocks unused for HEAP_IDLE_MS go back to the kernel. It is checked here,
+    while a pool runs, and when a pool starts or ends (as jemalloc purges during allocator
+    activity), so no thread of cpool's outlives the pools (a thread left running would make
+    every later fork warn on 3.12+)."""
     missing = set()  # slots whose replacement could not be started yet (fork failed...)
+    next_trim = time.monotonic() + 1.0
     while True:
         try:
             dead = core.serve(0.1)
+            if heap is not None and time.monotonic() >= next_trim:
+                heap.trim(HEAP_IDLE_MS)
+                next_trim = time.monotonic() + 1.0
             for i in dead:
                 with lock:
                     w = workers[i]
@@ -329,6 +329,8 @@ def _serve(core, workers, respawn, lock):
         if state == 1 and all(w is None for w in workers):
             core.serve(0)  # results handed back just before the last worker left
             break
+    if heap is not None:
+        heap.trim(HEAP_IDLE_MS)
     util.debug('pool handler thread exiting')
 
 
@@ -459,9 +461,9 @@ class Pool(object):
         if type(self)._setup_queues is not Pool._setup_queues:
             self._start_queue_pool(task_timeout)
             return
+        heap = _buffer_heap(buffer_heap_bytes)
         self._core = core = _core.PoolCore(processes, task_ring_bytes, result_ring_bytes,
-                                           maxtasksperchild or 0, task_timeout,
-                                           _buffer_heap(buffer_heap_bytes), stats)
+                                           maxtasksperchild or 0, task_timeout, heap, stats)
         _set_helpers(core)
         core._set_owner(weakref.ref(self))
         self._lock = threading.Lock()
@@ -482,7 +484,8 @@ class Pool(object):
                     p.join()
             raise
         self._handler = threading.Thread(target=_serve,
-                                         args=(core, self._pool, self._respawn, self._lock),
+                                         args=(core, self._pool, self._respawn, self._lock,
+                                               heap),
                                          name='cpool-pool-handler', daemon=True)
         self._handler.start()
         self._state = RUN
