@@ -56,3 +56,37 @@ def test_same_meaning_of_plain_values():
     import cpool.spawn as cs
     assert cq._ForkingPickler is cr.ForkingPickler
     assert cs.get_start_method() == __import__('cpool').get_start_method()
+
+
+def test_core_stub_declares_what_the_extension_has():
+    """cpool/_core.pyi (shipped with py.typed) names every function, class and class member
+    of the C extension, and nothing it lacks."""
+    import ast
+    import os
+    from cpool import _core
+    tree = ast.parse(open(os.path.join(os.path.dirname(_core.__file__), '_core.pyi')).read())
+    declared = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            declared[node.name] = {n.name if isinstance(n, (ast.FunctionDef, ast.ClassDef)) else
+                                   n.target.id for n in node.body
+                                   if isinstance(n, (ast.FunctionDef, ast.AnnAssign))
+                                   and not n.__dict__.get('name', '').startswith('__')}
+        elif isinstance(node, ast.FunctionDef):
+            declared[node.name] = None
+    actual = {}
+    for name in dir(_core):
+        if name.startswith('__'):
+            continue
+        obj = getattr(_core, name)
+        if isinstance(obj, type):
+            own = set(vars(obj)) - {'__new__', '__init__', '__module__', '__doc__', '__dict__',
+                                    '__weakref__', '__weaklistoffset__'}
+            actual[name] = {m for m in own if not (m.startswith('__') and m.endswith('__'))}
+        else:
+            actual[name] = None
+    assert set(declared) == set(actual)
+    for name, members in actual.items():
+        if members is not None and issubclass(getattr(_core, name), BaseException):
+            continue  # exceptions: their attributes are set on the class by the module
+        assert declared[name] == members, name
