@@ -75,8 +75,11 @@ def count_running(d, i):
 
 def started_then_wait(d, i):
     """Says which process runs task i, then waits for the test's go."""
-    with open(os.path.join(d, 'started-%d' % i), 'w') as f:
+    # Written under another name and renamed: a reader that sees the file sees the pid in it.
+    tmp = os.path.join(d, '.started-%d' % i)
+    with open(tmp, 'w') as f:
         f.write(str(os.getpid()))
+    os.replace(tmp, os.path.join(d, 'started-%d' % i))
     deadline = time.monotonic() + 60
     while not os.path.exists(os.path.join(d, 'go')) and time.monotonic() < deadline:
         time.sleep(0.02)
