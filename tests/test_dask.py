@@ -462,6 +462,10 @@ def test_maxtasksperchild_replaces_the_worker_process(make_pool, tmp_path):
 
 @pytest.mark.stress  # a cluster of its own, four generations of workers: 10-20 s
 @pytest.mark.timeout(150)
+@pytest.mark.xfail(strict=False, reason='known, open (issue 14): once in CI (2026-12-03) the '
+                   "pool's own cluster still shrank to no workers under restarts with a 1 s "
+                   'lost-worker-timeout, with the SpecCluster removal check skipped; cause not '
+                   'found yet')
 def test_maxtasksperchild_keeps_the_pools_own_cluster_whole():
     # A SpecCluster closes a worker's nanny when, lost-worker-timeout after a removal, no
     # worker of its name is there: at 1 s that falls inside one of these restarts.
