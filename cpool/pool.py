@@ -270,9 +270,8 @@ def worker(channel, index, initializer=None, initargs=(), maxtasks=None, parent_
     channel.core.worker_loop(index, maxtasks or 0, parent_pid or os.getppid())
 
 
-def _start_worker(ctx, channel, initializer, initargs, maxtasks, workers, core, index):
-    w = ctx.Process(target=worker,
-                    args=(channel, index, initializer, initargs, maxtasks, os.getpid()))
+def _launch_worker(w):
+    """Name and start a pool worker process (daemonic, as the standard library's)."""
     w.name = w.name.replace('Process', 'PoolWorker')
     w.daemon = True
     _forking.worker = True  # a pool worker never touches the parent's arrays: no privatizing
@@ -280,6 +279,25 @@ def _start_worker(ctx, channel, initializer, initargs, maxtasks, workers, core, 
         w.start()
     finally:
         _forking.worker = False
+    return w
+
+
+def _stop_processes(procs):
+    """SIGTERM the pool's worker processes still running, SIGKILL those not gone within 1 s."""
+    for p in procs:
+        if p.exitcode is None:
+            p.terminate()
+    deadline = time.monotonic() + 1.0
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.exitcode is None:
+            p.kill()
+            p.join()
+
+
+def _start_worker(ctx, channel, initializer, initargs, maxtasks, workers, core, index):
+    w = _launch_worker(ctx.Process(target=worker, args=(channel, index, initializer, initargs,
+                                                        maxtasks, os.getpid())))
     workers[index] = w
     # A context's stand-in Process without pid/sentinel (CPython's tests use one) is started
     # and stopped like the others, but not watched for its death (pid 0, no pidfd).
@@ -677,15 +695,7 @@ class Pool(object):
         core.terminate()
         with lock:
             procs = [p for p in workers if p is not None]
-        for p in procs:
-            if p.exitcode is None:
-                p.terminate()
-        deadline = time.monotonic() + 1.0
-        for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-            if p.exitcode is None:
-                p.kill()
-                p.join()
+        _stop_processes(procs)
         if handler.is_alive() and threading.current_thread() is not handler:
             handler.join()
         core.fail_all(ProcessError('the pool was terminated before the task finished'))
@@ -1225,26 +1235,15 @@ class _QueueCore(object):
     def start_worker(self, index):
         w = self.Process(self.ctx, target=_queue_worker,
                          args=(self.inqueue, self.outqueue, self.slots, index) + self.worker_args)
-        w.name = w.name.replace('Process', 'PoolWorker')
-        w.daemon = True
         self.slots[2 * index] = 0
-        w.start()
-        self.workers[index] = w
+        self.workers[index] = _launch_worker(w)
         util.debug('added worker')
         return w
 
     def stop_workers(self):
         with self.lock:
             procs = [p for p in self.workers if p is not None]
-        for p in procs:
-            if p.exitcode is None:
-                p.terminate()
-        deadline = time.monotonic() + 1.0
-        for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-            if p.exitcode is None:
-                p.kill()
-                p.join()
+        _stop_processes(procs)
 
     def reap_workers(self):
         """Join exited workers, fail the task a dead one was running, start replacements."""

@@ -1528,7 +1528,6 @@ static int parent_gone_lately(parent_watch *pw)
     return 0;
 }
 
-/* Take the next task into buf. 1: got one; 0: time to leave; -1: exception. */
 /* Pool(stats=True): add the time since *mark to counter; *mark moves to now. */
 static inline void stat_add(int on, _Atomic uint64_t *counter, int64_t *mark)
 {
@@ -1539,6 +1538,7 @@ static inline void stat_add(int on, _Atomic uint64_t *counter, int64_t *mark)
     *mark = now;
 }
 
+/* Take the next task into buf. 1: got one; 0: time to leave; -1: exception. */
 static int worker_take(PoolCore *c, cp_tr_slot_t *slot, bytebuf *buf, parent_watch *pw)
 {
     cp_pool_shm_t *p = c->p;
