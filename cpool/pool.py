@@ -76,15 +76,14 @@ def _default_heap_bytes():
 _heap = None
 HEAP_IDLE_MS = 10000  # freed heap pages unused this long go back (jemalloc's dirty decay)
 _heaps = weakref.WeakSet()  # every heap mapped in this process
-_forking = threading.local()
 
 
 def _privatize_heaps():
     """Before a fork: arrays read in place from a heap move to private memory at the same
     address (one copy each, once), so the child gets them copy-on-write, as it gets any other
-    memory, instead of sharing them with this process. Pool workers' forks skip it."""
-    if getattr(_forking, 'worker', False):
-        return
+    memory, instead of sharing them with this process. Every fork does it, a pool's own
+    worker forks too: a second pool's workers may read results of the first one kept in a
+    global, and must not see the parent's later writes to them."""
     for heap in list(_heaps):
         try:
             heap.privatize()
@@ -274,11 +273,7 @@ def _launch_worker(w):
     """Name and start a pool worker process (daemonic, as the standard library's)."""
     w.name = w.name.replace('Process', 'PoolWorker')
     w.daemon = True
-    _forking.worker = True  # a pool worker never touches the parent's arrays: no privatizing
-    try:
-        w.start()
-    finally:
-        _forking.worker = False
+    w.start()
     return w
 
 

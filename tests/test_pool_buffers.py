@@ -340,6 +340,37 @@ def test_results_are_copy_on_write_in_a_forked_child():
     assert ours == std == (1.0, (-1.0, 2.0 * MB), 0)
 
 
+_kept = []  # results of a first pool, read by a second pool's workers (fork inherits them)
+
+
+def kept_first_value_after():
+    """In a second pool's worker: wait until the parent has written to its copy, then read."""
+    _kept[1].wait(30)
+    return float(_kept[0][0])
+
+
+def test_a_second_pools_workers_get_the_firsts_results_copy_on_write():
+    """Results of one pool kept in a global, then a second pool whose workers read them: its
+    workers are forked children like any other, so the parent's later writes stay its own."""
+    def case(mp):
+        ctx = mp.get_context('fork')
+        with ctx.Pool(1) as p:
+            _kept[:] = p.map(identity, [np.ones(MB)])
+        go = ctx.Event()  # inherited by the workers, as the results are
+        _kept.append(go)
+        try:
+            with ctx.Pool(1) as q:
+                r = q.apply_async(kept_first_value_after)
+                time.sleep(0.3)  # the worker is forked and waiting
+                _kept[0][:] = -1.0
+                go.set()
+                return r.get(30), float(_kept[0][0])
+        finally:
+            _kept.clear()
+    std, ours = run_both(case)
+    assert ours == std == (1.0, -1.0)
+
+
 def make_pool_in_child(conn):
     with cpool.Pool(1) as p:
         conn.send((cpool.pool._buffer_heap(None).pid, float(p.apply(pid_and_sum, (np.ones(MB),))[1])))
