@@ -696,25 +696,6 @@ def test_stress_random_kills():
     assert q.get(timeout=5) == 'end'
 
 
-# ---- the plain-C core on its own ----
-
-def test_ring_core_from_c(tmp_path):
-    import shutil
-    cc = shutil.which('gcc') or shutil.which('cc')
-    if not cc:
-        pytest.skip('no C compiler')
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    exe = str(tmp_path / 'test_ring')
-    src = [os.path.join(root, p) for p in ('tests/c/test_ring.c', 'src/core/ring.c',
-                                            'src/core/shm.c', 'src/core/futex.c')]
-    subprocess.run([cc, '-std=gnu11', '-O1', '-Wall', '-Wextra', '-Wno-unused-parameter',
-                    '-Werror', '-I', os.path.join(root, 'src/core'), '-o', exe] + src +
-                   ['-lpthread'], check=True, timeout=120)
-    out = subprocess.run([exe], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert 'ring: ok' in out.stdout
-
-
 def _closed_queue_outcomes(mod, cls):
     q = getattr(mod, cls)()
     q.put(1)

@@ -8,6 +8,11 @@
 /* A deadline is absolute CLOCK_MONOTONIC nanoseconds; CP_NO_DEADLINE means wait for ever. */
 #define CP_NO_DEADLINE INT64_MAX
 
+/* The "Ctrl-C within 100 ms" promise: a blocking call of the core (a wait for a lock, a sleep
+   whose wake-up may come from another thread's signal) returns to its binding at least this
+   often, so the binding can run the signal handlers and call again. */
+#define CP_WAIT_SLICE_NS 100000000LL
+
 static inline int64_t cp_now_ns(void)
 {
     struct timespec ts;

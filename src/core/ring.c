@@ -11,46 +11,21 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "channel.h"
 #include "deadline.h"
 #include "futex.h"
-#include "relax.h"
+#include "robust.h"
 #include "spin.h"
 
-#define PAGE 4096ULL
+#define PAGE CP_CHAN_PAGE
 #define HEADER_BYTES PAGE
 #define PUNCH_BATCH (1ULL << 20)   /* cold bytes consumed before they are given back */
 #define POPULATE_MIN (64ULL << 10) /* cold records from this size have their pages faulted in bulk */
 /* Polling before a futex sleep adapts as spin.h describes (the CP_SPIN_* budgets); the budget
-   lives in the handle as an atomic, since threads of one process may share a queue handle. */
+   lives in the handle (threads of one process may share a queue handle). */
 #define MAX_SLEEP_NS 500000000LL   /* re-check at least this often: a woken peer may have died */
-#define LOCK_SLICE_NS 100000000LL  /* longest wait for the lock before checking for signals */
-
-static inline uint64_t align8(uint64_t n)
-{
-    return (n + 7) & ~7ULL;
-}
-
-static inline uint64_t page_down(uint64_t n)
-{
-    return n & ~(PAGE - 1);
-}
-
-static inline uint64_t page_up(uint64_t n)
-{
-    return (n + PAGE - 1) & ~(PAGE - 1);
-}
-
-static inline uint64_t record_bytes(uint64_t len)
-{
-    return 8 + align8(len);
-}
-
-/* Offset of a position in an area: the hot ring is a power of two, the cold one any number
-   of pages (so a message can use all the address space there is). */
-static inline uint64_t wrap(uint64_t pos, uint64_t size)
-{
-    return (size & (size - 1)) ? pos % size : pos & (size - 1);
-}
+/* The hot ring is a power of two, the cold one any number of pages (so a message can use all
+   the address space there is): cp_chan_wrap handles both. */
 
 /* ---- the lock and the counter slots ---- */
 
@@ -95,38 +70,31 @@ static void commit(cp_ring_t *r, const cp_ring_counters *c)
         notify_set(r, c->count != 0);
 }
 
+/* Under a lock whose holder died inside put/get/task_done: it flipped cur or it did not, so
+   the committed slot is whole either way. Only a resize it began needs finishing: its size
+   goes with the counters it committed, or is dropped when it committed none. */
+static void repair(void *arg)
+{
+    cp_ring_t *r = arg;
+    cp_ring_header *h = r->h;
+    atomic_fetch_add(&h->recoveries, 1);
+    if (h->resize_to) {
+        if (atomic_load(&h->cur) != h->resize_cur)
+            h->cold = h->resize_to;
+        h->resize_to = 0;
+    }
+    /* ... and it may have died between the commit and the eventfd's update. */
+    if (atomic_load_explicit(&h->notify, memory_order_relaxed))
+        notify_resync(r);
+}
+
 static int ring_lock(cp_ring_t *r, int flags)
 {
-    cp_ring_header *h = r->h;
-    int e;
-    if (flags & CP_RING_TRYLOCK) {
-        e = pthread_mutex_trylock(&h->lock);
-    }
-    else {
-        /* In slices, so that a holder that is stopped (SIGSTOP, a debugger) cannot keep the
-           caller from seeing Ctrl-C: -ETIMEDOUT sends it back to check signals and retry. */
-        struct timespec ts = cp_ns_to_timespec(cp_now_ns() + LOCK_SLICE_NS);
-        e = pthread_mutex_clocklock(&h->lock, CLOCK_MONOTONIC, &ts);
-    }
-    if (e == 0)
-        return 0;
-    if (e == EOWNERDEAD) {
-        /* The previous holder died inside put/get/task_done: it flipped cur or it did not, so
-           the committed slot is whole either way. Only a resize it began needs finishing: its
-           size goes with the counters it committed, or is dropped when it committed none. */
-        atomic_fetch_add(&h->recoveries, 1);
-        if (h->resize_to) {
-            if (atomic_load(&h->cur) != h->resize_cur)
-                h->cold = h->resize_to;
-            h->resize_to = 0;
-        }
-        pthread_mutex_consistent(&h->lock);
-        /* ... but it may have died between the commit and the eventfd's update. */
-        if (atomic_load_explicit(&h->notify, memory_order_relaxed))
-            notify_resync(r);
-        return 0;
-    }
-    return -e; /* EBUSY for a trylock, ETIMEDOUT for a slice */
+    /* In slices, so that a holder that is stopped (SIGSTOP, a debugger) cannot keep the
+       caller from seeing Ctrl-C: -ETIMEDOUT sends it back to check signals and retry. */
+    int64_t until = (flags & CP_RING_TRYLOCK) ? 0 : cp_now_ns() + CP_WAIT_SLICE_NS;
+    int rc = cp_robust_lock_until(&r->h->lock, until, repair, r);
+    return rc > 0 ? 0 : rc; /* -EBUSY for a trylock, -ETIMEDOUT for a slice */
 }
 
 static inline void ring_unlock(cp_ring_header *h)
@@ -136,11 +104,13 @@ static inline void ring_unlock(cp_ring_header *h)
 
 /* ---- copying at a position of one circular area, in slices, in two pieces where it wraps ---- */
 
-/* One operation's copying: bytes since the last cancel check, and whether it checked at all. */
+/* One operation's copying: bytes since the last cancel check, whether it checked at all, and
+   whether the destination's pages are faulted in first. */
 typedef struct {
     const cp_ring_cancel *cancel;
     uint64_t since;
     int sliced;
+    int fault;
 } copier;
 
 /* Fault in the pages of [p, p + n) with one system call rather than one trap per page
@@ -154,15 +124,18 @@ static void populate(unsigned char *p, uint64_t n)
 #endif
 }
 
-/* memcpy in slices of CP_RING_SLICE with the cancel check between them; with fault, the
+/* memcpy in slices of CP_RING_SLICE with the cancel check between them; with k->fault, the
    destination pages of each slice are populated first (so that too is sliced). 0 or
-   -ECANCELED. */
-static int slice_copy(copier *k, unsigned char *dst, const unsigned char *src, uint64_t n, int fault)
+   -ECANCELED. A cp_chan_copy_fn. */
+static int slice_copy(void *ctx, void *to, const void *from, uint64_t n)
 {
+    copier *k = ctx;
+    unsigned char *dst = to;
+    const unsigned char *src = from;
     while (n > 0) {
         uint64_t room = CP_RING_SLICE - k->since;
         uint64_t m = n < room ? n : room;
-        if (fault)
+        if (k->fault)
             populate(dst, m);
         memcpy(dst, src, m);
         dst += m;
@@ -190,37 +163,16 @@ static int copy_finished(copier *k)
     return 0;
 }
 
-static int copy_in(copier *k, unsigned char *area, uint64_t size, uint64_t pos, const void *src,
-                   uint64_t len, int fault)
-{
-    uint64_t off = wrap(pos, size);
-    uint64_t first = len < size - off ? len : size - off;
-    int rc = slice_copy(k, area + off, src, first, fault);
-    if (rc == 0 && len > first)
-        rc = slice_copy(k, area, (const unsigned char *)src + first, len - first, fault);
-    return rc;
-}
-
-static int copy_out(copier *k, const unsigned char *area, uint64_t size, uint64_t pos, void *dst,
-                    uint64_t len)
-{
-    uint64_t off = wrap(pos, size);
-    uint64_t first = len < size - off ? len : size - off;
-    int rc = slice_copy(k, dst, area + off, first, 0);
-    if (rc == 0 && len > first)
-        rc = slice_copy(k, (unsigned char *)dst + first, area, len - first, 0);
-    return rc;
-}
-
 /* Headers are 8-aligned and sizes multiples of 8, so a header never wraps. */
 static int write_record(copier *k, unsigned char *area, uint64_t size, uint64_t pos,
                         const cp_ring_msg *m, int fault)
 {
     uint64_t word = (m->len << 8) | m->kind;
-    memcpy(area + wrap(pos, size), &word, 8);
-    uint64_t at = pos + 8;
+    cp_chan_put_hdr(area, size, pos, &word);
+    uint64_t at = pos + CP_CHAN_REC_HDR;
+    k->fault = fault;
     for (uint32_t i = 0; i < m->npieces; i++) {
-        int rc = copy_in(k, area, size, at, m->pieces[i].base, m->pieces[i].len, fault);
+        int rc = cp_chan_copy_in(area, size, at, m->pieces[i].base, m->pieces[i].len, slice_copy, k);
         if (rc < 0)
             return rc;
         at += m->pieces[i].len;
@@ -235,10 +187,10 @@ static int write_record(copier *k, unsigned char *area, uint64_t size, uint64_t 
 static void punch_cold(cp_ring_t *r, uint64_t size, uint64_t a, uint64_t b)
 {
     off_t base = (off_t)(HEADER_BYTES + r->h->hot);
-    a = page_up(a);
-    b = page_down(b);
+    a = cp_chan_page_up(a);
+    b = cp_chan_page_down(b);
     while (a < b) {
-        uint64_t off = wrap(a, size);
+        uint64_t off = cp_chan_wrap(a, size);
         uint64_t n = b - a < size - off ? b - a : size - off;
         fallocate(r->shm.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, base + (off_t)off, (off_t)n);
         a += n;
@@ -282,7 +234,7 @@ static int resize_cold(cp_ring_t *r, cp_ring_counters *c, uint64_t new_size)
 {
     cp_ring_header *h = r->h;
     uint64_t old = h->cold, live = c->chead - c->ctail;
-    uint64_t a = live ? wrap(c->ctail, old) : 0;
+    uint64_t a = live ? cp_chan_wrap(c->ctail, old) : 0;
     uint64_t wrapped = live && a + live > old ? a + live - old : 0;
     /* The file only grows before the commit, and shrinks after it: a peer that still maps the
        old size never touches a page past the end of the file (SIGBUS), whenever we die. */
@@ -306,7 +258,7 @@ static int resize_cold(cp_ring_t *r, cp_ring_counters *c, uint64_t new_size)
         memcpy(r->cold + old, r->cold, wrapped); /* the old copy stays until the commit */
     c->ctail = a;
     c->chead = a + live;
-    c->creleased = page_down(a);
+    c->creleased = cp_chan_page_down(a);
     commit(r, c);
     h->cold = new_size;
     h->resize_to = 0;
@@ -326,8 +278,8 @@ static int grow_cold(cp_ring_t *r, cp_ring_counters *c, uint64_t need)
 {
     cp_ring_header *h = r->h;
     uint64_t live = c->chead - c->ctail;
-    uint64_t a = live ? wrap(c->ctail, h->cold) : 0;
-    uint64_t least = page_up(a + live + need + PAGE);
+    uint64_t a = live ? cp_chan_wrap(c->ctail, h->cold) : 0;
+    uint64_t least = cp_chan_page_up(a + live + need + PAGE);
     if (least > h->cold_max)
         return live ? -EAGAIN : -EMSGSIZE;
     uint64_t want = live && least < 2 * h->cold ? 2 * h->cold : least;
@@ -350,7 +302,7 @@ static int tidy_cold(cp_ring_t *r, cp_ring_counters *c)
     cp_ring_header *h = r->h;
     if (c->ctail == c->chead && h->cold > h->cold_start && resize_cold(r, c, h->cold_start) == 0)
         return 1;
-    uint64_t target = page_down(c->ctail);
+    uint64_t target = cp_chan_page_down(c->ctail);
     if (target <= c->creleased)
         return 0;
     if (target - c->creleased < PUNCH_BATCH && c->ctail != c->chead)
@@ -361,14 +313,6 @@ static int tidy_cold(cp_ring_t *r, cp_ring_counters *c)
 }
 
 /* ---- create / attach ---- */
-
-static uint64_t pow2_pages(uint64_t n)
-{
-    uint64_t p = PAGE;
-    while (p < n)
-        p <<= 1;
-    return p;
-}
 
 int cp_ring_create(cp_ring_t *r, uint64_t hot, uint64_t cold_start, uint64_t cold_max,
                    uint64_t maxsize)
@@ -384,9 +328,9 @@ int cp_ring_create(cp_ring_t *r, uint64_t hot, uint64_t cold_start, uint64_t col
         cold_start = CP_RING_COLD_START;
     if (hot > (1ULL << 40) || cold_max > CP_RING_MAX_COLD)
         return -EINVAL;
-    hot = pow2_pages(hot);
-    cold_max = pow2_pages(cold_max);
-    cold_start = page_up(cold_start < cold_max ? cold_start : cold_max);
+    hot = cp_chan_pow2_pages(hot);
+    cold_max = cp_chan_pow2_pages(cold_max);
+    cold_start = cp_chan_page_up(cold_start < cold_max ? cold_start : cold_max);
 
     /* The header and the hot ring are one mapping that never moves (peers read the counters
        without the lock); the cold ring has its own, which grows. */
@@ -411,26 +355,15 @@ int cp_ring_create(cp_ring_t *r, uint64_t hot, uint64_t cold_start, uint64_t col
         return rc;
     }
 
-    pthread_mutexattr_t a;
-    int e = pthread_mutexattr_init(&a);
-    if (!e)
-        e = pthread_mutexattr_setpshared(&a, PTHREAD_PROCESS_SHARED);
-    if (!e)
-        e = pthread_mutexattr_setrobust(&a, PTHREAD_MUTEX_ROBUST);
-    if (!e)
-        e = pthread_mutexattr_settype(&a, PTHREAD_MUTEX_ERRORCHECK);
-    if (!e)
-        e = pthread_mutex_init(&h->lock, &a);
-    pthread_mutexattr_destroy(&a);
-    if (e) {
+    if ((rc = cp_robust_init_type(&h->lock, PTHREAD_MUTEX_ERRORCHECK)) < 0) {
         cp_ring_close(r);
-        return -e;
+        return rc;
     }
     /* The rest of the header is zero (a fresh memfd). The magic goes last. */
     atomic_thread_fence(memory_order_release);
     h->magic = CP_RING_MAGIC;
     r->hot = (unsigned char *)r->shm.addr + HEADER_BYTES;
-    r->spin_ns = CP_SPIN_START_NS;
+    r->spin.ns = CP_SPIN_INIT;
     return 0;
 }
 
@@ -457,7 +390,7 @@ int cp_ring_attach(cp_ring_t *r, int fd, int notify_fd)
         return rc;
     }
     r->hot = (unsigned char *)r->shm.addr + HEADER_BYTES;
-    r->spin_ns = CP_SPIN_START_NS;
+    r->spin.ns = CP_SPIN_INIT;
     return 0;
 }
 
@@ -520,7 +453,7 @@ int cp_ring_put(cp_ring_t *r, const cp_ring_msg *msgs, size_t n, int flags, size
     cp_ring_counters c = *live(h);
     int dirty = tidy_cold(r, &c);
     uint64_t hot = h->hot;
-    copier k = {cancel, 0, 0};
+    copier k = {cancel, 0, 0, 0};
     size_t i = 0;
     for (; i < n; i++) {
         const cp_ring_msg *m = &msgs[i];
@@ -528,7 +461,7 @@ int cp_ring_put(cp_ring_t *r, const cp_ring_msg *msgs, size_t n, int flags, size
             rc = -EAGAIN;
             break;
         }
-        uint64_t need = record_bytes(m->len);
+        uint64_t need = cp_chan_record_size(m->len);
         if (m->len >= (1ULL << 56) || (need > hot && need + PAGE > h->cold_max)) {
             rc = -EMSGSIZE;
             break;
@@ -579,7 +512,7 @@ long cp_ring_get(cp_ring_t *r, void *dst, size_t cap, size_t maxn, cp_ring_got *
         return rc;
     cp_ring_counters c = *live(h);
     int dirty = tidy_cold(r, &c);
-    copier k = {cancel, 0, 0};
+    copier k = {cancel, 0, 0, 0};
     long n = 0;
     size_t used = 0;
     while ((size_t)n < maxn && c.count > 0) {
@@ -590,10 +523,10 @@ long cp_ring_get(cp_ring_t *r, void *dst, size_t cap, size_t maxn, cp_ring_got *
         uint64_t *tail = from_hot ? &c.htail : &c.ctail;
         uint64_t avail = from_hot ? c.hhead - c.htail : c.chead - c.ctail;
         uint64_t word;
-        memcpy(&word, area + wrap(*tail, size), 8);
+        cp_chan_get_hdr(area, size, *tail, &word);
         uint32_t kind = (uint32_t)(word & 0xff);
         uint64_t len = word >> 8;
-        if (avail < 8 || record_bytes(len) > avail) {
+        if (avail < CP_CHAN_REC_HDR || cp_chan_record_size(len) > avail) {
             rc = -EIO; /* cannot happen unless someone scribbled on the segment */
             break;
         }
@@ -606,7 +539,9 @@ long cp_ring_get(cp_ring_t *r, void *dst, size_t cap, size_t maxn, cp_ring_got *
             }
             break;
         }
-        if ((rc = copy_out(&k, area, size, *tail + 8, (unsigned char *)dst + used, len)) < 0 ||
+        k.fault = 0;
+        if ((rc = cp_chan_copy_out(area, size, *tail + CP_CHAN_REC_HDR, (unsigned char *)dst + used, len,
+                                   slice_copy, &k)) < 0 ||
             (rc = copy_finished(&k)) < 0) {
             n = 0; /* stopped: nothing of this call is taken (a get_many retries whole) */
             c = *live(h);
@@ -615,9 +550,9 @@ long cp_ring_get(cp_ring_t *r, void *dst, size_t cap, size_t maxn, cp_ring_got *
         got[n].kind = kind;
         got[n].len = len;
         got[n].offset = used;
-        used += align8(len);
+        used += cp_chan_align8(len);
         n++;
-        *tail += record_bytes(len);
+        *tail += cp_chan_record_size(len);
         c.count--;
         c.consumed++;
     }
@@ -634,54 +569,36 @@ long cp_ring_get(cp_ring_t *r, void *dst, size_t cap, size_t maxn, cp_ring_got *
 
 /* ---- waiting ---- */
 
-/* Sleep on seq unless ready() already holds; the waiter count tells peers to wake us.
-   Sleeps are capped so that a wake-up given to a peer that then died is not lost for good. */
-/* Poll ready() for the handle's current budget, and adapt the budget. 1 when it came true. */
-static int poll_until(cp_ring_t *r, int (*ready)(cp_ring_t *, uint64_t), uint64_t arg)
+/* A wait's condition: ready(r, arg), as a spin.h test. */
+typedef struct {
+    cp_ring_t *r;
+    int (*ready)(cp_ring_t *, uint64_t);
+    uint64_t arg;
+} wait_cond;
+
+static int cond_holds(void *p)
 {
-    int64_t budget = atomic_load_explicit(&r->spin_ns, memory_order_relaxed);
-    if (budget < CP_SPIN_MIN_NS) {
-        if (atomic_fetch_add_explicit(&r->spin_probe, 1, memory_order_relaxed) % CP_SPIN_PROBE_EVERY)
-            return ready(r, arg);
-        budget = CP_SPIN_PROBE_NS;
-    }
-    int64_t start = cp_now_ns();
-    for (;;) {
-        for (int i = 0; i < 32; i++) {
-            if (ready(r, arg)) {
-                int64_t b = budget * 2 > CP_SPIN_MAX_NS ? CP_SPIN_MAX_NS : budget * 2;
-                atomic_store_explicit(&r->spin_ns, b, memory_order_relaxed);
-                return 1;
-            }
-            cp_cpu_relax();
-        }
-        if (cp_now_ns() - start > budget)
-            break;
-    }
-    atomic_store_explicit(&r->spin_ns, budget / 2, memory_order_relaxed);
-    return 0;
+    wait_cond *w = p;
+    return w->ready(w->r, w->arg);
 }
 
+/* Spin on ready() for the handle's budget (spin.h), then sleep on seq unless ready() holds
+   once armed; the waiter count tells peers to wake us. Sleeps are capped so that a wake-up
+   given to a peer that then died is not lost for good. */
 static int wait_on(cp_ring_t *r, int kind, int64_t deadline, int (*ready)(cp_ring_t *, uint64_t),
                    uint64_t arg)
 {
-    if (poll_until(r, ready, arg))
+    wait_cond w = {r, ready, arg};
+    if (cp_spin_until(cond_holds, &w, &r->spin, 0))
         return 0;
-    cp_ring_header *h = r->h;
     _Atomic uint32_t *waiters, *seq;
-    wait_words(h, kind, &waiters, &seq);
-    atomic_fetch_add(waiters, 1);
+    wait_words(r->h, kind, &waiters, &seq);
+    int64_t cap = cp_now_ns() + MAX_SLEEP_NS;
+    int64_t d = deadline < cap ? deadline : cap;
+    /* Armed (bit 0 set) before the last test: a waker sees the bit or we see its commit. */
     uint32_t armed = atomic_fetch_or(seq, 1) | 1;
-    int rc = 0;
-    if (!ready(r, arg)) {
-        int64_t cap = cp_now_ns() + MAX_SLEEP_NS;
-        int64_t d = deadline < cap ? deadline : cap;
-        rc = cp_futex_wait(seq, armed, d);
-        if (rc == -ETIMEDOUT && d != deadline)
-            rc = 0;
-    }
-    atomic_fetch_sub(waiters, 1);
-    return rc;
+    int rc = cp_sleep_counted(seq, armed, waiters, cond_holds, &w, d);
+    return rc == -ETIMEDOUT && d != deadline ? 0 : rc;
 }
 
 static int readable(cp_ring_t *r, uint64_t unused)

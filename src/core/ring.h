@@ -74,6 +74,7 @@
 #include <stdint.h>
 
 #include "shm.h"
+#include "spin.h"
 
 #define CP_RING_MAGIC 0x676e6972706375ULL /* "ucpring" */
 #define CP_RING_VERSION 2
@@ -137,8 +138,7 @@ typedef struct {
     unsigned char *cold; /* the cold ring's bytes (its own mapping: it moves when it grows) */
     uint64_t cold_mapped; /* bytes of it this handle maps; follows h->cold under the lock */
     int notify_fd;       /* this process's eventfd of the ring (see "Readiness as an fd") */
-    _Atomic int64_t spin_ns;  /* how long a wait polls before it sleeps (adapts, see ring.c) */
-    _Atomic uint32_t spin_probe;
+    cp_spin_t spin;      /* how long a wait polls before it sleeps (adapts, see spin.h) */
 } cp_ring_t;
 
 /* One message to put: its kind and the pieces its payload is gathered from. */

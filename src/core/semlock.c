@@ -129,9 +129,7 @@ static int mutex_wait(cp_sem_t *s, int64_t deadline)
         }
         /* Sleepers are counted, not flagged in the word: a release makes a system call only
            while someone actually sleeps, even under steady contention. */
-        atomic_fetch_add(&s->nwaiters, 1);
-        int r = cp_futex_wait(&s->word, v, deadline);
-        atomic_fetch_sub(&s->nwaiters, 1);
+        int r = cp_sleep_counted(&s->word, v, &s->nwaiters, NULL, NULL, deadline);
         if (r == -EINTR || r == -ETIMEDOUT)
             return cp_sem_trywait(s) == 0 ? 0 : r;
     }
@@ -142,9 +140,7 @@ static int semaphore_wait(cp_sem_t *s, int64_t deadline)
     for (;;) {
         if (cp_sem_trywait(s) == 0)
             return 0;
-        atomic_fetch_add(&s->nwaiters, 1);
-        int r = cp_futex_wait(&s->word, 0, deadline);
-        atomic_fetch_sub(&s->nwaiters, 1);
+        int r = cp_sleep_counted(&s->word, 0, &s->nwaiters, NULL, NULL, deadline);
         if (r == -EINTR || r == -ETIMEDOUT)
             return cp_sem_trywait(s) == 0 ? 0 : r;
     }
@@ -266,9 +262,7 @@ int cp_event_wait(cp_sem_t *s, uint32_t start, int64_t deadline, cp_spin_t *spin
     if (cp_spin_until(event_changed, &a, spin, 0))
         return 1;
     for (;;) {
-        atomic_fetch_add(&s->nwaiters, 1);
-        int r = cp_futex_wait(&s->word, start, deadline);
-        atomic_fetch_sub(&s->nwaiters, 1);
+        int r = cp_sleep_counted(&s->word, start, &s->nwaiters, NULL, NULL, deadline);
         if (atomic_load(&s->word) != start)
             return 1;
         if (r == -EINTR || r == -ETIMEDOUT)

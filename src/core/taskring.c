@@ -3,22 +3,14 @@
 #include "taskring.h"
 
 #include <errno.h>
-#include <sched.h>
 #include <string.h>
 #include <unistd.h>
 
+#include "channel.h"
 #include "deadline.h"
 #include "futex.h"
-#include "relax.h"
 #include "robust.h"
-
-static uint64_t pow2_at_least(uint64_t n)
-{
-    uint64_t c = 4096;
-    while (c < n)
-        c <<= 1;
-    return c;
-}
+#include "spin.h"
 
 static size_t align_up(size_t n, size_t a)
 {
@@ -29,7 +21,7 @@ size_t cp_pool_shm_size(uint32_t nslots, uint64_t task_cap, uint64_t res_cap)
 {
     size_t n = align_up(sizeof(cp_pool_shm_t), 64);
     n += align_up((size_t)nslots * sizeof(cp_tr_slot_t), 4096);
-    n += pow2_at_least(task_cap) + pow2_at_least(res_cap);
+    n += cp_chan_pow2_pages(task_cap) + cp_chan_pow2_pages(res_cap);
     return n;
 }
 
@@ -45,11 +37,11 @@ int cp_pool_shm_init(void *mem, size_t size, uint32_t nslots, uint64_t task_cap,
     size_t off = align_up(sizeof(cp_pool_shm_t), 64);
     p->slots_off = off;
     off += align_up((size_t)nslots * sizeof(cp_tr_slot_t), 4096);
-    p->tasks.cap = pow2_at_least(task_cap);
+    p->tasks.cap = cp_chan_pow2_pages(task_cap);
     p->tasks.wake_one = 1;
     p->tasks.data_off = off;
     off += p->tasks.cap;
-    p->results.cap = pow2_at_least(res_cap);
+    p->results.cap = cp_chan_pow2_pages(res_cap);
     p->results.data_off = off;
     int r = cp_robust_init(&p->tasks.lock);
     if (r == 0)
@@ -78,29 +70,6 @@ void cp_tr_unlock(cp_tr_t *r)
     pthread_mutex_unlock(&r->lock);
 }
 
-static void copy_in(uint8_t *data, uint64_t cap, uint64_t pos, const void *src, uint64_t n)
-{
-    uint64_t at = pos & (cap - 1);
-    uint64_t first = cap - at < n ? cap - at : n;
-    memcpy(data + at, src, first);
-    if (n > first)
-        memcpy(data, (const uint8_t *)src + first, n - first);
-}
-
-static void copy_from(const uint8_t *data, uint64_t cap, uint64_t pos, void *dst, uint64_t n)
-{
-    uint64_t at = pos & (cap - 1);
-    uint64_t first = cap - at < n ? cap - at : n;
-    memcpy(dst, data + at, first);
-    if (n > first)
-        memcpy((uint8_t *)dst + first, data, n - first);
-}
-
-static inline uint64_t rec_size(uint64_t len)
-{
-    return (CP_PIECE_HDR + len + 7) & ~(uint64_t)7;
-}
-
 void cp_tr_ring_bell(cp_tr_t *r)
 {
     atomic_fetch_add(&r->bell, 1);
@@ -116,14 +85,14 @@ int cp_tr_put(cp_pool_shm_t *p, cp_tr_t *r, const uint8_t *msg, uint64_t len, ui
     int done = 0, wrote = 0;
     while (!done) {
         uint64_t n = len - *off < maxp ? len - *off : maxp;
-        uint64_t need = rec_size(n);
+        uint64_t need = cp_tr_record_size(n);
         uint64_t tail = atomic_load_explicit(&r->tail, memory_order_acquire);
         if (r->cap - (head - tail) < need)
             break;
         uint32_t flags = (*off == 0 ? CP_PIECE_FIRST : 0) | (*off + n == len ? CP_PIECE_LAST : 0);
         uint32_t hdr[2] = {(uint32_t)n, (tag << 8) | flags};
-        memcpy(data + (head & (r->cap - 1)), hdr, sizeof hdr);
-        copy_in(data, r->cap, head + CP_PIECE_HDR, msg + *off, n);
+        cp_chan_put_hdr(data, r->cap, head, hdr);
+        (void)cp_chan_copy_in(data, r->cap, head + CP_PIECE_HDR, msg + *off, n, NULL, NULL);
         head += need;
         *off += n;
         done = *off == len;
@@ -145,7 +114,7 @@ int cp_tr_peek(cp_pool_shm_t *p, cp_tr_t *r, uint64_t *len, uint32_t *tag)
     if (atomic_load_explicit(&r->head, memory_order_acquire) == tail)
         return 0;
     uint32_t hdr[2];
-    memcpy(hdr, cp_tr_data(p, r) + (tail & (r->cap - 1)), sizeof hdr);
+    cp_chan_get_hdr(cp_tr_data(p, r), r->cap, tail, hdr);
     *len = hdr[0];
     *tag = hdr[1];
     return 1;
@@ -154,13 +123,13 @@ int cp_tr_peek(cp_pool_shm_t *p, cp_tr_t *r, uint64_t *len, uint32_t *tag)
 void cp_tr_copy_out(cp_pool_shm_t *p, cp_tr_t *r, uint64_t skip, void *dst, uint64_t n)
 {
     uint64_t tail = atomic_load_explicit(&r->tail, memory_order_relaxed);
-    copy_from(cp_tr_data(p, r), r->cap, tail + CP_PIECE_HDR + skip, dst, n);
+    (void)cp_chan_copy_out(cp_tr_data(p, r), r->cap, tail + CP_PIECE_HDR + skip, dst, n, NULL, NULL);
 }
 
 const uint8_t *cp_tr_piece_ptr(cp_pool_shm_t *p, cp_tr_t *r, uint64_t len)
 {
     uint64_t tail = atomic_load_explicit(&r->tail, memory_order_relaxed);
-    uint64_t at = (tail + CP_PIECE_HDR) & (r->cap - 1);
+    uint64_t at = cp_chan_wrap(tail + CP_PIECE_HDR, r->cap);
     if (at + len > r->cap)
         return NULL;
     return cp_tr_data(p, r) + at;
@@ -169,41 +138,46 @@ const uint8_t *cp_tr_piece_ptr(cp_pool_shm_t *p, cp_tr_t *r, uint64_t len)
 void cp_tr_pop(cp_tr_t *r, uint64_t len)
 {
     uint64_t tail = atomic_load_explicit(&r->tail, memory_order_relaxed);
-    atomic_store_explicit(&r->tail, tail + rec_size(len), memory_order_seq_cst);
+    atomic_store_explicit(&r->tail, tail + cp_tr_record_size(len), memory_order_seq_cst);
     if (atomic_load_explicit(&r->space_waiters, memory_order_seq_cst) > 0) {
         atomic_fetch_add(&r->space_bell, 1);
         cp_futex_wake(&r->space_bell, INT32_MAX);
     }
 }
 
+/* The conditions the waits spin and sleep on (spin.h tests). */
+typedef struct {
+    cp_tr_t *r;
+    uint32_t seen;
+    uint64_t need;
+} tr_cond;
+
+static int has_data(void *p)
+{
+    return !cp_tr_empty(((tr_cond *)p)->r);
+}
+
+static int data_or_bell(void *p)
+{
+    tr_cond *c = p;
+    return !cp_tr_empty(c->r) || atomic_load_explicit(&c->r->bell, memory_order_acquire) != c->seen;
+}
+
+static int has_space(void *p)
+{
+    tr_cond *c = p;
+    return cp_tr_free(c->r) >= c->need;
+}
 
 int cp_tr_wait_data(cp_tr_t *r, uint32_t seen, int64_t spin_ns, int64_t deadline)
 {
+    tr_cond c = {r, seen, 0};
     if (!cp_tr_empty(r))
         return 0;
-    if (spin_ns > 0) {
-        int64_t until = cp_now_ns() + spin_ns;
-        for (;;) {
-            for (int k = 0; k < 64; k++) {
-                cp_cpu_relax();
-                if (!cp_tr_empty(r))
-                    return 0;
-            }
-            if (atomic_load_explicit(&r->bell, memory_order_acquire) != seen)
-                return -EAGAIN;
-            if (cp_now_ns() >= until)
-                break;
-            /* Two cores, several processes: if the peer we wait for shares our CPU, spinning
-               would only keep it from running. */
-            sched_yield();
-        }
-    }
+    if (cp_spin_for(data_or_bell, &c, spin_ns, CP_NO_DEADLINE, CP_SPIN_YIELD))
+        return cp_tr_empty(r) ? -EAGAIN : 0;
     for (;;) {
-        atomic_fetch_add_explicit(&r->sleepers, 1, memory_order_seq_cst);
-        int rc = 0;
-        if (cp_tr_empty(r))
-            rc = cp_futex_wait(&r->bell, seen, deadline);
-        atomic_fetch_sub_explicit(&r->sleepers, 1, memory_order_seq_cst);
+        int rc = cp_sleep_counted(&r->bell, seen, &r->sleepers, has_data, &c, deadline);
         if (!cp_tr_empty(r))
             return 0;
         if (rc == -ETIMEDOUT || rc == -EINTR)
@@ -219,14 +193,11 @@ int cp_tr_wait_data(cp_tr_t *r, uint32_t seen, int64_t spin_ns, int64_t deadline
 
 int cp_tr_wait_space(cp_tr_t *r, uint64_t need, int64_t deadline)
 {
+    tr_cond c = {r, 0, need};
     for (;;) {
         uint32_t seen = atomic_load_explicit(&r->space_bell, memory_order_seq_cst);
-        atomic_fetch_add_explicit(&r->space_waiters, 1, memory_order_seq_cst);
-        int rc = 0;
-        if (cp_tr_free(r) < need)
-            rc = cp_futex_wait(&r->space_bell, seen, deadline);
-        atomic_fetch_sub_explicit(&r->space_waiters, 1, memory_order_seq_cst);
-        if (cp_tr_free(r) >= need)
+        int rc = cp_sleep_counted(&r->space_bell, seen, &r->space_waiters, has_space, &c, deadline);
+        if (has_space(&c))
             return 0;
         if (rc == -ETIMEDOUT || rc == -EINTR)
             return rc;
@@ -237,29 +208,10 @@ int cp_tr_wait_space(cp_tr_t *r, uint64_t need, int64_t deadline)
 
 int cp_tr_wait_bell(cp_tr_t *r, uint32_t seen, int64_t spin_ns, int64_t deadline)
 {
-    if (spin_ns > 0) {
-        int64_t until = cp_now_ns() + spin_ns;
-        if (until > deadline)
-            until = deadline;
-        for (;;) {
-            for (int k = 0; k < 64; k++) {
-                cp_cpu_relax();
-                if (!cp_tr_empty(r) || atomic_load_explicit(&r->bell, memory_order_acquire) != seen)
-                    return 0;
-            }
-            if (cp_now_ns() >= until)
-                break;
-            /* Two cores, several processes: if the peer we wait for shares our CPU, spinning
-               would only keep it from running. */
-            sched_yield();
-        }
-    }
-    atomic_fetch_add_explicit(&r->sleepers, 1, memory_order_seq_cst);
-    int rc = 0;
-    if (cp_tr_empty(r))
-        rc = cp_futex_wait(&r->bell, seen, deadline);
-    atomic_fetch_sub_explicit(&r->sleepers, 1, memory_order_seq_cst);
-    return rc;
+    tr_cond c = {r, seen, 0};
+    if (cp_spin_for(data_or_bell, &c, spin_ns, deadline, CP_SPIN_YIELD))
+        return 0;
+    return cp_sleep_counted(&r->bell, seen, &r->sleepers, has_data, &c, deadline);
 }
 
 /* What the collector wants a wake for, seen from either side: the producer after publishing,

@@ -9,6 +9,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "channel.h"
+
 #define CP_TR_MAGIC 0x31726b7374706300ULL /* "\0cptskr1" */
 #define CP_TR_VERSION 3
 
@@ -127,6 +129,13 @@ static inline uint8_t *cp_tr_data(cp_pool_shm_t *p, cp_tr_t *r)
    Returns 0, 1 if it was abandoned, or -errno. */
 int cp_tr_lock(cp_tr_t *r);
 void cp_tr_unlock(cp_tr_t *r);
+
+/* Bytes a piece of a len-byte payload takes in the ring (header + payload, 8-aligned). */
+static inline uint64_t cp_tr_record_size(uint64_t len)
+{
+    _Static_assert(CP_PIECE_HDR == CP_CHAN_REC_HDR, "a piece is a channel record");
+    return cp_chan_record_size(len);
+}
 
 /* Largest payload of one piece: messages above it are split. */
 static inline uint64_t cp_tr_max_piece(const cp_tr_t *r)

@@ -9,16 +9,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "check.h"
 #include "deadline.h"
 #include "ring.h"
-
-#define CHECK(c)                                                                   \
-    do {                                                                           \
-        if (!(c)) {                                                                \
-            fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #c); \
-            exit(1);                                                               \
-        }                                                                          \
-    } while (0)
 
 static unsigned char payload[1 << 16];
 
