@@ -170,7 +170,7 @@ typedef struct {
 
 /* Flags for put/get/task_done. */
 #define CP_RING_TRYLOCK 1 /* return -EBUSY instead of sleeping on a held lock (without it,
-                             put/get return -ETIMEDOUT after 100 ms without the lock: a
+                             put/get return -ETIMEDOUT after CP_WAIT_SLICE_NS without the lock: a
                              holder is stopped; check for signals and call again) */
 #define CP_RING_TASK 2    /* put: count each record as an unfinished task (JoinableQueue) */
 #define CP_RING_HOT_ONLY 4 /* put: -ENOSPC rather than spilling a record that fits the hot ring

@@ -8,9 +8,11 @@
    - then sleep on a futex word, counted in a sleepers word (cp_sleep_counted) so that a waker
      makes the FUTEX_WAKE system call only while someone sleeps;
    - a sleep ends at the caller's deadline (absolute CLOCK_MONOTONIC), on a wake, or on a
-     signal (-EINTR); no sleep of the core, and no wait for a lock, lasts longer than
-     CP_WAIT_SLICE_NS (deadline.h) without returning to the caller, so a binding can run the
-     signal handlers: the "Ctrl-C within 100 ms" promise. Callers re-check their condition. */
+     signal to the sleeping thread (-EINTR). Callers re-check their condition.
+   - the "Ctrl-C within 100 ms" promise: CP_WAIT_SLICE_NS (deadline.h) is its one constant. A
+     wait the caller cannot bound (for a lock held by a stopped process) returns -ETIMEDOUT
+     after it; a binding that must run signal handlers while another thread gets the signal
+     passes deadlines at most CP_WAIT_SLICE_NS ahead and calls again. */
 #ifndef CPOOL_SPIN_H
 #define CPOOL_SPIN_H
 

@@ -176,6 +176,9 @@ static inline int cp_tr_empty(cp_tr_t *r)
            atomic_load_explicit(&r->tail, memory_order_acquire);
 }
 
+/* The waits follow spin.h's policy: a fixed spin of spin_ns that yields every round (workers
+   and the parent may share a core), then a counted futex sleep. */
+
 /* Wait as a consumer until the ring is non-empty, spinning spin_ns first, sleeping at most
    until deadline. seen is the bell as read before the caller last looked at the pool's flags,
    so a ring in between is not slept through. Returns 0 when something is there, -EAGAIN when
