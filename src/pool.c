@@ -26,6 +26,7 @@
 #include "deadline.h"
 #include "futex.h"
 #include "pool_payload.h"
+#include "pool_protocol.h"
 #include "shm.h"
 #include "spawn.h"
 #include "taskring.h"
@@ -1799,7 +1800,7 @@ static int worker_publish(PoolCore *c, uint32_t w, bytebuf *out, const parent_wa
         if (atomic_load(&p->stop) || parent_gone(pw))
             break;
         uint64_t left = out->len - off, maxp = cp_tr_max_piece(r);
-        uint64_t need = ((left < maxp ? left : maxp) + CP_PIECE_HDR + 7) & ~(uint64_t)7;
+        uint64_t need = cp_tr_record_size(left < maxp ? left : maxp);
         cp_tr_notify_bg(r, c->wake_fd);
         Py_BEGIN_ALLOW_THREADS
         cp_tr_wait_space(r, need, cp_now_ns() + WORKER_SLICE_NS);
