@@ -229,7 +229,8 @@ static int process_result(PoolCore *c, cp_state *st, uint32_t w, const uint8_t *
     return rc;
 }
 
-/* Run callbacks of jobs that just completed, then make them ready, and wake other waiters. */
+/* Run callbacks of jobs that just completed, then make them ready (after_drain wakes the
+   other waiters). */
 static void finish_jobs(PoolCore *c, PyObject *finished)
 {
     if (!finished)
@@ -315,6 +316,16 @@ static int drain_locked(PoolCore *c, cp_state *st, PyObject **finished)
         n++;
     }
     return n;
+}
+
+/* Take drain_lock, waiting for it if another thread drains (the GIL released meanwhile). */
+static void lock_drain(PoolCore *c)
+{
+    if (!PyThread_acquire_lock(c->drain_lock, NOWAIT_LOCK)) {
+        Py_BEGIN_ALLOW_THREADS
+        PyThread_acquire_lock(c->drain_lock, WAIT_LOCK);
+        Py_END_ALLOW_THREADS
+    }
 }
 
 /* After a drain: feed waiting tasks, run callbacks of completed jobs, wake other waiters. */
@@ -423,6 +434,7 @@ static PyObject *make_worker_lost(PoolCore *c, cp_state *st, uint32_t w, int exi
         return NULL;
     }
     Py_DECREF(code);
+    PyObject *msg;
     if (!timed_out) {
         /* As 3.15's BrokenProcessPool cause reads ("Process PID terminated abruptly with exit
            code N"), plus the signal's name: the pid and the way it died find it in the logs. */
@@ -434,36 +446,28 @@ static PyObject *make_worker_lost(PoolCore *c, cp_state *st, uint32_t w, int exi
         }
         Py_DECREF(pid);
         PyObject *how = exitcode < 0 ? signal_name(-exitcode) : NULL;
-        PyObject *msg = how ? PyUnicode_FromFormat("worker %u (pid %d) terminated abruptly "
-                                                   "with exit code %d (%S) while running the "
-                                                   "task", w, (int)c->pids[w], exitcode, how)
-                            : PyUnicode_FromFormat("worker %u (pid %d) terminated abruptly "
-                                                   "with exit code %d while running the task",
-                                                   w, (int)c->pids[w], exitcode);
+        msg = how ? PyUnicode_FromFormat("worker %u (pid %d) terminated abruptly with exit "
+                                         "code %d (%S) while running the task", w,
+                                         (int)c->pids[w], exitcode, how)
+                  : PyUnicode_FromFormat("worker %u (pid %d) terminated abruptly with exit "
+                                         "code %d while running the task", w, (int)c->pids[w],
+                                         exitcode);
         Py_XDECREF(how);
-        if (msg) {
-            PyObject *a = PyTuple_Pack(1, msg);
-            if (a)
-                PyObject_SetAttrString(exc, "args", a);
-            Py_XDECREF(a);
-            Py_DECREF(msg);
-        }
-        PyErr_Clear();
     }
     else {
         PyObject *secs = PyFloat_FromDouble((double)timeout_ns / 1e9);
-        PyObject *msg = secs ? PyUnicode_FromFormat("task exceeded its timeout of %S s; its "
-                                                    "worker was killed and replaced", secs) : NULL;
+        msg = secs ? PyUnicode_FromFormat("task exceeded its timeout of %S s; its worker was "
+                                          "killed and replaced", secs) : NULL;
         Py_XDECREF(secs);
-        if (msg) {
-            PyObject *a = PyTuple_Pack(1, msg);
-            if (a)
-                PyObject_SetAttrString(exc, "args", a);
-            Py_XDECREF(a);
-            Py_DECREF(msg);
-        }
-        PyErr_Clear();
     }
+    if (msg) {
+        PyObject *a = PyTuple_Pack(1, msg);
+        if (a)
+            PyObject_SetAttrString(exc, "args", a);
+        Py_XDECREF(a);
+        Py_DECREF(msg);
+    }
+    PyErr_Clear(); /* the error keeps its first message if the detailed one failed */
     return exc;
 }
 
@@ -514,11 +518,7 @@ PyObject *core_worker_lost(PoolCore *c, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     /* Under the drain lock, results it handed back before dying are read first. */
-    if (!PyThread_acquire_lock(c->drain_lock, NOWAIT_LOCK)) {
-        Py_BEGIN_ALLOW_THREADS
-        PyThread_acquire_lock(c->drain_lock, WAIT_LOCK);
-        Py_END_ALLOW_THREADS
-    }
+    lock_drain(c);
     cp_state *st = cp_get_state(module_of((PyObject *)c));
     PyObject *finished = NULL;
     int nread = drain_locked(c, st, &finished);
@@ -716,11 +716,7 @@ PyObject *core_fail_all(PoolCore *c, PyObject *exc)
 {
     if (foreign(c))
         Py_RETURN_NONE;
-    if (!PyThread_acquire_lock(c->drain_lock, NOWAIT_LOCK)) {
-        Py_BEGIN_ALLOW_THREADS
-        PyThread_acquire_lock(c->drain_lock, WAIT_LOCK);
-        Py_END_ALLOW_THREADS
-    }
+    lock_drain(c);
     PyObject *finished = NULL;
     int n = drain_locked(c, cp_get_state(module_of((PyObject *)c)), &finished);
     PyObject *jobs = PyDict_Values(c->jobs);

@@ -272,14 +272,14 @@ PyObject *core_apply(PoolCore *c, PyObject *const *args, Py_ssize_t nargs)
         j->timeout_ns = tmo;
     if (register_job(c, j) < 0)
         goto fail;
-    if (build_task(c, st, j, kind, 0, 1, fb, chunk) < 0) {
-        unregister_job(c, j);
+    if (build_task(c, st, j, kind, 0, 1, fb, chunk) < 0)
         goto fail;
-    }
     Py_DECREF(fb);
     Py_DECREF(chunk);
     return (PyObject *)j;
 fail:
+    if (j)
+        unregister_job(c, j);
     Py_XDECREF(j);
     Py_DECREF(fb);
     Py_DECREF(chunk);
@@ -373,7 +373,7 @@ PyObject *core_map(PoolCore *c, PyObject *const *args, Py_ssize_t nargs)
         uint64_t m = j->nchunks - first < per ? j->nchunks - first : per;
         batch = PyList_New((Py_ssize_t)m);
         if (!batch)
-            goto fail_registered;
+            goto fail;
         for (uint64_t k = 0; k < m; k++) {
             Py_ssize_t lo = (Py_ssize_t)(first + k) * chunksize;
             Py_ssize_t hi = lo + chunksize < n ? lo + chunksize : n;
@@ -388,19 +388,19 @@ PyObject *core_map(PoolCore *c, PyObject *const *args, Py_ssize_t nargs)
                     PyTuple_SET_ITEM(t, i - lo, Py_NewRef(items[i]));
             }
             if (!t)
-                goto fail_registered;
+                goto fail;
             PyList_SET_ITEM(batch, (Py_ssize_t)k, t);
         }
         if (send_chunks(c, st, j, (uint32_t)first, batch) < 0)
-            goto fail_registered;
+            goto fail;
         Py_CLEAR(batch);
     }
     Py_DECREF(seq);
     return (PyObject *)j;
-fail_registered:
-    /* Chunks already sent run, their results are dropped: the caller gets the error. */
-    unregister_job(c, j);
 fail:
+    /* Chunks already sent run, their results are dropped: the caller gets the error. */
+    if (j)
+        unregister_job(c, j);
     Py_XDECREF(batch);
     Py_XDECREF(j);
     Py_DECREF(seq);
@@ -550,12 +550,11 @@ PyObject *core_imap(PoolCore *c, PyObject *const *args, Py_ssize_t nargs)
         goto fail;
     if (register_job(c, j) < 0)
         goto fail;
-    if (imap_topup(j, st) < 0) {
-        unregister_job(c, j);
+    if (imap_topup(j, st) < 0)
         goto fail;
-    }
     return (PyObject *)j;
 fail:
+    unregister_job(c, j);
     Py_DECREF(j);
     return NULL;
 }

@@ -59,6 +59,21 @@ static inline void stat_add(int on, _Atomic uint64_t *counter, int64_t *mark)
     *mark = now;
 }
 
+/* Lock the many side of a ring, the GIL released while blocked (an abandoned lock is taken
+   over). 0, or -1 with an exception. */
+static int lock_ring(cp_tr_t *r)
+{
+    int lk;
+    Py_BEGIN_ALLOW_THREADS
+    lk = cp_tr_lock(r);
+    Py_END_ALLOW_THREADS
+    if (lk < 0) {
+        cp_err_errno(lk, "pthread_mutex_lock");
+        return -1;
+    }
+    return 0;
+}
+
 /* Take the next task into buf. 1: got one; 0: time to leave; -1: exception. */
 static int worker_take(PoolCore *c, cp_tr_slot_t *slot, bytebuf *buf, parent_watch *pw)
 {
@@ -86,14 +101,8 @@ static int worker_take(PoolCore *c, cp_tr_slot_t *slot, bytebuf *buf, parent_wat
                 return -1;
             continue; /* the wait is cut in slices so a dead parent is seen above */
         }
-        int lk;
-        Py_BEGIN_ALLOW_THREADS
-        lk = cp_tr_lock(r);
-        Py_END_ALLOW_THREADS
-        if (lk < 0) {
-            cp_err_errno(lk, "pthread_mutex_lock");
+        if (lock_ring(r) < 0)
             return -1;
-        }
         uint64_t len;
         uint32_t tag;
         if (!cp_tr_peek(p, r, &len, &tag)) {
@@ -307,14 +316,8 @@ static int worker_publish(PoolCore *c, uint32_t w, bytebuf *out, const parent_wa
 {
     cp_pool_shm_t *p = c->p;
     cp_tr_t *r = &p->results;
-    int lk;
-    Py_BEGIN_ALLOW_THREADS
-    lk = cp_tr_lock(r);
-    Py_END_ALLOW_THREADS
-    if (lk < 0) {
-        cp_err_errno(lk, "pthread_mutex_lock");
+    if (lock_ring(r) < 0)
         return -1;
-    }
     uint64_t off = 0;
     while (!cp_tr_put(p, r, out->buf, out->len, w, &off)) {
         if (atomic_load(&p->stop) || parent_gone(pw))
@@ -357,6 +360,7 @@ PyObject *core_worker_loop(PoolCore *c, PyObject *const *args, Py_ssize_t nargs)
     bytebuf in = {0}, out = {0};
     long ntasks = 0;
     PyObject *result = NULL;
+    PyObject *chunks = NULL, *setup_err = NULL; /* of the task being run */
     int stats = c->p->stats;
     int64_t mark = stats ? cp_now_ns() : 0;
     for (;;) {
@@ -372,14 +376,14 @@ PyObject *core_worker_loop(PoolCore *c, PyObject *const *args, Py_ssize_t nargs)
         memcpy(&h, in.buf, sizeof h);
         const uint8_t *fb = in.buf + sizeof h, *ab = fb + h.func_len;
         PyObject *func = worker_func(st, cache, fb, h.func_len);
-        PyObject *chunks = func ? decode(c, st, ab, h.args_len, h.flags) : NULL;
+        chunks = func ? decode(c, st, ab, h.args_len, h.flags) : NULL;
         stat_add(stats, &slot->st_decode_ns, &mark);
         if (chunks && (!PyTuple_Check(chunks) || PyTuple_GET_SIZE(chunks) != h.nchunks)) {
             Py_CLEAR(chunks);
             PyErr_SetString(PyExc_RuntimeError, "malformed task");
         }
         /* The function or the arguments cannot be unpickled here: every chunk fails with it. */
-        PyObject *setup_err = chunks ? NULL : wrapped_exc(c);
+        setup_err = chunks ? NULL : wrapped_exc(c);
         /* Results go back chunk by chunk, so a worker that dies in the middle of a message
            of several chunks loses only the one it was running. */
         uint32_t ran = h.nchunks;
@@ -412,8 +416,6 @@ PyObject *core_worker_loop(PoolCore *c, PyObject *const *args, Py_ssize_t nargs)
             PyObject *vals = PyTuple_New(1);
             if (!vals) {
                 Py_DECREF(r);
-                Py_XDECREF(chunks);
-                Py_XDECREF(setup_err);
                 goto done;
             }
             PyTuple_SET_ITEM(vals, 0, r);
@@ -428,11 +430,8 @@ PyObject *core_worker_loop(PoolCore *c, PyObject *const *args, Py_ssize_t nargs)
             int e = buf_reserve(&out, out.len) < 0 ||
                     encode_outcome(c, st, &out, vals, &ok, 1, &all_ok, &enc) < 0;
             Py_DECREF(vals);
-            if (e) {
-                Py_XDECREF(chunks);
-                Py_XDECREF(setup_err);
+            if (e)
                 goto done;
-            }
             uint32_t status = (all_ok ? CP_RES_OK : CP_RES_ERR) |
                               (i + 1 == h.nchunks ? CP_RES_LAST : 0) |
                               (h.nchunks > 1 ? CP_RES_BATCH : 0);
@@ -442,11 +441,8 @@ PyObject *core_worker_loop(PoolCore *c, PyObject *const *args, Py_ssize_t nargs)
                publishing, they would leak rather than be freed under the parent's feet. */
             cp_payload_hand_over(c->heap, out.buf + sizeof rh, out.len - sizeof rh, enc,
                                  CP_HEAP_PARENT);
-            if (worker_publish(c, (uint32_t)w, &out, &pw) < 0) {
-                Py_XDECREF(chunks);
-                Py_XDECREF(setup_err);
+            if (worker_publish(c, (uint32_t)w, &out, &pw) < 0)
                 goto done;
-            }
             stat_add(stats, &slot->st_encode_ns, &mark);
             if (i + 1 < h.nchunks && !setup_err && cp_tr_empty(&c->p->tasks) &&
                 cp_now_ns() - chunk_start > RETURN_AFTER_NS) {
@@ -457,16 +453,14 @@ PyObject *core_worker_loop(PoolCore *c, PyObject *const *args, Py_ssize_t nargs)
                                      CP_ENC_PLAIN};
                 out.len = 0;
                 if (buf_append(&out, &back, sizeof back) < 0 ||
-                    worker_publish(c, (uint32_t)w, &out, &pw) < 0) {
-                    Py_XDECREF(chunks);
+                    worker_publish(c, (uint32_t)w, &out, &pw) < 0)
                     goto done;
-                }
                 ran = i + 1;
                 break;
             }
         }
-        Py_XDECREF(chunks);
-        Py_XDECREF(setup_err);
+        Py_CLEAR(chunks);
+        Py_CLEAR(setup_err);
         atomic_store(&slot->busy, 0);
         atomic_store(&slot->task_seq, 0);
         ntasks += ran;
@@ -478,6 +472,8 @@ PyObject *core_worker_loop(PoolCore *c, PyObject *const *args, Py_ssize_t nargs)
     atomic_store(&slot->leaving, 1);
     cp_tr_ring_bg(c->wake_fd);
 done:
+    Py_XDECREF(chunks);
+    Py_XDECREF(setup_err);
     for (int i = 0; i < FUNC_CACHE; i++) {
         Py_XDECREF(cache[i].bytes);
         Py_XDECREF(cache[i].func);
