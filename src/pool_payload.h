@@ -6,13 +6,9 @@
 #include "module.h"
 #include "bufheap.h"
 #include "pool_codec.h"
+#include "pool_protocol.h"
 
 #include <stdint.h>
-
-/* Encodings of a payload (the flags of a task or result message). CP_ENC_PICKLE5: a u64 count
-   n, n {u64 offset, u64 length} blocks of the heap, then the pickle whose out-of-band buffers
-   they are, in order. */
-enum { CP_ENC_PICKLE = 0, CP_ENC_PLAIN = 1, CP_ENC_PICKLE5 = 2 };
 
 /* The heap of one pool as seen by one process (a _core.BufferHeap): NULL means none. */
 typedef struct BufferHeap BufferHeap;

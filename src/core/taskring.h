@@ -74,37 +74,6 @@ typedef struct {
     uint64_t slots_off;
 } cp_pool_shm_t;
 
-/* Header that starts every task message (after the piece header). */
-typedef struct {
-    uint64_t job_id;
-    uint64_t task_seq;
-    int64_t timeout_ns;
-    uint32_t first_chunk;
-    uint32_t nchunks;
-    uint32_t kind;      /* CP_TASK_* */
-    uint32_t func_len;  /* func payload follows this header, then args */
-    uint32_t args_len;
-    uint32_t flags;     /* CP_ENC_* of func and args */
-} cp_task_hdr_t;
-
-/* Header that starts every result message. */
-typedef struct {
-    uint64_t job_id;
-    uint64_t task_seq;
-    uint32_t first_chunk;
-    uint32_t nchunks;
-    uint32_t status;    /* CP_RES_* */
-    uint32_t flags;     /* CP_ENC_* of the payload */
-} cp_res_hdr_t;
-
-/* Kinds of task; every task message carries nchunks chunks: an args tuple (APPLY), an
-   (args, kwds) pair (APPLY_KW), or a tuple of items (MAP, STARMAP). */
-enum { CP_TASK_APPLY = 1, CP_TASK_APPLY_KW = 2, CP_TASK_MAP = 3, CP_TASK_STARMAP = 4 };
-enum { CP_RES_OK = 0, CP_RES_ERR = 1, CP_RES_STATUS = 0xff,
-       CP_RES_LAST = 0x100,   /* the last result of its task message */
-       CP_RES_BATCH = 0x200,  /* ... of a message of several chunks */
-       CP_RES_RETURN = 0x400 };/* no result: chunks [first, first+n) given back unstarted */
-
 /* Bytes of shared memory for nslots workers and the two rings (capacities rounded up to
    powers of two). */
 size_t cp_pool_shm_size(uint32_t nslots, uint64_t task_cap, uint64_t res_cap);
@@ -141,6 +110,12 @@ static inline uint64_t cp_tr_record_size(uint64_t len)
 static inline uint64_t cp_tr_max_piece(const cp_tr_t *r)
 {
     return r->cap / 4 - CP_PIECE_HDR;
+}
+
+/* Ring bytes one piece of len payload bytes takes: its header, the payload, padding to 8. */
+static inline uint64_t cp_tr_record_size(uint64_t len)
+{
+    return (CP_PIECE_HDR + len + 7) & ~(uint64_t)7;
 }
 
 /* Write pieces of msg[*off..len) while they fit, publishing each (the caller is the only
