@@ -112,12 +112,6 @@ static inline uint64_t cp_tr_max_piece(const cp_tr_t *r)
     return r->cap / 4 - CP_PIECE_HDR;
 }
 
-/* Ring bytes one piece of len payload bytes takes: its header, the payload, padding to 8. */
-static inline uint64_t cp_tr_record_size(uint64_t len)
-{
-    return (CP_PIECE_HDR + len + 7) & ~(uint64_t)7;
-}
-
 /* Write pieces of msg[*off..len) while they fit, publishing each (the caller is the only
    producer or holds the lock). tag goes into every piece header. Returns 1 when the whole
    message is in, 0 when space ran out (*off says how far it got). Wakes sleeping consumers. */
