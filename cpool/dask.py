@@ -109,15 +109,16 @@ def _take_quota(pool_id, maxtasks):
     worker on its way out: the process is replaced once that task's result has been fetched."""
     global _retiring
     worker = distributed.get_worker()
-    if worker.nanny is None:
-        raise RuntimeError('maxtasksperchild: the Dask worker %s has no nanny to start a fresh '
-                           'process (start workers without --no-nanny)' % worker.address)
     with _worker_lock:
         if _retiring:
             # Only if the task reached the worker before the scheduler heard it is leaving:
             # back to the scheduler, for another worker (not a failure, not a retry: it did
             # not run).
             raise distributed.Reschedule()
+        if worker.nanny is None:
+            raise RuntimeError('maxtasksperchild: the Dask worker %s has no nanny to start a '
+                               'fresh process (start workers without --no-nanny)'
+                               % worker.address)
         n = _tasks_run[pool_id] = _tasks_run.get(pool_id, 0) + 1
         _quota_keys.append(worker.get_current_task())
         if n < maxtasks:
@@ -136,6 +137,13 @@ async def _replace_worker(worker, keys):
         # Not paused: the memory monitor resumes paused workers. closing_gracefully is what
         # Scheduler.retire_workers sets, and keeps the scheduler from assigning new tasks here.
         worker.status = Status.closing_gracefully
+        # From here on this process closes without telling its nanny. Worker.close() asks the
+        # nanny to close gracefully, and a nanny whose process exits in that state closes for
+        # good instead of starting a fresh one. Dask closes a worker that way when a heartbeat
+        # of it reaches the scheduler after the retirement below ("Scheduler was unaware of
+        # this worker"), which under load often falls before the nanny's kill: the cluster
+        # then shrank to nothing.
+        nanny, worker.nanny = worker.nanny, None
         # Tasks running here (of any pool) finish rather than be rescheduled and run twice.
         while worker.status == Status.closing_gracefully and (
                 worker.state.executing or any(k in worker.state.tasks for k in keys)):
@@ -153,14 +161,18 @@ async def _replace_worker(worker, keys):
             stimulus_id='cpool-maxtasksperchild')
         if worker.address in retired:
             deadline = time.monotonic() + 10
-            while worker.status != Status.closing_gracefully and time.monotonic() < deadline:
+            # Paused until that message comes (or running, if the memory monitor resumed it).
+            while (worker.status in (Status.paused, Status.running)
+                   and time.monotonic() < deadline):
                 await asyncio.sleep(0.01)
+        if worker.status in (Status.closing, Status.closed, Status.failed):
+            return  # closing by itself: the nanny starts a fresh process when it has exited
         # The nanny stops this process as Client.restart_workers has it do (through its stop
         # queue: a process that closes itself leaves the nanny's reader thread to fail), and
         # starts a fresh one. Stopping closes this end of the connection: no answer comes.
         try:
-            async with worker.rpc(worker.nanny) as nanny:
-                await nanny.kill(reason='cpool-maxtasksperchild')
+            async with worker.rpc(nanny) as rpc:
+                await rpc.kill(reason='cpool-maxtasksperchild')
         except (CommClosedError, OSError):
             pass
     except Exception:
