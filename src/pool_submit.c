@@ -196,7 +196,10 @@ static PoolJob *new_job(PoolCore *c, int kind, PyObject *callback, PyObject *err
 /* The table holds apply and map jobs (their results must arrive even if the caller dropped
    them: callbacks). An imap iterator is held by its caller only: the table keeps a capsule
    of its address, which the iterator removes when it dies, so an imap left half-read is
-   freed, and its late results are dropped. */
+   freed, and its late results are dropped.
+   While the table holds an apply or map job, the job cannot be garbage (the handler thread
+   holds the core, the core the table), so the cyclic GC is spared walking it: it is untracked
+   until it leaves the table. */
 static int register_job(PoolCore *c, PoolJob *j)
 {
     PyObject *key = PyLong_FromUnsignedLongLong(j->id);
@@ -206,8 +209,11 @@ static int register_job(PoolCore *c, PoolJob *j)
     int r = v ? PyDict_SetItem(c->jobs, key, v) : -1;
     Py_XDECREF(v);
     Py_DECREF(key);
-    if (r == 0)
+    if (r == 0) {
         j->registered = 1;
+        if (j->kind != JOB_IMAP)
+            PyObject_GC_UnTrack(j);
+    }
     return r;
 }
 
@@ -221,6 +227,8 @@ void unregister_job(PoolCore *c, PoolJob *j)
     if (!j->registered)
         return;
     j->registered = 0;
+    if (j->kind != JOB_IMAP && !PyObject_GC_IsTracked((PyObject *)j))
+        PyObject_GC_Track(j); /* before the table's reference goes: it may be the last */
     PyObject *key = PyLong_FromUnsignedLongLong(j->id);
     if (!key || PyDict_DelItem(c->jobs, key) < 0)
         PyErr_Clear();

@@ -940,3 +940,22 @@ def test_pool_with_a_stand_in_process_that_fails_to_start(mpmod):
     with pytest.raises(OSError, match='induced'):
         pool_module.Pool(5, context=unittest.mock.MagicMock(Process=StandIn))
     assert len(started) == 4 and not any(p.is_alive() for p in started)
+
+
+def slow_identity(x):
+    time.sleep(0.3)
+    return x
+
+
+def test_a_job_is_untracked_only_while_the_pool_holds_it():
+    """The cyclic GC is spared walking apply and map jobs while the pool's table holds them
+    (they cannot be garbage there): untracked until they finish, then tracked again."""
+    import gc
+    with cpool.Pool(1) as p:
+        for r in (p.apply_async(slow_identity, (1,)), p.map_async(slow_identity, [1])):
+            assert not gc.is_tracked(r)
+            r.wait(30)
+            assert gc.is_tracked(r)
+        it = p.imap(slow_identity, [1])  # held by its caller only: always tracked
+        assert gc.is_tracked(it)
+        assert list(it) == [1]
