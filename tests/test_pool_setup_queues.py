@@ -258,6 +258,9 @@ def test_killed_worker_fails_its_task_and_is_replaced(method, make):
         # still get the tasks. Gone before tasks are sent: a worker killed mid-read would leave
         # half a message in the pipe (a pipe queue breaks so with the standard library too).
         from conftest import running
+        deadline = time.monotonic() + 30
+        while None in p._pool and time.monotonic() < deadline:
+            time.sleep(0.01)  # the worker lost above may still be being replaced
         killed = list(p._pool)
         for w in killed:
             w.kill()
